@@ -1,0 +1,33 @@
+# Set-up is part of every target: the first run creates .venv and installs tinygpt into it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Where no NVIDIA driver is present, pin the CPU build: an unpinned torch pulls a multi-GB CUDA build.
+# Override with `make TORCH=torch` (or any spec) on a GPU machine.
+TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-slow lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/tinygpt train --out runs/demo --overwrite
+	$(VENV)/bin/tinygpt sample --run runs/demo --prompt "User: what is 2 plus 3?" --max-new-tokens 120 --num-samples 3 --seed 0
+
+test: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

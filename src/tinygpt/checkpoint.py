@@ -1,0 +1,167 @@
+"""Checkpoints: one self-contained directory each, written so that a crash never leaves a bad one.
+
+Layout of a checkpoint directory::
+
+    model.safetensors   weights (safetensors: loading it can run no code)
+    config.yaml         the fully resolved config
+    tokenizer/          the tokenizer's files
+    trainer.pt          optimizer state and torch RNG states (tensors only; loaded with weights_only=True)
+    state.json          step, data position, best val loss, python/numpy RNG states
+    manifest.json       size and sha256 of every file above, written last
+
+A checkpoint is assembled in a hidden temporary sibling, fsynced, and renamed into
+place; the previous version is kept (as ``.old-NAME``) until the new one is in place.
+A directory whose files do not match its manifest is not loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from tinygpt import config as config_mod
+from tinygpt.config import Config
+from tinygpt.errors import TinyGPTError
+from tinygpt.model import GPT
+from tinygpt.tokenizer import Tokenizer, load_tokenizer
+
+CHECKPOINTS = "checkpoints"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(dest: Path, model: GPT, cfg: Config, tokenizer: Tokenizer,
+         trainer: dict[str, Any] | None = None, state: dict[str, Any] | None = None) -> None:
+    """Atomically write (or replace) the checkpoint directory `dest`."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint should be as readable as the run directory
+    try:
+        save_model(model, str(tmp / "model.safetensors"))  # drops the tied lm_head copy; load_model restores it
+        config_mod.save(cfg, tmp / "config.yaml")
+        tokenizer.save(tmp / "tokenizer")
+        if trainer is not None:
+            torch.save(trainer, tmp / "trainer.pt")
+        (tmp / "state.json").write_text(json.dumps(state or {}, indent=2))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        for p in [*files, tmp / "manifest.json", *(d for d in tmp.rglob("*") if d.is_dir()), tmp]:
+            _fsync(p)
+        old = dest.parent / f".old-{dest.name}"
+        if old.exists():
+            shutil.rmtree(old)
+        if dest.exists():
+            dest.rename(old)
+        tmp.rename(dest)
+        _fsync(dest.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def verify(ckpt: Path) -> None:
+    """Raise TinyGPTError unless every file listed in the manifest is present with its recorded size and hash."""
+    manifest_path = ckpt / "manifest.json"
+    if not manifest_path.is_file():
+        raise TinyGPTError(f"checkpoint {ckpt} is incomplete (no manifest.json)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise TinyGPTError(f"checkpoint {ckpt} has a corrupt manifest.json") from None
+    for name, info in manifest.items():
+        p = ckpt / name
+        if not p.is_file():
+            raise TinyGPTError(f"checkpoint {ckpt} is missing {name}")
+        if p.stat().st_size != info["size"] or _sha256(p) != info["sha256"]:
+            raise TinyGPTError(f"checkpoint {ckpt}: {name} is truncated or modified (size/hash differ from the manifest)")
+
+
+def valid_checkpoints(run_dir: Path, names: tuple[str, ...] = ("best", "last"), warn=None) -> list[Path]:
+    """Checkpoints that pass verify(), in the order of `names`; each name may also exist as the
+    previous version kept during a swap (.old-NAME). Invalid ones are reported through `warn`."""
+    root = Path(run_dir) / CHECKPOINTS
+    found = []
+    for name in names:
+        for ckpt in (root / name, root / f".old-{name}"):
+            if not ckpt.exists():
+                continue
+            try:
+                verify(ckpt)
+                found.append(ckpt)
+            except TinyGPTError as e:
+                if warn:
+                    warn(f"warning: skipping {e}")
+    return found
+
+
+def find(run_dir: Path, which: str = "best", warn=None) -> Path:
+    """Checkpoint `which` ('best' or 'last'), falling back to the other if it is missing or damaged."""
+    if not Path(run_dir).is_dir():
+        raise TinyGPTError(f"run directory {run_dir} does not exist")
+    found = valid_checkpoints(run_dir, (which, "last" if which == "best" else "best"), warn)
+    if not found:
+        raise TinyGPTError(f"no usable checkpoint in {run_dir}; train one with `tinygpt train --out {run_dir}`")
+    return found[0]
+
+
+def newest(run_dir: Path, warn=None) -> Path:
+    """The valid checkpoint with the most training steps: what --resume continues from."""
+    found = valid_checkpoints(run_dir, warn=warn)
+    if not found:
+        raise TinyGPTError(f"nothing to resume: no valid checkpoint in {run_dir}; start a new run instead")
+    return max(found, key=lambda c: json.loads((c / "state.json").read_text()).get("progress", {}).get("step", 0))
+
+
+@dataclass
+class Loaded:
+    path: Path
+    model: GPT
+    config: Config
+    tokenizer: Tokenizer
+    state: dict[str, Any]
+
+    def trainer_state(self) -> dict[str, Any]:
+        return torch.load(self.path / "trainer.pt", map_location="cpu", weights_only=True)
+
+
+def load(ckpt: Path, device: str | torch.device = "cpu") -> Loaded:
+    verify(ckpt)
+    try:
+        cfg = config_mod.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
+        tokenizer = load_tokenizer(ckpt / "tokenizer")
+        model = GPT(cfg.model)
+        load_model(model, str(ckpt / "model.safetensors"), device=str(device))
+    except (SafetensorError, RuntimeError, yaml.YAMLError) as e:
+        raise TinyGPTError(f"checkpoint {ckpt} cannot be loaded: {str(e).splitlines()[0]}") from None
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise TinyGPTError(f"checkpoint {ckpt}: tokenizer has {tokenizer.vocab_size} ids but the model only "
+                           f"{model.config.vocab_size}; the checkpoint's files do not belong together")
+    state = json.loads((ckpt / "state.json").read_text())
+    return Loaded(ckpt, model.to(device), cfg, tokenizer, state)

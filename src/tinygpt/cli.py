@@ -1,0 +1,228 @@
+"""The ``tinygpt`` command: a thin layer over the library.
+
+Every failure a user can cause ends as one line on stderr and a non-zero exit
+code (2 for usage errors); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tinygpt import checkpoint, config, corpus, data
+from tinygpt.errors import TinyGPTError, UsageError
+
+EXAMPLES = """examples:
+  tinygpt train                                    # built-in corpus, a few minutes on a laptop CPU
+  tinygpt train --data notes.txt --out runs/notes  # your own text file (or a folder of .txt/.md files)
+  tinygpt train --data ../shared/data/tinyshakespeare.txt --tokenizer char --preset cpu-tiny --out runs/shakespeare-char
+  tinygpt train --out runs/notes --resume --train.max_iters 4000
+  tinygpt sample --run runs/shakespeare-char --prompt "ROMEO:" --max-new-tokens 200
+"""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage and exits 2; we want our one-line form
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- train
+
+def presets_help() -> str:
+    lines = ["presets (--preset NAME):"]
+    for name, p in config.PRESETS.items():
+        lines.append(f"  {name}: {p.description}")
+    return "\n".join(lines)
+
+
+def train_parser(defaults: config.Config, preset: str | None) -> ArgumentParser:
+    header = f"preset {preset}: {config.PRESETS[preset].description}\n\n" if preset in config.PRESETS else ""
+    p = ArgumentParser(
+        prog="tinygpt train", formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+        description=header + "Train a GPT on a text file, a folder of text files, or the built-in corpus.\n"
+        "Config layers apply in order: defaults, --preset, --config FILE.yaml, dotted flags.",
+        epilog=presets_help() + "\n\n" + EXAMPLES)
+    p.add_argument("--data", dest="data.path", default=argparse.SUPPRESS, metavar="PATH",
+                   help="text file or folder of text files (same as --data.path); omit for the built-in corpus")
+    p.add_argument("--tokenizer", dest="data.tokenizer", default=argparse.SUPPRESS,
+                   choices=["char", "gpt2", "bpe", "sentencepiece"], help="same as --data.tokenizer")
+    p.add_argument("--out", type=Path, help="run directory (default: runs/<timestamp>)")
+    p.add_argument("--preset", choices=list(config.PRESETS), help="start from a named recipe (listed below)")
+    p.add_argument("--config", metavar="FILE", help="YAML file with sections model/data/train/sample")
+    p.add_argument("--resume", action="store_true", help="continue the newest valid checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    values = defaults.to_dict()
+    for section, cls in config.SECTIONS.items():
+        group = p.add_argument_group(f"{section} ({cls.__doc__.strip()})" if cls.__doc__ else section)
+        for key, _, tp, doc in config.iter_fields():
+            if key.startswith(section + "."):
+                current = values[section][key.split(".", 1)[1]]
+                group.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, metavar=config.type_name(tp).split(" ")[0],
+                                   help=f"{doc} (default: {'empty' if current is None else current})")
+    return p
+
+
+def parse_train(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset")
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    try:  # show the preset's and file's values as defaults in --help
+        shown = config.resolve(known.preset, known.config)
+    except UsageError:
+        shown = config.Config()
+    args = train_parser(shown, known.preset).parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if "." in k}
+    return args, flags
+
+
+def load_documents(cfg: config.Config) -> tuple[list[str], str]:
+    if cfg.data.path:
+        return data.read_corpus(cfg.data.path), str(cfg.data.path)
+    return corpus.builtin_documents(seed=0), "the built-in corpus"
+
+
+def cmd_train(argv: list[str]) -> int:
+    from tinygpt.train import train
+
+    args, flags = parse_train(argv)
+    run_dir = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if args.resume:
+        if args.overwrite:
+            raise UsageError("--resume and --overwrite contradict each other; pick one")
+        if not run_dir.is_dir():
+            raise UsageError(f"cannot resume: run directory {run_dir} does not exist")
+        ckpt = checkpoint.newest(run_dir, warn=log)
+        cfg = config.from_dict(config.load_yaml(ckpt / "config.yaml"))
+        fixed = [k for k in flags if not k.startswith(("train.", "sample."))]
+        if fixed or args.preset or args.config:
+            raise UsageError("on --resume only train.* and sample.* flags may change; "
+                             f"start a new run to change {', '.join(fixed) or 'the preset or config file'}")
+        config.apply_overrides(cfg, flags, "command line")
+        config.validate(cfg)
+        train(cfg, run_dir, data.load_prepared(run_dir / "data"), resume_from=ckpt, log=log)
+        return 0
+
+    cfg = config.resolve(args.preset, args.config, flags)
+    if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
+        raise UsageError(f"run directory {run_dir} already exists; pass --resume to continue it, "
+                         "--overwrite to replace it, or choose another --out")
+    # Everything that can fail on bad input happens before the run directory is touched.
+    docs, source = load_documents(cfg)
+    ds = data.prepare(cfg.data, docs, source, log=log)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = ds.tokenizer.vocab_size
+    elif cfg.model.vocab_size < ds.tokenizer.vocab_size:
+        raise UsageError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
+                         f"{ds.tokenizer.vocab_size} ids; leave it empty to take it from the tokenizer")
+    data.check_length(ds, cfg.model.block_size)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    ds = data.copy_to(ds, run_dir / "data")
+    config.save(cfg, run_dir / "config.yaml")
+    log(f"run directory: {run_dir}")
+    train(cfg, run_dir, ds, log=log)
+    log(f"done. Sample with: tinygpt sample --run {run_dir}")
+    return 0
+
+
+# ---------------------------------------------------------------- sample
+
+def cmd_sample(argv: list[str]) -> int:
+    from tinygpt.generate import stream_text
+    from tinygpt.train import resolve_device
+
+    p = ArgumentParser(prog="tinygpt sample", description="Generate text from a trained run, streamed to stdout.",
+                       allow_abbrev=False)
+    p.add_argument("--run", type=Path, required=True, help="run directory written by `tinygpt train`")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (default: best)")
+    p.add_argument("--prompt", default="", help="text to continue (default: start from end-of-text)")
+    p.add_argument("--max-new-tokens", dest="sample.max_new_tokens", default=argparse.SUPPRESS, help="tokens per sample")
+    p.add_argument("--temperature", dest="sample.temperature", default=argparse.SUPPRESS, help="0 is greedy")
+    p.add_argument("--top-k", dest="sample.top_k", default=argparse.SUPPRESS, help="keep the k most likely tokens")
+    p.add_argument("--top-p", dest="sample.top_p", default=argparse.SUPPRESS, help="nucleus sampling mass")
+    p.add_argument("--num-samples", type=int, default=1, help="how many samples (default: 1)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    if args.num_samples < 1:
+        raise UsageError(f"--num-samples must be at least 1, got {args.num_samples}")
+
+    loaded = checkpoint.load(checkpoint.find(args.run, args.checkpoint, warn=log), resolve_device(args.device))
+    cfg = loaded.config
+    config.apply_overrides(cfg, {k: v for k, v in vars(args).items() if k.startswith("sample.")}, "command line")
+    config.validate(cfg)
+    s, tok = cfg.sample, loaded.tokenizer
+    prompt_ids = tok.encode(args.prompt, allow_special=True) if args.prompt else [tok.eot_id]
+    if len(prompt_ids) > cfg.model.block_size:
+        log(f"note: the prompt has {len(prompt_ids)} tokens; only the most recent {cfg.model.block_size} "
+            "(the context window) are seen")
+    generator = torch.Generator(device=next(loaded.model.parameters()).device)
+    generator.manual_seed(args.seed if args.seed is not None else torch.seed())
+    log(f"sampling from {loaded.path} (step {loaded.state.get('progress', {}).get('step', '?')})")
+    for i in range(args.num_samples):
+        if i:
+            print("\n---------------")
+        print(args.prompt, end="", flush=True)
+        for piece in stream_text(loaded.model, tok, prompt_ids, s.max_new_tokens, s.temperature, s.top_k, s.top_p,
+                                 generator=generator):
+            print(piece, end="", flush=True)
+        print()
+    return 0
+
+
+# ---------------------------------------------------------------- entry point
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: tinygpt {train,sample} ...\n\n"
+              "  train    train a GPT on your text (or the built-in corpus)\n"
+              "  sample   generate text from a trained run\n\n"
+              "Run `tinygpt COMMAND --help` for a command's options.\n\n" + EXAMPLES)
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from tinygpt import __version__
+        print(f"tinygpt {__version__}")
+        return 0
+    command = COMMANDS.get(argv[0])
+    try:
+        if command is None:
+            raise UsageError(f"unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}")
+        return command(argv[1:])
+    except TinyGPTError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `tinygpt sample ... | head`
+        return 0
+    except OSError as e:  # disk full, permission denied, ...: name the file and the reason
+        if debug:
+            raise
+        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

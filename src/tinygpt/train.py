@@ -1,0 +1,225 @@
+"""The training loop: AdamW, warm-up + cosine schedule, periodic evaluation, checkpoints, resume."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tinygpt import checkpoint
+from tinygpt.config import Config, TrainConfig
+from tinygpt.data import Dataset, EpochSampler, batched, check_length, eval_starts, windows
+from tinygpt.errors import TinyGPTError
+from tinygpt.model import GPT
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TinyGPTError(f"device {name!r} asked for, but no CUDA GPU is available; use --train.device cpu")
+    return dev
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast compute type, or None for plain float32."""
+    if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.min_lr at lr_decay_iters (then flat)."""
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if step >= decay_iters:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only: decaying norms, biases and embeddings
+    pulls them towards zero for no regularisation benefit (the GPT-3 and nanoGPT recipe, minus embeddings)."""
+    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
+    no_decay = [p for p in params if p.dim() < 2 or id(p) in embeddings]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, tokens: np.ndarray, block_size: int, batch_size: int, device: torch.device,
+             dtype: torch.dtype | None, max_windows: int | None = None) -> float:
+    """Mean next-token loss over deterministic windows of a split (all of them when max_windows is None)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for starts in batched(eval_starts(len(tokens), block_size, max_windows), batch_size):
+        x, y = windows(tokens, starts, block_size)
+        with autocast(device, dtype):
+            _, loss = model(x.to(device), y.to(device))
+        total += loss.item() * len(starts)
+        count += len(starts)
+    model.train(was_training)
+    return total / count
+
+
+def _rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
+    """RNG states split into tensors (for trainer.pt) and JSON-able values (for state.json)."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state_all()
+    np_state = np.random.get_state()
+    plain = {"python": list(random.getstate()[1]) + [random.getstate()[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    return tensors, plain
+
+
+def _set_rng_state(tensors: dict[str, Any], plain: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(tensors["cuda"])
+    py = plain["python"]
+    random.setstate((3, tuple(py[:-1]), py[-1]))
+    kind, keys, *rest = plain["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+
+
+@dataclass
+class Progress:
+    """Everything about the run's position besides model and optimizer: saved in state.json."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0
+    best_val: float = float("inf")
+    bad_evals: int = 0
+    sampler: dict[str, int] = field(default_factory=dict)
+
+
+def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = None,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train cfg.model on data, writing checkpoints and metrics.jsonl into run_dir; returns the final metrics."""
+    t = cfg.train
+    device = resolve_device(t.device)
+    dtype = autocast_dtype(t, device)
+    check_length(data, cfg.model.block_size)
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+    np.random.seed(t.seed)
+
+    model = GPT(cfg.model).to(device)
+    optimizer = make_optimizer(model, t, device)
+    sampler = EpochSampler(len(data.train), cfg.model.block_size, t.batch_size, t.seed)
+    progress = Progress()
+    if resume_from is not None:
+        loaded = checkpoint.load(resume_from, device)
+        model.load_state_dict(loaded.model.state_dict())
+        trainer = loaded.trainer_state()
+        optimizer.load_state_dict(trainer["optimizer"])
+        progress = Progress(**loaded.state["progress"])
+        sampler.load_state_dict(progress.sampler)
+        _set_rng_state(trainer["rng"], loaded.state["rng"])
+        log(f"resuming from {resume_from} at step {progress.step}")
+
+    def save(name: str) -> None:
+        progress.sampler = sampler.state_dict()
+        rng_tensors, rng_plain = _rng_state()
+        checkpoint.save(run_dir / checkpoint.CHECKPOINTS / name, model, cfg, data.tokenizer,
+                        trainer={"optimizer": optimizer.state_dict(), "rng": rng_tensors},
+                        state={"progress": vars(progress), "rng": rng_plain})
+
+    def record(entry: dict[str, Any]) -> None:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    log(f"model: {model.num_params() / 1e6:.2f}M parameters, device {device}"
+        f"{', bf16 autocast' if dtype else ''}; data: {len(data.train):,} train / {len(data.val):,} val tokens, "
+        f"{sampler.windows_per_epoch:,} windows per epoch")
+    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
+    bar = tqdm(total=t.max_iters, initial=progress.step, desc="train", file=sys.stderr, dynamic_ncols=True,
+               disable=None, unit="step")
+    interval_tokens, interval_start = 0, time.perf_counter()
+    session_start, elapsed_before = time.perf_counter(), progress.elapsed_s
+    stopped_early = False
+    model.train()
+    while progress.step < t.max_iters:
+        lr = lr_at(progress.step, t)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(t.grad_accum):
+            x, y = windows(data.train, sampler.next_starts(), cfg.model.block_size)
+            with autocast(device, dtype):
+                _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            (loss / t.grad_accum).backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.step += 1
+        progress.tokens_seen += tokens_per_step
+        interval_tokens += tokens_per_step
+        bar.update(1)
+        if progress.step % 10 == 0:  # .item() waits for the device; not every step
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+        last_step = progress.step == t.max_iters
+        if progress.step % t.eval_interval == 0 and not last_step:
+            tok_s = interval_tokens / (time.perf_counter() - interval_start)
+            progress.elapsed_s = elapsed_before + time.perf_counter() - session_start
+            train_loss = evaluate(model, data.train, cfg.model.block_size, t.batch_size, device, dtype, t.eval_iters * t.batch_size)
+            val_loss = evaluate(model, data.val, cfg.model.block_size, t.batch_size, device, dtype, t.eval_iters * t.batch_size)
+            entry = dict(step=progress.step, train_loss=train_loss, val_loss=val_loss, val_ppl=math.exp(val_loss),
+                         lr=lr, tokens_seen=progress.tokens_seen, tokens_per_s=tok_s, elapsed_s=progress.elapsed_s)
+            record(entry)
+            bar.write(f"step {progress.step}: train {train_loss:.4f}, val {val_loss:.4f}, {tok_s:,.0f} tok/s")
+            if val_loss < progress.best_val:
+                progress.best_val, progress.bad_evals = val_loss, 0
+                save("best")
+            else:
+                progress.bad_evals += 1
+                if t.patience and progress.bad_evals >= t.patience:
+                    bar.write(f"early stop: val loss has not improved for {t.patience} evaluations")
+                    stopped_early = True
+                    break
+            interval_tokens, interval_start = 0, time.perf_counter()
+        if progress.step % t.checkpoint_interval == 0 and not last_step:
+            save("last")
+    bar.close()
+
+    progress.elapsed_s = elapsed_before + time.perf_counter() - session_start
+    tok_s = interval_tokens / max(1e-9, time.perf_counter() - interval_start)
+    train_loss = evaluate(model, data.train, cfg.model.block_size, t.batch_size, device, dtype, t.eval_iters * t.batch_size)
+    val_loss = evaluate(model, data.val, cfg.model.block_size, t.batch_size, device, dtype)  # the whole val split
+    final = dict(step=progress.step, train_loss=train_loss, val_loss=val_loss, val_ppl=math.exp(val_loss),
+                 lr=lr_at(progress.step, t), tokens_seen=progress.tokens_seen, tokens_per_s=tok_s,
+                 elapsed_s=progress.elapsed_s, final=True, stopped_early=stopped_early)
+    record(final)
+    log(f"final (step {progress.step}): train {train_loss:.4f}, val {val_loss:.4f} (whole val split), "
+        f"{progress.elapsed_s:.0f} s")
+    if val_loss < progress.best_val:
+        progress.best_val, progress.bad_evals = val_loss, 0
+        save("best")
+    save("last")
+    return final
