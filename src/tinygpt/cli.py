@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from tinygpt import checkpoint, config, corpus, data
 from tinygpt.errors import TinyGPTError, UsageError
@@ -33,7 +34,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    tqdm.write(msg, file=sys.stderr)  # keeps a live progress bar intact
 
 
 # ---------------------------------------------------------------- train

@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -37,7 +37,7 @@ class ModelConfig:
     """Width of the residual stream."""
     block_size: int = 128
     """Context window in tokens."""
-    vocab_size: Optional[int] = None
+    vocab_size: int | None = None
     """Output vocabulary; empty means 'take it from the tokenizer'."""
     dropout: float = 0.0
     """Dropout on attention weights and residual branches."""
@@ -51,7 +51,7 @@ class ModelConfig:
     """'pre' normalises each branch's input (GPT-2); 'post' normalises after each residual add (original Transformer)."""
     mlp: Literal["gelu", "relu", "swiglu"] = "gelu"
     """Feed-forward type; gelu is GPT-2's tanh-approximated GELU."""
-    mlp_hidden: Optional[int] = None
+    mlp_hidden: int | None = None
     """Feed-forward hidden width; empty means 4*n_embd (8/3*n_embd for swiglu, same parameter count)."""
     tie_weights: bool = True
     """Share the token embedding with the output head (GPT-2 does)."""
@@ -61,7 +61,7 @@ class ModelConfig:
 class DataConfig:
     """Where the text comes from and how it is tokenized."""
 
-    path: Optional[str] = None
+    path: str | None = None
     """A text file or a folder of text files; empty trains on the built-in corpus."""
     tokenizer: Literal["char", "gpt2", "bpe", "sentencepiece"] = "char"
     """char: one id per character; gpt2: GPT-2 BPE (tiktoken); bpe / sentencepiece: trained on your corpus."""
@@ -69,7 +69,7 @@ class DataConfig:
     """Vocabulary size for trained tokenizers (bpe, sentencepiece)."""
     sp_model_type: Literal["bpe", "unigram"] = "bpe"
     """SentencePiece algorithm."""
-    gpt2_ranks: Optional[str] = None
+    gpt2_ranks: str | None = None
     """Local gpt2.tiktoken ranks file for offline use (else $TINYGPT_GPT2_RANKS, else tiktoken downloads)."""
     val_fraction: float = 0.1
     """Share of the corpus (its tail) held out for validation."""
@@ -91,7 +91,7 @@ class TrainConfig:
     """Learning rate at the end of the cosine decay."""
     warmup_iters: int = 100
     """Linear warm-up steps."""
-    lr_decay_iters: Optional[int] = None
+    lr_decay_iters: int | None = None
     """Step at which the cosine decay reaches min_lr; empty means max_iters."""
     weight_decay: float = 0.1
     """AdamW weight decay (applied to matrices only, not to norms, biases or embeddings)."""
@@ -125,9 +125,9 @@ class SampleConfig:
     """Tokens to generate per sample."""
     temperature: float = 0.8
     """Softmax temperature; 0 means greedy."""
-    top_k: Optional[int] = 200
+    top_k: int | None = 200
     """Keep only the k most likely tokens; empty disables."""
-    top_p: Optional[float] = None
+    top_p: float | None = None
     """Nucleus sampling: keep the smallest set of tokens with this much probability; empty disables."""
 
 

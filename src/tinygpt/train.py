@@ -188,19 +188,19 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
         if progress.step % t.eval_interval == 0 and not last_step:
             tok_s = interval_tokens / (time.perf_counter() - interval_start)
             progress.elapsed_s = elapsed_before + time.perf_counter() - session_start
-            train_loss = evaluate(model, data.train, cfg.model.block_size, t.batch_size, device, dtype, t.eval_iters * t.batch_size)
-            val_loss = evaluate(model, data.val, cfg.model.block_size, t.batch_size, device, dtype, t.eval_iters * t.batch_size)
+            train_loss, val_loss = (evaluate(model, split, cfg.model.block_size, t.batch_size, device, dtype,
+                                             t.eval_iters * t.batch_size) for split in (data.train, data.val))
             entry = dict(step=progress.step, train_loss=train_loss, val_loss=val_loss, val_ppl=math.exp(val_loss),
                          lr=lr, tokens_seen=progress.tokens_seen, tokens_per_s=tok_s, elapsed_s=progress.elapsed_s)
             record(entry)
-            bar.write(f"step {progress.step}: train {train_loss:.4f}, val {val_loss:.4f}, {tok_s:,.0f} tok/s")
+            log(f"step {progress.step}: train {train_loss:.4f}, val {val_loss:.4f}, {tok_s:,.0f} tok/s")
             if val_loss < progress.best_val:
                 progress.best_val, progress.bad_evals = val_loss, 0
                 save("best")
             else:
                 progress.bad_evals += 1
                 if t.patience and progress.bad_evals >= t.patience:
-                    bar.write(f"early stop: val loss has not improved for {t.patience} evaluations")
+                    log(f"early stop: val loss has not improved for {t.patience} evaluations")
                     stopped_early = True
                     break
             interval_tokens, interval_start = 0, time.perf_counter()
@@ -210,7 +210,8 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
 
     progress.elapsed_s = elapsed_before + time.perf_counter() - session_start
     tok_s = interval_tokens / max(1e-9, time.perf_counter() - interval_start)
-    train_loss = evaluate(model, data.train, cfg.model.block_size, t.batch_size, device, dtype, t.eval_iters * t.batch_size)
+    train_loss = evaluate(model, data.train, cfg.model.block_size, t.batch_size, device, dtype,
+                          t.eval_iters * t.batch_size)
     val_loss = evaluate(model, data.val, cfg.model.block_size, t.batch_size, device, dtype)  # the whole val split
     final = dict(step=progress.step, train_loss=train_loss, val_loss=val_loss, val_ppl=math.exp(val_loss),
                  lr=lr_at(progress.step, t), tokens_seen=progress.tokens_seen, tokens_per_s=tok_s,

@@ -1,0 +1,107 @@
+import hashlib
+import json
+
+import pytest
+
+from conftest import tiny_flags
+from tinygpt.cli import main
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def trained(text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--data", text_file, "--out", out, *tiny_flags())
+    assert code == 0, err
+    return out
+
+
+def test_train_then_sample(trained, capsys):
+    assert (trained / "config.yaml").exists() and (trained / "metrics.jsonl").exists()
+    code, out, err = run(capsys, "sample", "--run", trained, "--prompt", "The quick", "--max-new-tokens", 20,
+                         "--num-samples", 2, "--seed", 1)
+    assert code == 0, err
+    first, second = out.split("\n---------------\n")
+    assert first.startswith("The quick") and second.startswith("The quick")
+    assert len(first) > len("The quick")
+    # same seed, same text
+    assert run(capsys, "sample", "--run", trained, "--prompt", "The quick", "--max-new-tokens", 20,
+               "--num-samples", 2, "--seed", 1)[1] == out
+
+
+def test_resume_continues_to_a_longer_schedule(trained, capsys):
+    code, _, err = run(capsys, "train", "--out", trained, "--resume", "--train.max_iters", 9)
+    assert code == 0, err
+    assert "resuming from" in err and "at step 6" in err
+    steps = [json.loads(line)["step"] for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 9
+    code, _, err = run(capsys, "train", "--out", trained, "--resume", "--model.n_layer", 3)
+    assert code == 2 and "only train.* and sample.* flags may change" in err
+
+
+def test_existing_run_directory_is_never_overwritten_silently(trained, text_file, capsys):
+    before = snapshot(trained)
+    code, _, err = run(capsys, "train", "--data", text_file, "--out", trained, *tiny_flags())
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert snapshot(trained) == before
+    code, _, err = run(capsys, "train", "--data", text_file, "--out", trained, "--overwrite", *tiny_flags())
+    assert code == 0, err
+
+
+def bad_inputs(tmp_path, text_file):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    binary = tmp_path / "data.bin"
+    binary.write_bytes(bytes(range(256)))
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be.")
+    return [
+        (["--data", tmp_path / "nope.txt"], 1, "does not exist"),
+        (["--data", empty], 1, "is empty"),
+        (["--data", binary], 1, "looks like a binary file"),
+        (["--data", short, "--model.block_size", 64], 1, "shorter than one training window"),
+        (["--data", text_file, "--train.batch_size", "many"], 2, "train.batch_size='many' is not a valid int"),
+        (["--data", text_file, "--model.n_embd", 30, "--model.n_head", 4], 2, "must be divisible"),
+        (["--data", text_file, "--tokenizer", "words"], 2, "invalid choice"),
+        (["--data", text_file, "--model.n_layers", 2], 2, "unrecognized arguments: --model.n_layers"),
+        (["--data", text_file, "--preset", "gpt-9"], 2, "invalid choice"),
+    ]
+
+
+def test_bad_input_gives_one_line_and_leaves_disk_alone(tmp_path, text_file, capsys):
+    for flags, code, message in bad_inputs(tmp_path, text_file):
+        before = snapshot(tmp_path)
+        out_dir = tmp_path / "bad-run"
+        got, _, err = run(capsys, "train", *flags, "--out", out_dir)
+        assert (got, message in err) == (code, True), (flags, err)
+        assert err.splitlines()[-1].startswith("error: ") and err.count("error") == 1 and "Traceback" not in err
+        assert snapshot(tmp_path) == before and not out_dir.exists()
+
+
+def test_sample_errors(trained, tmp_path, capsys):
+    code, _, err = run(capsys, "sample", "--run", tmp_path / "missing")
+    assert code == 1 and "does not exist" in err
+    code, _, err = run(capsys, "sample", "--run", trained, "--prompt", "Zebra\u2603")
+    assert code == 1 and "unknown to the char tokenizer" in err and "'Z'" in err
+    code, _, err = run(capsys, "sample", "--run", trained, "--max-new-tokens", 0)
+    assert code == 2 and "sample.max_new_tokens must be positive" in err
+
+
+def test_help_documents_fields_and_presets(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--preset", "cpu-tiny", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert "preset cpu-tiny: The classic small CPU recipe" in out
+    assert "Context window in tokens. (default: 64)" in out  # the preset's value, from the field docstring
+    assert run(capsys, "frobnicate")[0] == 2

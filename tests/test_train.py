@@ -1,0 +1,81 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tinygpt import checkpoint, config, data
+from tinygpt.model import GPT
+from tinygpt.train import lr_at, make_optimizer, train
+
+
+def tiny_config(**train_overrides):
+    return config.resolve(flags={
+        "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16, "model.block_size": 16,
+        "train.batch_size": 4, "train.max_iters": 8, "train.eval_interval": 4, "train.eval_iters": 2,
+        "train.checkpoint_interval": 4, "train.warmup_iters": 2,
+        **{f"train.{k}": v for k, v in train_overrides.items()}})
+
+
+def prepared(text_file, cfg, run_dir):
+    ds = data.prepare(cfg.data, data.read_corpus(text_file), str(text_file), log=lambda m: None)
+    cfg.model.vocab_size = ds.tokenizer.vocab_size
+    return data.copy_to(ds, run_dir / "data")
+
+
+def weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    t = config.TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    assert lr_at(0, t) < lr_at(5, t) < lr_at(9, t) <= 1.0
+    assert lr_at(10, t) == pytest.approx(1.0)
+    assert lr_at(60, t) == pytest.approx(0.55)
+    assert lr_at(110, t) == pytest.approx(0.1) and lr_at(500, t) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings():
+    model = GPT(config.ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20))
+    decay, no_decay = make_optimizer(model, config.TrainConfig(), torch.device("cpu")).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in decay["params"]} == {
+        "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
+        "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"}
+    assert no_decay["weight_decay"] == 0.0 and "transformer.wte.weight" in {names[id(p)] for p in no_decay["params"]}
+
+
+def test_training_lowers_the_loss_and_records_metrics(text_file, tmp_path):
+    cfg = tiny_config(max_iters=40, eval_interval=20, lr=1e-2)
+    ds = prepared(text_file, cfg, tmp_path)
+    final = train(cfg, tmp_path, ds, log=lambda m: None)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [20, 40] and rows[-1]["final"]
+    for key in ("step", "train_loss", "val_loss", "tokens_seen", "tokens_per_s", "elapsed_s"):
+        assert all(key in r for r in rows)
+    assert rows[-1]["tokens_seen"] == 40 * 4 * 16
+    assert final["val_loss"] < rows[0]["val_loss"] < torch.log(torch.tensor(float(cfg.model.vocab_size))).item()
+    assert checkpoint.find(tmp_path, "best").name == "best" and checkpoint.find(tmp_path, "last").name == "last"
+
+
+def test_resume_is_bit_identical(text_file, tmp_path):
+    cfg = tiny_config(max_iters=8)
+    cfg.model.dropout = 0.1  # dropout makes the result depend on the restored RNG state too
+    straight = tmp_path / "straight"
+    train(cfg, straight, prepared(text_file, cfg, straight), log=lambda m: None)
+
+    halves = tmp_path / "halves"
+    ds = prepared(text_file, cfg, halves)
+    first = config.from_dict(cfg.to_dict())
+    first.train.max_iters, first.train.lr_decay_iters = 4, 8  # stop half-way through the same schedule
+    train(first, halves, ds, log=lambda m: None)
+    train(cfg, halves, ds, resume_from=checkpoint.newest(halves), log=lambda m: None)
+
+    a, b = weights(straight / "checkpoints" / "last"), weights(halves / "checkpoints" / "last")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_early_stopping_with_patience(text_file, tmp_path):
+    cfg = tiny_config(max_iters=200, eval_interval=2, patience=1, lr=0.0, warmup_iters=0, min_lr=0.0)
+    final = train(cfg, tmp_path, prepared(text_file, cfg, tmp_path), log=lambda m: None)
+    assert final["stopped_early"] and final["step"] == 4  # lr 0: the second evaluation cannot improve
