@@ -51,20 +51,20 @@ def test_prepare_writes_memmaps_and_reuses_the_cache(text_file, tmp_path, monkey
     cfg = DataConfig(tokenizer="char")
     docs = data.read_corpus(text_file)
     ds = data.prepare(cfg, docs, str(text_file), log=lambda m: None)
-    assert isinstance(ds.train, np.memmap) and ds.train.dtype == np.uint16
+    assert isinstance(ds.train.tokens, np.memmap) and ds.train.tokens.dtype == np.uint16 and ds.train.mask is None
     text = docs[0]
     cut = int(len(text) * 0.9)
-    assert ds.tokenizer.decode(ds.train.tolist()) == text[:cut]
-    assert ds.tokenizer.decode(ds.val.tolist()) == text[cut:]
+    assert ds.tokenizer.decode(ds.train.tokens.tolist()) == text[:cut]
+    assert ds.tokenizer.decode(ds.val.tokens.tolist()) == text[cut:]
 
     def no_retokenizing(*a, **k):
         raise AssertionError("tokenized again despite the cache")
     monkeypatch.setattr(data, "build_tokenizer", no_retokenizing)
     messages = []
     again = data.prepare(cfg, docs, str(text_file), log=messages.append)
-    assert "reusing" in messages[0] and np.array_equal(again.train, ds.train)
+    assert "reusing" in messages[0] and np.array_equal(again.train.tokens, ds.train.tokens)
     own = data.copy_to(again, tmp_path / "run" / "data")
-    assert (tmp_path / "run" / "data" / "train.bin").exists() and np.array_equal(own.val, ds.val)
+    assert (tmp_path / "run" / "data" / "train.bin").exists() and np.array_equal(own.val.tokens, ds.val.tokens)
 
 
 def test_short_corpus_is_refused(tmp_path):
@@ -92,8 +92,11 @@ def test_sampler_visits_each_window_once_per_epoch_and_resumes():
 
 def test_windows_are_shifted_targets():
     tokens = np.arange(100, dtype=np.uint16)
-    x, y = data.windows(tokens, np.array([0, 50]), 8)
+    x, y = data.windows(data.Split(tokens), np.array([0, 50]), 8)
     assert x[1].tolist() == list(range(50, 58)) and y[1].tolist() == list(range(51, 59))
+    mask = (np.arange(100) % 2).astype(np.uint8)  # only odd tokens are targets
+    _, y = data.windows(data.Split(tokens, mask), np.array([10]), 4)
+    assert y[0].tolist() == [11, -1, 13, -1]
 
 
 def test_eval_windows_cover_the_split_or_spread_evenly():

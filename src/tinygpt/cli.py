@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tinygpt import checkpoint, config, corpus, data
+from tinygpt import checkpoint, config, data
 from tinygpt.errors import TinyGPTError, UsageError
 
 EXAMPLES = """examples:
@@ -88,12 +88,6 @@ def parse_train(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
     return args, flags
 
 
-def load_documents(cfg: config.Config) -> tuple[list[str], str]:
-    if cfg.data.path:
-        return data.read_corpus(cfg.data.path), str(cfg.data.path)
-    return corpus.builtin_documents(seed=0), "the built-in corpus"
-
-
 def cmd_train(argv: list[str]) -> int:
     from tinygpt.train import train
 
@@ -120,8 +114,7 @@ def cmd_train(argv: list[str]) -> int:
         raise UsageError(f"run directory {run_dir} already exists; pass --resume to continue it, "
                          "--overwrite to replace it, or choose another --out")
     # Everything that can fail on bad input happens before the run directory is touched.
-    docs, source = load_documents(cfg)
-    ds = data.prepare(cfg.data, docs, source, log=log)
+    ds = data.load(cfg, log=log)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = ds.tokenizer.vocab_size
     elif cfg.model.vocab_size < ds.tokenizer.vocab_size:
@@ -139,41 +132,60 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- sample
+# ---------------------------------------------------------------- sample, chat, eval
+
+def run_parser(prog: str, description: str) -> ArgumentParser:
+    """Options shared by the commands that load a trained run."""
+    p = ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+    p.add_argument("--run", type=Path, required=True, help="run directory written by `tinygpt train`")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (default: best)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def add_sampling_flags(p: ArgumentParser, temperature_help: str) -> None:
+    p.add_argument("--max-new-tokens", dest="sample.max_new_tokens", default=argparse.SUPPRESS, help="tokens per reply/sample")
+    p.add_argument("--temperature", dest="sample.temperature", default=argparse.SUPPRESS, help=temperature_help)
+    p.add_argument("--top-k", dest="sample.top_k", default=argparse.SUPPRESS, help="keep the k most likely tokens")
+    p.add_argument("--top-p", dest="sample.top_p", default=argparse.SUPPRESS, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+
+
+def load_run(args: argparse.Namespace, sampling: dict[str, Any] | None = None) -> checkpoint.Loaded:
+    from tinygpt.device import resolve_device
+
+    loaded = checkpoint.load(checkpoint.find(args.run, args.checkpoint, warn=log), resolve_device(args.device))
+    overrides = {k: v for k, v in vars(args).items() if k.startswith("sample.")}
+    config.apply_overrides(loaded.config, {**(sampling or {}), **overrides}, "command line")
+    config.validate(loaded.config)
+    log(f"loaded {loaded.path} (step {loaded.state.get('progress', {}).get('step', '?')})")
+    return loaded
+
+
+def seeded_generator(loaded: checkpoint.Loaded, seed: int | None) -> torch.Generator:
+    g = torch.Generator(device=next(loaded.model.parameters()).device)
+    g.manual_seed(seed if seed is not None else torch.seed())
+    return g
+
 
 def cmd_sample(argv: list[str]) -> int:
     from tinygpt.generate import stream_text
-    from tinygpt.train import resolve_device
 
-    p = ArgumentParser(prog="tinygpt sample", description="Generate text from a trained run, streamed to stdout.",
-                       allow_abbrev=False)
-    p.add_argument("--run", type=Path, required=True, help="run directory written by `tinygpt train`")
-    p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (default: best)")
+    p = run_parser("tinygpt sample", "Generate text from a trained run, streamed to stdout.")
     p.add_argument("--prompt", default="", help="text to continue (default: start from end-of-text)")
-    p.add_argument("--max-new-tokens", dest="sample.max_new_tokens", default=argparse.SUPPRESS, help="tokens per sample")
-    p.add_argument("--temperature", dest="sample.temperature", default=argparse.SUPPRESS, help="0 is greedy")
-    p.add_argument("--top-k", dest="sample.top_k", default=argparse.SUPPRESS, help="keep the k most likely tokens")
-    p.add_argument("--top-p", dest="sample.top_p", default=argparse.SUPPRESS, help="nucleus sampling mass")
     p.add_argument("--num-samples", type=int, default=1, help="how many samples (default: 1)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_sampling_flags(p, "0 is greedy (default: the run's sample.temperature)")
     args = p.parse_args(argv)
     if args.num_samples < 1:
         raise UsageError(f"--num-samples must be at least 1, got {args.num_samples}")
-
-    loaded = checkpoint.load(checkpoint.find(args.run, args.checkpoint, warn=log), resolve_device(args.device))
-    cfg = loaded.config
-    config.apply_overrides(cfg, {k: v for k, v in vars(args).items() if k.startswith("sample.")}, "command line")
-    config.validate(cfg)
-    s, tok = cfg.sample, loaded.tokenizer
+    loaded = load_run(args)
+    s, tok = loaded.config.sample, loaded.tokenizer
     prompt_ids = tok.encode(args.prompt, allow_special=True) if args.prompt else [tok.eot_id]
-    if len(prompt_ids) > cfg.model.block_size:
-        log(f"note: the prompt has {len(prompt_ids)} tokens; only the most recent {cfg.model.block_size} "
+    if len(prompt_ids) > loaded.config.model.block_size:
+        log(f"note: the prompt has {len(prompt_ids)} tokens; only the most recent {loaded.config.model.block_size} "
             "(the context window) are seen")
-    generator = torch.Generator(device=next(loaded.model.parameters()).device)
-    generator.manual_seed(args.seed if args.seed is not None else torch.seed())
-    log(f"sampling from {loaded.path} (step {loaded.state.get('progress', {}).get('step', '?')})")
+    generator = seeded_generator(loaded, args.seed)
     for i in range(args.num_samples):
         if i:
             print("\n---------------")
@@ -185,18 +197,90 @@ def cmd_sample(argv: list[str]) -> int:
     return 0
 
 
+def chat_template_of(loaded: checkpoint.Loaded):
+    from tinygpt.chat import TEMPLATES
+
+    template = TEMPLATES[loaded.config.data.chat_template]
+    if not set(template.specials) <= set(loaded.tokenizer.special_tokens):
+        raise TinyGPTError(f"{args_run(loaded)} was trained on plain text, not conversations; chat needs a run "
+                           "trained on dialog data (e.g. `tinygpt train` with no --data, or a .jsonl file)")
+    return template
+
+
+def args_run(loaded: checkpoint.Loaded) -> Path:
+    return loaded.path.parent.parent
+
+
+def cmd_chat(argv: list[str]) -> int:
+    from tinygpt.chat import ChatSession, console
+
+    p = run_parser("tinygpt chat", "Talk to a trained chat model. Interactive on a terminal; with piped input, "
+                   "one reply line per input line.")
+    p.add_argument("--system", default=None, help="a system message that starts every conversation")
+    add_sampling_flags(p, "0 (the default) is greedy, which suits small models best")
+    args = p.parse_args(argv)
+    loaded = load_run(args, sampling={"sample.temperature": 0.0, "sample.max_new_tokens": 128})
+    s = loaded.config.sample
+    session = ChatSession(loaded.model, loaded.tokenizer, chat_template_of(loaded), s.max_new_tokens, s.temperature,
+                          s.top_k, s.top_p, system=args.system, generator=seeded_generator(loaded, args.seed))
+    console(session, sys.stdin, interactive=sys.stdin.isatty())
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    import json
+
+    from tinygpt import evaluate
+    from tinygpt.device import resolve_device
+
+    p = run_parser("tinygpt eval", "Report loss, perplexity and bits per byte on the run's val split (or --data); "
+                   "for chat models also BLEU on held-out conversations and skill accuracy.")
+    p.add_argument("--data", default=None, help="evaluate on this file or folder instead of the run's val split")
+    p.add_argument("--limit", type=int, default=200, help="conversations/prompts scored per chat metric (default: 200)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default: 16)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = p.parse_args(argv)
+    loaded = load_run(args)
+    cfg, tok = loaded.config, loaded.tokenizer
+    device = resolve_device(args.device)
+    if args.data:  # the whole of the given data, encoded with the run's tokenizer
+        cfg.data.path, cfg.data.format = args.data, "auto"
+        ds = data.load(cfg, log=log, tokenizer=tok)
+        splits, convs = [ds.train, ds.val], ds.conversations("train") + ds.conversations("val")
+    else:
+        ds = data.load_prepared(args_run(loaded) / "data")
+        splits, convs = [ds.val], ds.conversations("val")
+    total = evaluate.LossSum()
+    for split in splits:
+        total += evaluate.split_loss(loaded.model, split, args.batch_size, device, packed=ds.packed, tokenizer=tok)
+    result: dict[str, Any] = {"run": str(args_run(loaded)), "checkpoint": str(loaded.path),
+                              "step": loaded.state.get("progress", {}).get("step"), **evaluate.loss_metrics(total)}
+    if ds.packed:
+        result.update(evaluate.chat_metrics(loaded.model, tok, cfg.data.chat_template, ds.conversations("train"),
+                                            convs, builtin=ds.meta.get("builtin", False) and not args.data,
+                                            limit=args.limit))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
+    return 0
+
+
 # ---------------------------------------------------------------- entry point
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "chat": cmd_chat, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: tinygpt {train,sample} ...\n\n"
-              "  train    train a GPT on your text (or the built-in corpus)\n"
-              "  sample   generate text from a trained run\n\n"
+        print("usage: tinygpt {train,sample,chat,eval} ...\n\n"
+              "  train    train a GPT on your text or conversations (or the built-in chat corpus)\n"
+              "  sample   generate text from a trained run\n"
+              "  chat     talk to a run trained on conversations\n"
+              "  eval     loss, perplexity, bits per byte; BLEU and skill accuracy for chat runs\n\n"
               "Run `tinygpt COMMAND --help` for a command's options.\n\n" + EXAMPLES)
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):

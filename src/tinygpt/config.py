@@ -62,7 +62,14 @@ class DataConfig:
     """Where the text comes from and how it is tokenized."""
 
     path: str | None = None
-    """A text file or a folder of text files; empty trains on the built-in corpus."""
+    """A text file, a dialog file (.jsonl, chatterbot .yml, DailyDialog .txt), a folder of them, or a saved
+    Hugging Face dataset; empty trains on the built-in chat corpus."""
+    format: Literal["auto", "text", "jsonl", "chatterbot", "dailydialog", "hf"] = "auto"
+    """How to read data.path: auto picks by file extension and content; hf loads a datasets name or save_to_disk folder."""
+    chat_template: Literal["default", "litegpt", "tinygpt"] = "default"
+    """How conversations become tokens: default (<|user|>...<|end|>), LiteGPT's or TinyGPT's format."""
+    loss_on: Literal["assistant", "all"] = "assistant"
+    """For dialog data: learn only the assistant's replies, or every token."""
     tokenizer: Literal["char", "gpt2", "bpe", "sentencepiece"] = "char"
     """char: one id per character; gpt2: GPT-2 BPE (tiktoken); bpe / sentencepiece: trained on your corpus."""
     vocab_size: int = 4096

@@ -14,18 +14,22 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tinygpt.config import DataConfig
+from tinygpt.chat import TEMPLATES, ChatTemplate
+from tinygpt.config import Config, DataConfig
+from tinygpt.corpus import builtin_conversations
+from tinygpt.dialogs import Conversation, Message, detect_format, read_dialogs, write_dialogs
 from tinygpt.errors import TinyGPTError
 from tinygpt.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
+BUILTIN = "the built-in chat corpus"
 CACHE_VERSION = 1  # bump when the token-file layout or the splitting rule changes
 
 
@@ -97,72 +101,192 @@ def encode_documents(tok: Tokenizer, docs: Sequence[str]) -> np.ndarray:
 # ---------------------------------------------------------------- the prepared dataset
 
 @dataclass
+class Split:
+    tokens: np.ndarray  # memory-mapped token ids
+    mask: np.ndarray | None = None  # dialog data: 1 where the token is a training target
+
+
+@dataclass
 class Dataset:
     tokenizer: Tokenizer
-    train: np.ndarray  # memory-mapped token ids
-    val: np.ndarray
+    train: Split
+    val: Split
     meta: dict
     folder: Path
+
+    @property
+    def packed(self) -> bool:
+        """Dialog data is packed into fixed rows of block_size + 1 tokens; text is one stream."""
+        return bool(self.meta.get("packed"))
+
+    def conversations(self, split: str) -> list[Conversation]:
+        path = self.folder / f"{split}_dialogs.jsonl"
+        return read_dialogs(path, "jsonl") if path.exists() else []
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("TINYGPT_CACHE", Path.home() / ".cache" / "tinygpt"))
 
 
-def _cache_key(cfg: DataConfig, docs: Sequence[str], special_tokens: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    settings = dict(v=CACHE_VERSION, tokenizer=cfg.tokenizer, specials=list(special_tokens),
-                    val_fraction=cfg.val_fraction)
+def _cache_key(cfg: DataConfig, content: object, **settings) -> str:
+    settings.update(v=CACHE_VERSION, tokenizer=cfg.tokenizer, val_fraction=cfg.val_fraction)
     if cfg.tokenizer in ("bpe", "sentencepiece"):
         settings.update(vocab_size=cfg.vocab_size, sp_model_type=cfg.sp_model_type)
-    h.update(json.dumps(settings, sort_keys=True).encode())
-    for d in docs:
-        h.update(hashlib.sha256(d.encode()).digest())
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    h.update(json.dumps(content).encode())
     return h.hexdigest()
-
-
-def _write_prepared(dest: Path, tok: Tokenizer, train: np.ndarray, val: np.ndarray, meta: dict) -> None:
-    """Write token files and tokenizer into a temporary sibling, then rename: a crash leaves no half cache."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    tok.save(tmp / "tokenizer")
-    train.tofile(tmp / "train.bin")
-    val.tofile(tmp / "val.bin")
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    try:
-        tmp.rename(dest)
-    except OSError:  # another process finished first; its copy is as good as ours
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_prepared(folder: Path) -> Dataset:
     meta = json.loads((folder / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"])
-    return Dataset(load_tokenizer(folder / "tokenizer"),
-                   np.memmap(folder / "train.bin", dtype=dtype, mode="r"),
-                   np.memmap(folder / "val.bin", dtype=dtype, mode="r"), meta, folder)
+
+    def split(name: str) -> Split:
+        mask = folder / f"{name}_mask.bin"
+        return Split(np.memmap(folder / f"{name}.bin", dtype=dtype, mode="r"),
+                     np.memmap(mask, dtype=np.uint8, mode="r") if mask.exists() else None)
+
+    return Dataset(load_tokenizer(folder / "tokenizer"), split("train"), split("val"), meta, folder)
+
+
+def _cached(key: str, describe: str, build: Callable[[Path], dict], log) -> Dataset:
+    """Load the prepared data for `key` from the cache, or build it there first. The build writes into a
+    temporary sibling that is renamed into place, so a crash never leaves half a cache entry."""
+    dest = cache_root() / "data" / key[:24]
+    if (dest / "meta.json").exists():
+        log(f"data: reusing {describe}, cached in {dest}")
+        return load_prepared(dest)
+    log(f"data: preparing {describe}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        meta = build(tmp)
+        (tmp / "meta.json").write_text(json.dumps(dict(meta, key=key), indent=2))
+        tmp.rename(dest)
+    except OSError:
+        if not (dest / "meta.json").exists():
+            raise
+    finally:  # gone after the rename; otherwise a failed build or another process's finished copy won
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_prepared(dest)
+
+
+def _train_tokenizer(cfg: DataConfig, texts: list[str], specials: Sequence[str]) -> Tokenizer:
+    return build_tokenizer(cfg.tokenizer, texts, vocab_size=cfg.vocab_size, special_tokens=specials,
+                           gpt2_ranks=cfg.gpt2_ranks, sp_model_type=cfg.sp_model_type)
 
 
 def prepare(cfg: DataConfig, docs: Sequence[str], source: str, special_tokens: Sequence[str] = (),
-            log=print) -> Dataset:
-    """Tokenize docs into the cache (unless this corpus and tokenizer setting were seen before) and load it."""
+            log=print, tokenizer: Tokenizer | None = None) -> Dataset:
+    """Tokenize text documents (train = all but the tail, val = the tail) into the cache and load them."""
     train_docs, val_docs = split_documents(docs, cfg.val_fraction)
     if not train_docs or not val_docs:
         raise TinyGPTError(f"{source} is too short to split into train and val parts")
-    key = _cache_key(cfg, docs, special_tokens)
-    cached = cache_root() / "data" / key[:24]
-    if (cached / "meta.json").exists():
-        log(f"data: reusing the tokenized corpus cached in {cached}")
-        return load_prepared(cached)
-    log(f"data: tokenizing {source} ({sum(map(len, docs)):,} characters) with the {cfg.tokenizer} tokenizer")
-    tok = build_tokenizer(cfg.tokenizer, list(docs), vocab_size=cfg.vocab_size, special_tokens=special_tokens,
-                          gpt2_ranks=cfg.gpt2_ranks, sp_model_type=cfg.sp_model_type)
-    train, val = encode_documents(tok, train_docs), encode_documents(tok, val_docs)
-    meta = dict(source=source, key=key, dtype=train.dtype.name, vocab_size=tok.vocab_size,
-                tokenizer=tok.kind, train_tokens=len(train), val_tokens=len(val),
-                characters=sum(map(len, docs)), val_characters=sum(map(len, val_docs)))
-    _write_prepared(cached, tok, train, val, meta)
-    return load_prepared(cached)
+
+    def build(folder: Path) -> dict:
+        tok = tokenizer or _train_tokenizer(cfg, list(docs), special_tokens)
+        tok.save(folder / "tokenizer")
+        train, val = encode_documents(tok, train_docs), encode_documents(tok, val_docs)
+        train.tofile(folder / "train.bin")
+        val.tofile(folder / "val.bin")
+        return dict(source=source, dtype=train.dtype.name, vocab_size=tok.vocab_size, tokenizer=tok.kind,
+                    train_tokens=len(train), val_tokens=len(val), characters=sum(map(len, docs)),
+                    val_bytes=sum(len(d.encode()) for d in val_docs))
+
+    key = _cache_key(cfg, [hashlib.sha256(d.encode()).hexdigest() for d in docs], specials=list(special_tokens),
+                     given_tokenizer=tokenizer and tokenizer.fingerprint())
+    return _cached(key, f"{source} ({sum(map(len, docs)):,} characters, {cfg.tokenizer} tokenizer)", build, log)
+
+
+def split_conversations(convs: Sequence[Conversation], val_fraction: float) -> tuple[list, list]:
+    n_val = max(1, round(len(convs) * val_fraction))
+    return list(convs[:-n_val]), list(convs[-n_val:])
+
+
+def conversation_pieces(tok: Tokenizer, template: ChatTemplate, conv: Conversation, loss_on: str,
+                        window: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """A conversation as (ids, mask) pieces of at most `window` tokens, and how many were cut short.
+
+    A conversation that does not fit is split between exchanges (user turn + replies), each piece
+    repeating the system message, so no piece starts mid-turn. Only an exchange that alone exceeds
+    the window is cut, keeping its beginning.
+    """
+    ids, mask = template.render(tok, conv, loss_on)
+    if len(ids) <= window:
+        return [(ids, mask)], 0
+    system = conv[:1] if conv[0].role == "system" else []
+    exchanges: list[list[Message]] = []
+    for m in conv[len(system):]:
+        if m.role != "assistant" or not exchanges:
+            exchanges.append([])
+        exchanges[-1].append(m)
+    groups: list[list[Message]] = []
+    for ex in exchanges:
+        if groups and len(template.render(tok, system + groups[-1] + ex, loss_on)[0]) <= window:
+            groups[-1] += ex
+        else:
+            groups.append(list(ex))
+    pieces = [template.render(tok, system + g, loss_on) for g in groups]
+    cut = sum(len(i) > window for i, _ in pieces)
+    return [(i[:window], m[:window]) for i, m in pieces], cut
+
+
+def pack(pieces: Sequence[tuple[list[int], list[int]]], window: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lay pieces into rows of `window` tokens in order; a piece that does not fit in what is left of
+    a row starts the next one, and the gap is padded with pad_id (masked out)."""
+    ids: list[int] = []
+    mask: list[int] = []
+    row_start = 0
+    for p_ids, p_mask in pieces:
+        if len(ids) - row_start + len(p_ids) > window:
+            gap = window - (len(ids) - row_start)
+            ids += [pad_id] * gap
+            mask += [0] * gap
+            row_start = len(ids)
+        ids += p_ids
+        mask += p_mask
+    gap = (-len(ids)) % window
+    return np.asarray(ids + [pad_id] * gap), np.asarray(mask + [0] * gap, dtype=np.uint8)
+
+
+def prepare_dialogs(cfg: DataConfig, convs: Sequence[Conversation], source: str, block_size: int,
+                    log=print, tokenizer: Tokenizer | None = None) -> Dataset:
+    """Render conversations with the chat template, pack them into rows of block_size + 1 tokens
+    with loss masks, and cache the result (the held-out conversations are kept for evaluation)."""
+    template = TEMPLATES[cfg.chat_template]
+    train_convs, val_convs = split_conversations(convs, cfg.val_fraction)
+    if not train_convs:
+        raise TinyGPTError(f"{source} has too few conversations to hold some out for validation")
+    window = block_size + 1
+
+    def build(folder: Path) -> dict:
+        markup = [part.replace(s, "") for r in template.roles.values() for part in r for s in template.specials]
+        texts = [m.content for c in convs for m in c] + markup + [template.begin, template.end]
+        tok = tokenizer or _train_tokenizer(cfg, [t for t in texts if t], template.specials)
+        tok.save(folder / "tokenizer")
+        meta: dict = dict(source=source, builtin=source == BUILTIN, packed=True, window=window, chat_template=template.name,
+                          loss_on=cfg.loss_on, vocab_size=tok.vocab_size, tokenizer=tok.kind)
+        for name, part in (("train", train_convs), ("val", val_convs)):
+            pieces, cut = [], 0
+            for c in part:
+                p, n = conversation_pieces(tok, template, c, cfg.loss_on, window)
+                pieces += p
+                cut += n
+            ids, mask = pack(pieces, window, tok.eot_id)
+            ids = ids.astype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
+            ids.tofile(folder / f"{name}.bin")
+            mask.tofile(folder / f"{name}_mask.bin")
+            write_dialogs(folder / f"{name}_dialogs.jsonl", part)
+            meta.update({f"{name}_conversations": len(part), f"{name}_tokens": len(ids),
+                         f"{name}_target_tokens": int(mask.sum()), f"{name}_cut_pieces": cut, "dtype": ids.dtype.name})
+            if cut:
+                log(f"data: {cut} {name} exchange(s) longer than the {window}-token window were cut to fit")
+        return meta
+
+    key = _cache_key(cfg, [[[m.role, m.content] for m in c] for c in convs], template=template.name,
+                     loss_on=cfg.loss_on, window=window, given_tokenizer=tokenizer and tokenizer.fingerprint())
+    return _cached(key, f"{source} ({len(convs):,} conversations, {cfg.tokenizer} tokenizer, "
+                        f"{template.name} chat template)", build, log)
 
 
 def copy_to(ds: Dataset, dest: Path) -> Dataset:
@@ -175,7 +299,7 @@ def copy_to(ds: Dataset, dest: Path) -> Dataset:
             target.mkdir(exist_ok=True)
             continue
         try:
-            os.link(f, target)  # token files are never written again, so sharing the inode is safe
+            os.link(f, target)  # prepared files are never written again, so sharing the inode is safe
         except OSError:
             shutil.copy2(f, target)
     return load_prepared(dest)
@@ -183,37 +307,56 @@ def copy_to(ds: Dataset, dest: Path) -> Dataset:
 
 # ---------------------------------------------------------------- batches
 
+def load(cfg: Config, log=print, tokenizer: Tokenizer | None = None) -> Dataset:
+    """The prepared dataset for a config: text or dialogs from cfg.data.path, or the built-in chat corpus.
+    With `tokenizer`, encode with it instead of building one (to evaluate a trained run on new data)."""
+    d = cfg.data
+    if d.path is None:
+        return prepare_dialogs(d, builtin_conversations(seed=0), BUILTIN, cfg.model.block_size, log, tokenizer)
+    fmt = detect_format(d.path) if d.format == "auto" else d.format
+    if fmt == "text":
+        return prepare(d, read_corpus(d.path), str(d.path), log=log, tokenizer=tokenizer)
+    return prepare_dialogs(d, read_dialogs(d.path, d.format), str(d.path), cfg.model.block_size, log, tokenizer)
+
+
 def check_length(ds: Dataset, block_size: int) -> None:
     for name, split in (("train", ds.train), ("val", ds.val)):
-        if len(split) < block_size + 1:
+        if len(split.tokens) < block_size + 1:
             raise TinyGPTError(
-                f"the {name} split has {len(split)} tokens, shorter than one training window "
+                f"the {name} split has {len(split.tokens)} tokens, shorter than one training window "
                 f"({block_size + 1}); give more text or lower --model.block_size")
 
 
-def windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets (len(starts), block_size) for windows starting at `starts`."""
-    rows = tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)
-    t = torch.from_numpy(rows)
-    return t[:, :-1], t[:, 1:]
+def windows(split: Split, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets (len(starts), block_size) for windows starting at `starts`;
+    targets the mask excludes are -1, which the loss ignores."""
+    index = starts[:, None] + np.arange(block_size + 1)
+    t = torch.from_numpy(split.tokens[index].astype(np.int64))
+    x, y = t[:, :-1], t[:, 1:]
+    if split.mask is not None:
+        y = y.masked_fill(torch.from_numpy(split.mask[index[:, 1:]] == 0), -1)
+    return x, y
 
 
 class EpochSampler:
     """Training windows drawn without replacement within an epoch.
 
-    Epoch e cuts the token stream into back-to-back windows starting at a random shift (so
-    successive epochs see different boundaries) and visits them in a random order. Both
-    come from (seed, epoch), so the position in the data is just (epoch, index) and resuming
-    needs nothing else.
+    For text, epoch e cuts the token stream into back-to-back windows starting at a random shift
+    (so successive epochs see different boundaries); packed dialog data has fixed rows. The
+    windows are visited in a random order. Shift and order come from (seed, epoch), so the
+    position in the data is just (epoch, index) and resuming needs nothing else.
     """
 
-    def __init__(self, n_tokens: int, block_size: int, batch_size: int, seed: int):
+    def __init__(self, n_tokens: int, block_size: int, batch_size: int, seed: int, packed: bool = False):
         self.n_tokens, self.block_size, self.batch_size, self.seed = n_tokens, block_size, batch_size, seed
+        self.packed = packed
         self.epoch, self.index = 0, 0
         self._order = self._epoch_starts(0)
 
     def _epoch_starts(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch])
+        if self.packed:
+            return (self.block_size + 1) * rng.permutation(self.n_tokens // (self.block_size + 1))
         shift = int(rng.integers(self.block_size)) if self.n_tokens > 2 * self.block_size + 1 else 0
         n = (self.n_tokens - 1 - shift) // self.block_size
         return shift + self.block_size * rng.permutation(n)
@@ -239,12 +382,14 @@ class EpochSampler:
         self._order = self._epoch_starts(self.epoch)
 
 
-def eval_starts(n_tokens: int, block_size: int, max_windows: int | None = None) -> np.ndarray:
+def eval_starts(n_tokens: int, block_size: int, max_windows: int | None = None, packed: bool = False) -> np.ndarray:
     """Back-to-back windows over a split (all of them, or max_windows spread evenly): deterministic,
     so successive evaluations are comparable and consume no training randomness."""
-    n = (n_tokens - 1) // block_size
-    picks = np.arange(n) if max_windows is None or max_windows >= n else np.linspace(0, n - 1, max_windows).astype(np.int64)
-    return picks * block_size
+    stride = block_size + 1 if packed else block_size
+    n = (n_tokens - (0 if packed else 1)) // stride
+    if max_windows is None or max_windows >= n:
+        return np.arange(n) * stride
+    return np.linspace(0, n - 1, max_windows).astype(np.int64) * stride
 
 
 def batched(starts: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:

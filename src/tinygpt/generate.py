@@ -70,16 +70,17 @@ def stream_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperatur
 
 def stream_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new_tokens: int,
                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                generator: torch.Generator | None = None) -> Iterator[str]:
-    """Yield the text of a single sample piece by piece, stopping before end-of-text."""
+                generator: torch.Generator | None = None, stop_ids: Sequence[int] | None = None) -> Iterator[str]:
+    """Yield the text of a single sample piece by piece, stopping before a stop id (default: end-of-text)."""
+    stops = set(stop_ids) if stop_ids is not None else {tokenizer.eot_id}
     device = next(model.parameters()).device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     ids: list[int] = []
     shown = ""
     for tok in stream_tokens(model, idx, max_new_tokens, temperature, top_k, top_p,
-                             stop_ids=[tokenizer.eot_id], generator=generator):
+                             stop_ids=sorted(stops), generator=generator):
         t = int(tok[0])
-        if t == tokenizer.eot_id:
+        if t in stops:
             return
         ids.append(t)
         text = tokenizer.decode(ids)

@@ -231,7 +231,9 @@ class GPT(nn.Module):
         logits = self.lm_head(self.hidden(idx, cache))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+            # sum / count rather than reduction="mean": a batch whose targets are all masked gives 0, not NaN
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1,
+                                   reduction="sum") / (targets >= 0).sum().clamp(min=1)
         return logits, loss
 
     def new_cache(self, batch_size: int) -> KVCache:

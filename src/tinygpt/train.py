@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -19,31 +18,10 @@ from tqdm import tqdm
 
 from tinygpt import checkpoint
 from tinygpt.config import Config, TrainConfig
-from tinygpt.data import Dataset, EpochSampler, batched, check_length, eval_starts, windows
-from tinygpt.errors import TinyGPTError
+from tinygpt.data import Dataset, EpochSampler, check_length, windows
+from tinygpt.evaluate import split_loss
+from tinygpt.device import autocast, autocast_dtype, resolve_device
 from tinygpt.model import GPT
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TinyGPTError(f"device {name!r} asked for, but no CUDA GPU is available; use --train.device cpu")
-    return dev
-
-
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast compute type, or None for plain float32."""
-    if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -67,23 +45,6 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
-
-
-@torch.no_grad()
-def evaluate(model: GPT, tokens: np.ndarray, block_size: int, batch_size: int, device: torch.device,
-             dtype: torch.dtype | None, max_windows: int | None = None) -> float:
-    """Mean next-token loss over deterministic windows of a split (all of them when max_windows is None)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for starts in batched(eval_starts(len(tokens), block_size, max_windows), batch_size):
-        x, y = windows(tokens, starts, block_size)
-        with autocast(device, dtype):
-            _, loss = model(x.to(device), y.to(device))
-        total += loss.item() * len(starts)
-        count += len(starts)
-    model.train(was_training)
-    return total / count
 
 
 def _rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -132,7 +93,7 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
 
     model = GPT(cfg.model).to(device)
     optimizer = make_optimizer(model, t, device)
-    sampler = EpochSampler(len(data.train), cfg.model.block_size, t.batch_size, t.seed)
+    sampler = EpochSampler(len(data.train.tokens), cfg.model.block_size, t.batch_size, t.seed, data.packed)
     progress = Progress()
     if resume_from is not None:
         loaded = checkpoint.load(resume_from, device)
@@ -156,7 +117,7 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
             f.write(json.dumps(entry) + "\n")
 
     log(f"model: {model.num_params() / 1e6:.2f}M parameters, device {device}"
-        f"{', bf16 autocast' if dtype else ''}; data: {len(data.train):,} train / {len(data.val):,} val tokens, "
+        f"{', bf16 autocast' if dtype else ''}; data: {len(data.train.tokens):,} train / {len(data.val.tokens):,} val tokens, "
         f"{sampler.windows_per_epoch:,} windows per epoch")
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
     bar = tqdm(total=t.max_iters, initial=progress.step, desc="train", file=sys.stderr, dynamic_ncols=True,
@@ -188,8 +149,8 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
         if progress.step % t.eval_interval == 0 and not last_step:
             tok_s = interval_tokens / (time.perf_counter() - interval_start)
             progress.elapsed_s = elapsed_before + time.perf_counter() - session_start
-            train_loss, val_loss = (evaluate(model, split, cfg.model.block_size, t.batch_size, device, dtype,
-                                             t.eval_iters * t.batch_size) for split in (data.train, data.val))
+            train_loss, val_loss = (split_loss(model, split, t.batch_size, device, dtype, t.eval_iters * t.batch_size,
+                                               data.packed).loss for split in (data.train, data.val))
             entry = dict(step=progress.step, train_loss=train_loss, val_loss=val_loss, val_ppl=math.exp(val_loss),
                          lr=lr, tokens_seen=progress.tokens_seen, tokens_per_s=tok_s, elapsed_s=progress.elapsed_s)
             record(entry)
@@ -210,9 +171,8 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
 
     progress.elapsed_s = elapsed_before + time.perf_counter() - session_start
     tok_s = interval_tokens / max(1e-9, time.perf_counter() - interval_start)
-    train_loss = evaluate(model, data.train, cfg.model.block_size, t.batch_size, device, dtype,
-                          t.eval_iters * t.batch_size)
-    val_loss = evaluate(model, data.val, cfg.model.block_size, t.batch_size, device, dtype)  # the whole val split
+    train_loss = split_loss(model, data.train, t.batch_size, device, dtype, t.eval_iters * t.batch_size, data.packed).loss
+    val_loss = split_loss(model, data.val, t.batch_size, device, dtype, packed=data.packed).loss  # the whole val split
     final = dict(step=progress.step, train_loss=train_loss, val_loss=val_loss, val_ppl=math.exp(val_loss),
                  lr=lr_at(progress.step, t), tokens_seen=progress.tokens_seen, tokens_per_s=tok_s,
                  elapsed_s=progress.elapsed_s, final=True, stopped_early=stopped_early)

@@ -1,0 +1,130 @@
+"""Evaluation: loss, perplexity and bits per byte on a split; BLEU and skill accuracy for chat models."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tinygpt import corpus
+from tinygpt.chat import TEMPLATES, ChatSession
+from tinygpt.data import Split, batched, eval_starts, windows
+from tinygpt.device import autocast
+from tinygpt.dialogs import Conversation, Message
+from tinygpt.model import GPT
+from tinygpt.tokenizer import Tokenizer
+
+
+@dataclass
+class LossSum:
+    nats: float = 0.0
+    targets: int = 0
+    bytes: int = 0
+
+    def __iadd__(self, other: LossSum) -> LossSum:
+        self.nats, self.targets, self.bytes = self.nats + other.nats, self.targets + other.targets, self.bytes + other.bytes
+        return self
+
+    @property
+    def loss(self) -> float:
+        return self.nats / max(self.targets, 1)
+
+
+@torch.no_grad()
+def split_loss(model: GPT, split: Split, batch_size: int, device: torch.device, dtype: torch.dtype | None = None,
+               max_windows: int | None = None, packed: bool = False, tokenizer: Tokenizer | None = None) -> LossSum:
+    """Summed next-token loss over deterministic windows of a split (all of them when max_windows is None).
+    With a tokenizer, also the UTF-8 bytes of the target text, for bits per byte (special tokens count 0)."""
+    was_training = model.training
+    model.eval()
+    block_size = model.config.block_size
+    specials = set(tokenizer.special_tokens.values()) if tokenizer else set()
+    out = LossSum()
+    for starts in batched(eval_starts(len(split.tokens), block_size, max_windows, packed), batch_size):
+        x, y = windows(split, starts, block_size)
+        n = int((y >= 0).sum())
+        if not n:
+            continue
+        with autocast(device, dtype):
+            _, loss = model(x.to(device), y.to(device))
+        out.nats += loss.item() * n
+        out.targets += n
+        if tokenizer is not None:
+            for row in y.tolist():
+                out.bytes += len(tokenizer.decode([t for t in row if t >= 0 and t not in specials]).encode())
+    model.train(was_training)
+    return out
+
+
+def loss_metrics(s: LossSum) -> dict[str, float]:
+    return {"val_loss": s.loss, "perplexity": math.exp(s.loss),
+            "bits_per_byte": s.nats / math.log(2) / max(s.bytes, 1), "target_tokens": s.targets}
+
+
+def exchanges(convs: Sequence[Conversation]) -> list[tuple[list[Message], str]]:
+    """(history up to a user turn, the assistant's reference reply) for every reply in the conversations."""
+    out = []
+    for conv in convs:
+        for i, m in enumerate(conv):
+            if m.role == "assistant" and i and conv[i - 1].role == "user":
+                out.append((list(conv[:i]), m.content))
+    return out
+
+
+def greedy_replies(session: ChatSession, prompts: Sequence[list[Message]],
+                   progress: Callable[[int], None] = lambda i: None) -> list[str]:
+    replies = []
+    for i, history in enumerate(prompts):
+        session.history = list(history[:-1])
+        replies.append(session.reply(history[-1].content))
+        progress(i)
+    return replies
+
+
+def bleu(session: ChatSession, convs: Sequence[Conversation], limit: int) -> dict[str, float]:
+    import sacrebleu
+
+    pairs = exchanges(convs)[:limit]
+    if not pairs:
+        return {}
+    hyps = greedy_replies(session, [h for h, _ in pairs])
+    return {"bleu": sacrebleu.corpus_bleu(hyps, [[r for _, r in pairs]]).score, "bleu_replies": len(pairs)}
+
+
+def exact_match(session: ChatSession, items: Sequence[tuple[str, str | set[str]]]) -> float:
+    """Share of single-turn prompts whose greedy reply equals the reference (or one of several)."""
+    replies = greedy_replies(session, [[Message("user", q)] for q, _ in items])
+    hits = sum(r.strip() in ({a} if isinstance(a, str) else a) for r, (_, a) in zip(replies, items))
+    return hits / max(len(items), 1)
+
+
+def seen_prompts(convs: Sequence[Conversation], limit: int) -> list[tuple[str, set[str]]]:
+    """First-turn prompts of training conversations with every reply they were given (chatterbot
+    answers one prompt several ways, and any of them counts)."""
+    answers: dict[str, set[str]] = defaultdict(set)
+    for conv in convs:
+        if len(conv) >= 2 and conv[0].role == "user" and conv[1].role == "assistant":
+            answers[conv[0].content].add(conv[1].content)
+    return sorted(answers.items())[:limit]
+
+
+def chat_metrics(model: GPT, tokenizer: Tokenizer, template_name: str, train_convs: Sequence[Conversation],
+                 val_convs: Sequence[Conversation], builtin: bool, limit: int = 200) -> dict[str, float]:
+    """BLEU on held-out conversations; for the built-in corpus also exact-match accuracy on training
+    prompts and on each skill, seen and held out."""
+    session = ChatSession(model, tokenizer, TEMPLATES[template_name], max_new_tokens=96, temperature=0.0)
+    out = bleu(session, val_convs, limit)
+    if builtin:
+        chatterbot = set(corpus.chatterbot_prompts())
+        seen = seen_prompts(train_convs, 10**9)
+        out["train_prompt_match_chatterbot"] = exact_match(session, [p for p in seen if p[0] in chatterbot][:limit])
+        out["train_prompt_match_synthetic"] = exact_match(session, [p for p in seen if p[0] not in chatterbot][:limit])
+        for skill in corpus.SKILLS:
+            for held_out in (False, True):
+                items = corpus.skill_items(skill, held_out)
+                if items:
+                    out[f"skill_{skill}_{'heldout' if held_out else 'seen'}"] = exact_match(session, items[:limit])
+    return out
