@@ -1,3 +1,5 @@
+import hashlib
+import json
 import os
 import pickle
 
@@ -74,3 +76,27 @@ def test_a_planted_pickle_is_refused_not_executed(saved, monkeypatch):
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         loaded.trainer_state()
     assert not (run / "pwned").exists()
+
+
+def test_a_config_that_does_not_match_the_weights_is_refused(saved):
+    run, dest, _ = saved
+    cfg_file = dest / "config.yaml"
+    cfg_file.write_text(cfg_file.read_text().replace("n_layer: 1", "n_layer: 2"))
+    manifest = json.loads((dest / "manifest.json").read_text())  # forge a consistent manifest
+    manifest["config.yaml"] = {"size": cfg_file.stat().st_size,
+                               "sha256": hashlib.sha256(cfg_file.read_bytes()).hexdigest()}
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TinyGPTError, match="cannot be loaded"):
+        checkpoint.load(dest)
+
+
+def test_weights_hash_tracks_the_weights_only(saved, tmp_path):
+    run, dest, model = saved
+    loaded = checkpoint.load(dest)
+    copy = tmp_path / "copy"
+    checkpoint.save(copy, loaded.model, loaded.config, loaded.tokenizer, state={"other": 1})
+    assert checkpoint.weights_hash(copy) == checkpoint.weights_hash(dest)
+    with torch.no_grad():
+        loaded.model.transformer.wte.weight[0, 0] += 1e-6
+    checkpoint.save(copy, loaded.model, loaded.config, loaded.tokenizer)
+    assert checkpoint.weights_hash(copy) != checkpoint.weights_hash(dest)

@@ -46,7 +46,7 @@ def test_resume_continues_to_a_longer_schedule(trained, capsys):
     steps = [json.loads(line)["step"] for line in (trained / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 9
     code, _, err = run(capsys, "train", "--out", trained, "--resume", "--model.n_layer", 3)
-    assert code == 2 and "only train.* and sample.* flags may change" in err
+    assert code == 2 and "only train.* and sample.* settings may change" in err and "model.n_layer" in err
 
 
 def test_existing_run_directory_is_never_overwritten_silently(trained, text_file, capsys):
@@ -63,18 +63,37 @@ def bad_inputs(tmp_path, text_file):
     empty.write_text("")
     binary = tmp_path / "data.bin"
     binary.write_bytes(bytes(range(256)))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("na\u00efve caf\u00e9".encode("latin-1"))
     short = tmp_path / "short.txt"
     short.write_text("To be, or not to be.")
+    no_text = tmp_path / "pictures"
+    no_text.mkdir()
+    (no_text / "a.png").write_bytes(b"\x89PNG")
+    bad_jsonl = tmp_path / "chats.jsonl"
+    bad_jsonl.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [oops\n')
+    bad_yaml = tmp_path / "chats.yml"
+    bad_yaml.write_text("conversations:\n- - hi\n  - [unclosed\n")
+    bad_config = tmp_path / "bad.yaml"
+    bad_config.write_text("model:\n  n_layers: 3\n")
     return [
         (["--data", tmp_path / "nope.txt"], 1, "does not exist"),
         (["--data", empty], 1, "is empty"),
         (["--data", binary], 1, "looks like a binary file"),
+        (["--data", latin1], 1, "not valid UTF-8 (bad byte at offset 2)"),
         (["--data", short, "--model.block_size", 64], 1, "shorter than one training window"),
+        (["--data", no_text], 1, "has no text files"),
+        (["--data", bad_jsonl], 1, "chats.jsonl line 2"),
+        (["--data", bad_yaml], 1, "chats.yml"),
+        (["--data", text_file, "--config", bad_config], 2, "unknown config key 'model.n_layers'"),
         (["--data", text_file, "--train.batch_size", "many"], 2, "train.batch_size='many' is not a valid int"),
+        (["--data", text_file, "--model.n_layer", 0], 2, "model.n_layer must be positive"),
+        (["--data", text_file, "--train.lr", -1], 2, "train.lr must not be negative"),
         (["--data", text_file, "--model.n_embd", 30, "--model.n_head", 4], 2, "must be divisible"),
         (["--data", text_file, "--tokenizer", "words"], 2, "invalid choice"),
         (["--data", text_file, "--model.n_layers", 2], 2, "unrecognized arguments: --model.n_layers"),
         (["--data", text_file, "--preset", "gpt-9"], 2, "invalid choice"),
+        (["--data", text_file, "--train.device", "tpu:7"], 2, "unknown device"),
     ]
 
 
@@ -88,6 +107,37 @@ def test_bad_input_gives_one_line_and_leaves_disk_alone(tmp_path, text_file, cap
         assert snapshot(tmp_path) == before and not out_dir.exists()
 
 
+def test_unwritable_output_directory(text_file, capsys):
+    code, _, err = run(capsys, "train", "--data", text_file, "--out", "/proc/tinygpt-run", *tiny_flags())
+    assert code == 1 and "/proc/tinygpt-run" in err and "Traceback" not in err
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(trained, capsys, monkeypatch):
+    before = snapshot(trained / "checkpoints")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(trained / "checkpoints"))
+    monkeypatch.setattr("tinygpt.checkpoint.save_model", disk_full)
+    code, _, err = run(capsys, "train", "--out", trained, "--resume", "--train.max_iters", 9)
+    assert code == 1 and "No space left on device" in err and "free some disk space" in err
+    assert snapshot(trained / "checkpoints") == before
+
+
+def test_checkpoint_problems_are_reported_not_raised(trained, tmp_path, capsys):
+    (tmp_path / "empty-run").mkdir()
+    code, _, err = run(capsys, "sample", "--run", tmp_path / "empty-run")
+    assert code == 1 and "no usable checkpoint" in err
+    code, _, err = run(capsys, "train", "--out", tmp_path / "empty-run", "--resume")
+    assert code == 2 and "no checkpoint and no config.yaml" in err
+    for name in ("best", "last"):
+        with open(trained / "checkpoints" / name / "model.safetensors", "r+b") as f:
+            f.truncate(100)
+    before = snapshot(trained)
+    code, _, err = run(capsys, "sample", "--run", trained)
+    assert code == 1 and "truncated or modified" in err and "no usable checkpoint" in err
+    assert snapshot(trained) == before
+
+
 def test_sample_errors(trained, tmp_path, capsys):
     code, _, err = run(capsys, "sample", "--run", tmp_path / "missing")
     assert code == 1 and "does not exist" in err
@@ -95,6 +145,10 @@ def test_sample_errors(trained, tmp_path, capsys):
     assert code == 1 and "unknown to the char tokenizer" in err and "'Z'" in err
     code, _, err = run(capsys, "sample", "--run", trained, "--max-new-tokens", 0)
     assert code == 2 and "sample.max_new_tokens must be positive" in err
+    code, _, err = run(capsys, "sample", "--run", trained, "--max-new-tokens", 10**12)
+    assert code == 2 and "must be at most 1,000,000" in err
+    code, out, err = run(capsys, "sample", "--run", trained, "--prompt", "The quick " * 10, "--max-new-tokens", 3)
+    assert code == 0 and "only the most recent 16" in err and out.startswith("The quick")
 
 
 def test_help_documents_fields_and_presets(capsys):

@@ -57,7 +57,7 @@ class ChatTemplate:
         if open_reply:
             add(self.roles["assistant"][0], False)
         else:
-            add(self.end, loss_on == "all" or (bool(conv) and conv[-1].role == "assistant"))
+            add(self.end, loss_on == "all")
         return ids, mask
 
 
@@ -67,8 +67,8 @@ TEMPLATES = {
             "default",
             roles={"system": ("<|system|>", "<|end|>"), "user": ("<|user|>", "<|end|>"),
                    "assistant": ("<|assistant|>", "<|end|>")},
-            specials=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
-            description="<|user|>hi<|end|><|assistant|>hello<|end|>"),
+            specials=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), begin=EOT,
+            description="<|endoftext|><|user|>hi<|end|><|assistant|>hello<|end|>"),
         ChatTemplate(
             "litegpt",
             roles={"system": ("<system>: ", " "), "user": ("<user>: ", " "), "assistant": ("<assistant>: ", " ")},
@@ -140,8 +140,9 @@ class ChatSession:
 HELP = "commands: /reset clears the conversation, /help shows this, exit or quit (or Ctrl-D) leaves"
 
 
-def console(session: ChatSession, lines: Iterable[str], out: TextIO = sys.stdout, interactive: bool = True) -> None:
+def console(session: ChatSession, lines: Iterable[str], out: TextIO | None = None, interactive: bool = True) -> None:
     """The chat loop. Interactive: 'You:' prompts and streamed replies. Piped: one reply line per input line."""
+    out = out or sys.stdout
     if interactive:
         print(f"Chatting with tinygpt. {HELP}.", file=out)
     it = iter(lines)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from tinygpt import config as config_mod
@@ -84,6 +84,18 @@ def save(dest: Path, model: GPT, cfg: Config, tokenizer: Tokenizer,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def weights_hash(ckpt: Path) -> str:
+    """sha256 over the weight tensors (names, dtypes, shapes, bytes): equal iff the weights are bit-identical,
+    whatever the file layout."""
+    h = hashlib.sha256()
+    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name)
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def verify(ckpt: Path) -> None:

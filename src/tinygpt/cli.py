@@ -7,6 +7,7 @@ code (2 for usage errors); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import errno
 import shutil
 import sys
 import time
@@ -89,6 +90,7 @@ def parse_train(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
 
 
 def cmd_train(argv: list[str]) -> int:
+    from tinygpt.device import resolve_device
     from tinygpt.train import train
 
     args, flags = parse_train(argv)
@@ -98,14 +100,23 @@ def cmd_train(argv: list[str]) -> int:
             raise UsageError("--resume and --overwrite contradict each other; pick one")
         if not run_dir.is_dir():
             raise UsageError(f"cannot resume: run directory {run_dir} does not exist")
-        ckpt = checkpoint.newest(run_dir, warn=log)
-        cfg = config.from_dict(config.load_yaml(ckpt / "config.yaml"))
-        fixed = [k for k in flags if not k.startswith(("train.", "sample."))]
-        if fixed or args.preset or args.config:
-            raise UsageError("on --resume only train.* and sample.* flags may change; "
-                             f"start a new run to change {', '.join(fixed) or 'the preset or config file'}")
+        found = checkpoint.valid_checkpoints(run_dir, warn=log)
+        ckpt = checkpoint.newest(run_dir) if found else None
+        if ckpt is None and not (run_dir / "config.yaml").is_file():
+            raise UsageError(f"cannot resume: {run_dir} holds no checkpoint and no config.yaml (it never got "
+                             "as far as training); start it again with --overwrite")
+        if ckpt is None:
+            log(f"{run_dir} has no checkpoint yet: starting it from step 0 with its saved config")
+        cfg = config.from_dict(config.load_yaml((ckpt or run_dir) / "config.yaml"))
+        saved = cfg.to_dict()
         config.apply_overrides(cfg, flags, "command line")
         config.validate(cfg)
+        # Repeating the original command with --resume is fine; changing the model or data is not.
+        changed = [k for k in flags if not k.startswith(("train.", "sample."))
+                   and saved[k.split(".")[0]][k.split(".")[1]] != cfg.to_dict()[k.split(".")[0]][k.split(".")[1]]]
+        if changed or args.preset or args.config:
+            raise UsageError("on --resume only train.* and sample.* settings may change; "
+                             f"start a new run to change {', '.join(changed) or 'the preset or config file'}")
         train(cfg, run_dir, data.load_prepared(run_dir / "data"), resume_from=ckpt, log=log)
         return 0
 
@@ -121,6 +132,7 @@ def cmd_train(argv: list[str]) -> int:
         raise UsageError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
                          f"{ds.tokenizer.vocab_size} ids; leave it empty to take it from the tokenizer")
     data.check_length(ds, cfg.model.block_size)
+    resolve_device(cfg.train.device)
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -302,10 +314,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. `tinygpt sample ... | head`
         return 0
-    except OSError as e:  # disk full, permission denied, ...: name the file and the reason
+    except OSError as e:  # disk full, permission denied, ...: name the file, the reason and the fix
         if debug:
             raise
-        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        fix = {errno.ENOSPC: "free some disk space or choose another --out",
+               errno.EACCES: "choose a writable --out", errno.EROFS: "choose a writable --out",
+               errno.EPERM: "choose a writable --out"}.get(e.errno or 0, "check the path")
+        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}; {fix}", file=sys.stderr)
         return 1
 
 

@@ -116,6 +116,8 @@ class TrainConfig:
     """Write the 'last' checkpoint every this many steps (and always at the end)."""
     patience: int = 0
     """Stop after this many evaluations without a better val loss; 0 never stops early."""
+    skip_nonfinite: bool = False
+    """Skip an optimizer step whose loss or gradient is NaN/inf instead of stopping the run."""
     seed: int = 1337
     """Seeds model init, data order and dropout."""
     device: str = "auto"
@@ -149,6 +151,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
+MAX_NEW_TOKENS = 1_000_000  # past this a typo, not a wish: generation would run for hours
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
 
 
@@ -340,6 +343,8 @@ def validate(cfg: Config) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise UsageError(f"{key} must not be negative, got {value}")
+    if s.max_new_tokens > MAX_NEW_TOKENS:
+        raise UsageError(f"sample.max_new_tokens must be at most {MAX_NEW_TOKENS:,}, got {s.max_new_tokens:,}")
     if m.n_embd % m.n_head:
         raise UsageError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     if m.pos == "rope" and (m.n_embd // m.n_head) % 2:

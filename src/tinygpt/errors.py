@@ -18,3 +18,14 @@ class UsageError(TinyGPTError):
     """A bad command line or config value (exit code 2, as argparse uses)."""
 
     exit_code = 2
+
+
+class Interrupted(TinyGPTError):
+    """Training stopped by SIGINT/SIGTERM after saving a checkpoint; exits 128 + the signal number (130, 143)."""
+
+    def __init__(self, signum: int, checkpoint: object, run_dir: object):
+        import signal
+
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint saved in {checkpoint}. "
+                         f"Resume with: tinygpt train --out {run_dir} --resume")

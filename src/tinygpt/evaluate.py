@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -108,14 +109,16 @@ def seen_prompts(convs: Sequence[Conversation], limit: int) -> list[tuple[str, s
     for conv in convs:
         if len(conv) >= 2 and conv[0].role == "user" and conv[1].role == "assistant":
             answers[conv[0].content].add(conv[1].content)
-    return sorted(answers.items())[:limit]
+    items = sorted(answers.items())
+    return random.Random(0).sample(items, min(limit, len(items)))  # a fixed sample, not the alphabet's start
 
 
 def chat_metrics(model: GPT, tokenizer: Tokenizer, template_name: str, train_convs: Sequence[Conversation],
                  val_convs: Sequence[Conversation], builtin: bool, limit: int = 200) -> dict[str, float]:
     """BLEU on held-out conversations; for the built-in corpus also exact-match accuracy on training
     prompts and on each skill, seen and held out."""
-    session = ChatSession(model, tokenizer, TEMPLATES[template_name], max_new_tokens=96, temperature=0.0)
+    session = ChatSession(model, tokenizer, TEMPLATES[template_name], max_new_tokens=model.config.block_size // 2,
+                          temperature=0.0)
     out = bleu(session, val_convs, limit)
     if builtin:
         chatterbot = set(corpus.chatterbot_prompts())

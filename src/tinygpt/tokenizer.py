@@ -244,7 +244,10 @@ class BPETokenizer(Tokenizer):
                 f"{256 + len(names)} (256 byte symbols + {len(names)} special tokens); raise vocab_size"
             )
         model = HFTokenizer(models.BPE())
-        model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        # One token per digit (as LLaMA does): numbers then share their pieces, which is what lets a
+        # small model learn arithmetic instead of memorising a token per number.
+        model.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                       pre_tokenizers.ByteLevel(add_prefix_space=False)])
         model.decoder = decoders.ByteLevel()
         # All 256 byte symbols up front, so text with bytes unseen in training still encodes.
         alphabet = pre_tokenizers.ByteLevel.alphabet()

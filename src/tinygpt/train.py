@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from tinygpt.config import Config, TrainConfig
 from tinygpt.data import Dataset, EpochSampler, check_length, windows
 from tinygpt.evaluate import split_loss
 from tinygpt.device import autocast, autocast_dtype, resolve_device
+from tinygpt.errors import Interrupted, TinyGPTError
 from tinygpt.model import GPT
 
 
@@ -68,6 +71,49 @@ def _set_rng_state(tensors: dict[str, Any], plain: dict[str, Any]) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
 
 
+def _forget_metrics_after(path: Path, step: int) -> None:
+    """Drop metrics a crashed session logged past the checkpoint we resume from (they will be logged
+    again), and a last line cut short by the crash."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= step and line.endswith("\n"):
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    path.write_text("".join(keep))
+
+
+class StopOnSignal:
+    """Turn the first SIGINT/SIGTERM into a request to stop after the current step (the loop then
+    checkpoints and exits); a second one interrupts at once. Checkpoint writes are atomic, so even
+    that loses nothing already saved."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        tqdm.write(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+                   "(press Ctrl-C again to quit at once)", file=sys.stderr)
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
 @dataclass
 class Progress:
     """Everything about the run's position besides model and optimizer: saved in state.json."""
@@ -104,6 +150,7 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
         sampler.load_state_dict(progress.sampler)
         _set_rng_state(trainer["rng"], loaded.state["rng"])
         log(f"resuming from {resume_from} at step {progress.step}")
+    _forget_metrics_after(run_dir / "metrics.jsonl", progress.step)
 
     def save(name: str) -> None:
         progress.sampler = sampler.state_dict()
@@ -126,47 +173,60 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
     session_start, elapsed_before = time.perf_counter(), progress.elapsed_s
     stopped_early = False
     model.train()
-    while progress.step < t.max_iters:
-        lr = lr_at(progress.step, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for _ in range(t.grad_accum):
-            x, y = windows(data.train, sampler.next_starts(), cfg.model.block_size)
-            with autocast(device, dtype):
-                _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            (loss / t.grad_accum).backward()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        progress.step += 1
-        progress.tokens_seen += tokens_per_step
-        interval_tokens += tokens_per_step
-        bar.update(1)
-        if progress.step % 10 == 0:  # .item() waits for the device; not every step
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-        last_step = progress.step == t.max_iters
-        if progress.step % t.eval_interval == 0 and not last_step:
-            tok_s = interval_tokens / (time.perf_counter() - interval_start)
-            progress.elapsed_s = elapsed_before + time.perf_counter() - session_start
-            train_loss, val_loss = (split_loss(model, split, t.batch_size, device, dtype, t.eval_iters * t.batch_size,
-                                               data.packed).loss for split in (data.train, data.val))
-            entry = dict(step=progress.step, train_loss=train_loss, val_loss=val_loss, val_ppl=math.exp(val_loss),
-                         lr=lr, tokens_seen=progress.tokens_seen, tokens_per_s=tok_s, elapsed_s=progress.elapsed_s)
-            record(entry)
-            log(f"step {progress.step}: train {train_loss:.4f}, val {val_loss:.4f}, {tok_s:,.0f} tok/s")
-            if val_loss < progress.best_val:
-                progress.best_val, progress.bad_evals = val_loss, 0
-                save("best")
+    with StopOnSignal() as stop:
+        while progress.step < t.max_iters:
+            lr = lr_at(progress.step, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for _ in range(t.grad_accum):
+                x, y = windows(data.train, sampler.next_starts(), cfg.model.block_size)
+                with autocast(device, dtype):
+                    _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                (loss / t.grad_accum).backward()
+            # clip_grad_norm_ also returns the norm, so one check catches a NaN/inf anywhere in the gradients
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+            if not bool(torch.isfinite(norm + loss.detach())):
+                if not t.skip_nonfinite:
+                    last = checkpoint.valid_checkpoints(run_dir, ("last", "best"))
+                    raise TinyGPTError(
+                        f"non-finite loss or gradient at step {progress.step + 1} (loss {loss.item()}, grad norm "
+                        f"{norm.item()}); last good checkpoint: {last[0] if last else 'none'}. Lower --train.lr, or "
+                        "pass --train.skip_nonfinite true to skip such steps")
+                log(f"warning: step {progress.step + 1}: non-finite loss or gradient, step skipped")
             else:
-                progress.bad_evals += 1
-                if t.patience and progress.bad_evals >= t.patience:
-                    log(f"early stop: val loss has not improved for {t.patience} evaluations")
-                    stopped_early = True
-                    break
-            interval_tokens, interval_start = 0, time.perf_counter()
-        if progress.step % t.checkpoint_interval == 0 and not last_step:
-            save("last")
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            progress.tokens_seen += tokens_per_step
+            interval_tokens += tokens_per_step
+            bar.update(1)
+            if progress.step % 10 == 0:  # .item() waits for the device; not every step
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+            last_step = progress.step == t.max_iters
+            if progress.step % t.eval_interval == 0 and not last_step:
+                tok_s = interval_tokens / (time.perf_counter() - interval_start)
+                progress.elapsed_s = elapsed_before + time.perf_counter() - session_start
+                train_loss, val_loss = (split_loss(model, split, t.batch_size, device, dtype, t.eval_iters * t.batch_size,
+                                                   data.packed).loss for split in (data.train, data.val))
+                entry = dict(step=progress.step, train_loss=train_loss, val_loss=val_loss, val_ppl=math.exp(val_loss),
+                             lr=lr, tokens_seen=progress.tokens_seen, tokens_per_s=tok_s, elapsed_s=progress.elapsed_s)
+                record(entry)
+                log(f"step {progress.step}: train {train_loss:.4f}, val {val_loss:.4f}, {tok_s:,.0f} tok/s")
+                if val_loss < progress.best_val:
+                    progress.best_val, progress.bad_evals = val_loss, 0
+                    save("best")
+                else:
+                    progress.bad_evals += 1
+                    if t.patience and progress.bad_evals >= t.patience:
+                        log(f"early stop: val loss has not improved for {t.patience} evaluations")
+                        stopped_early = True
+                        break
+                interval_tokens, interval_start = 0, time.perf_counter()
+            if progress.step % t.checkpoint_interval == 0 and not last_step or stop.signum is not None:
+                save("last")
+            if stop.signum is not None:
+                bar.close()
+                raise Interrupted(stop.signum, run_dir / checkpoint.CHECKPOINTS / "last", run_dir)
     bar.close()
 
     progress.elapsed_s = elapsed_before + time.perf_counter() - session_start

@@ -1,0 +1,87 @@
+"""SIGKILL a CPU training run at random moments, resume it each time, and check that its final
+weights are bit-identical to those of a run that was never interrupted.
+
+    python tests/crash/kill_resume.py --kills 10      # the full check (tests/crash/kill_resume.sh)
+
+tests/test_crash.py runs a short version of this in `make test`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tinygpt.checkpoint import CHECKPOINTS, weights_hash
+
+FLAGS = ["--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "32", "--model.block_size", "32",
+         "--model.dropout", "0.1", "--train.batch_size", "8", "--train.eval_interval", "40", "--train.eval_iters", "2",
+         "--train.checkpoint_interval", "7", "--train.warmup_iters", "10"]
+
+
+def train_cmd(data: Path, out: Path, iters: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "tinygpt.cli", "train", "--data", str(data), "--out", str(out),
+            "--train.max_iters", str(iters), *FLAGS, *extra]
+
+
+def run_with_kills(data: Path, out: Path, iters: int, kills: int, rng: random.Random, env: dict, log=print) -> int:
+    """Start the run, SIGKILL it `kills` times at random moments, resuming after each; return the launches used."""
+    launches = 0
+    for i in range(kills + 1):
+        resumable = (out / "config.yaml").exists()
+        cmd = train_cmd(data, out, iters, "--resume" if resumable else "--overwrite")
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        launches += 1
+        if i < kills:
+            delay = rng.uniform(1.0, 6.0)
+            try:
+                proc.wait(timeout=delay)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                log(f"kill {i + 1}: SIGKILL after {delay:.1f} s")
+                continue
+            log(f"kill {i + 1}: the run finished before the kill ({delay:.1f} s)")
+            if proc.returncode != 0:
+                raise RuntimeError(f"training failed: {proc.stderr.read()}")
+            return launches
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"training failed: {err}")
+    return launches
+
+
+def check(kills: int, iters: int, seed: int, workdir: Path, log=print) -> tuple[str, str]:
+    env = {**os.environ, "TINYGPT_CACHE": str(workdir / "cache"), "PYTHONUNBUFFERED": "1"}
+    data = workdir / "corpus.txt"
+    words = random.Random(0).choices(["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"], k=6000)
+    data.write_text(" ".join(words))
+    start = time.perf_counter()
+    subprocess.run(train_cmd(data, workdir / "straight", iters), env=env, check=True, capture_output=True)
+    log(f"uninterrupted run: {time.perf_counter() - start:.1f} s")
+    run_with_kills(data, workdir / "killed", iters, kills, random.Random(seed), env, log)
+    return (weights_hash(workdir / "straight" / CHECKPOINTS / "last"),
+            weights_hash(workdir / "killed" / CHECKPOINTS / "last"))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kills", type=int, default=10)
+    p.add_argument("--iters", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        straight, killed = check(args.kills, args.iters, args.seed, Path(tmp))
+    print(f"uninterrupted: {straight}\nkilled {args.kills}x:  {killed}")
+    print("identical" if straight == killed else "DIFFERENT")
+    return 0 if straight == killed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Crash safety: a short version of tests/crash/kill_resume.sh, plus signals and numerical faults."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "crash"))
+from kill_resume import check, train_cmd  # noqa: E402
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
+    log = []
+    straight, killed = check(kills=3, iters=300, seed=1, workdir=tmp_path, log=log.append)
+    assert any("SIGKILL" in line for line in log), log  # at least one kill landed mid-run
+    assert straight == killed, log
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, sig, code, monkeypatch):
+    monkeypatch.setenv("TINYGPT_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "corpus.txt"
+    data.write_text("the cat sat on the mat and the dog ran far " * 300)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(data, out, 100_000, "--train.checkpoint_interval", "100000"),
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (out / "config.yaml").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.5)  # well into training
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "checkpoint saved in" in err and f"tinygpt train --out {out} --resume" in err
+    state = json.loads((out / "checkpoints" / "last" / "state.json").read_text())
+    assert state["progress"]["step"] > 0
