@@ -15,7 +15,7 @@ from tinygpt.tokenizer import build_tokenizer
 @pytest.fixture
 def saved(tmp_path):
     tok = build_tokenizer("char", ["hello world"])
-    cfg = config.resolve(flags={"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 8,
+    cfg = config.resolve("cpu-tiny", flags={"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 8,
                                 "model.block_size": 8, "model.vocab_size": tok.vocab_size})
     torch.manual_seed(0)
     model = GPT(cfg.model)
@@ -39,7 +39,8 @@ def test_replacing_keeps_one_valid_copy(saved):
     tok = checkpoint.load(dest).tokenizer
     checkpoint.save(dest, model, checkpoint.load(dest).config, tok, state={"progress": {"step": 9}})
     assert checkpoint.load(checkpoint.newest(run)).state["progress"]["step"] == 9
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last", "latest"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "last"
 
 
 def test_truncated_weights_are_detected_and_skipped(saved):

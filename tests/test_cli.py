@@ -21,7 +21,7 @@ def run(capsys, *argv):
 @pytest.fixture
 def trained(text_file, tmp_path, capsys):
     out = tmp_path / "run"
-    code, _, err = run(capsys, "train", "--data", text_file, "--out", out, *tiny_flags())
+    code, _, err = run(capsys, "train", "--data", text_file, "--out", out, "--tokenizer", "char", *tiny_flags())
     assert code == 0, err
     return out
 

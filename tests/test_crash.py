@@ -1,7 +1,6 @@
 """Crash safety: a short version of tests/crash/kill_resume.sh, plus signals and numerical faults."""
 
 import json
-import random
 import signal
 import subprocess
 import sys

@@ -2,13 +2,29 @@ import pytest
 import torch
 
 from tinygpt.config import ModelConfig
-from tinygpt.generate import sample_token
-from tinygpt.model import GPT, load_hf_gpt2_state_dict
+from tinygpt.generate import sample_token, stream_tokens
+from tinygpt.model import GPT, adaptive_cutoffs, load_hf_gpt2_state_dict
 
 
 def tiny(**kw) -> ModelConfig:
     base = dict(n_layer=2, n_head=4, n_embd=32, block_size=32, vocab_size=50)
     return ModelConfig(**{**base, **kw})
+
+
+def perturbed(model: GPT, scale: float = 0.05) -> GPT:
+    """Add noise to every parameter, so zero-initialised and unit-initialised pieces matter too."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
+def greedy_without_cache(model: GPT, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    full = prompt
+    for _ in range(n):  # the reference: a full forward pass for every new token
+        logits, _ = model(full)
+        full = torch.cat([full, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return full
 
 
 def test_matches_hugging_face_gpt2():
@@ -28,17 +44,138 @@ def test_matches_hugging_face_gpt2():
 @pytest.mark.parametrize("variant", [
     {}, {"pos": "sinusoidal"}, {"pos": "rope"}, {"norm": "rmsnorm"}, {"norm_placement": "post"},
     {"mlp": "relu"}, {"mlp": "swiglu"}, {"tie_weights": False, "bias": False}, {"mlp_hidden": 48},
+    {"mlp": "relu2"}, {"qk_norm": True}, {"qk_norm": True, "pos": "rope"}, {"zero_init_proj": True},
+    {"attn": "einsum"}, {"attn": "einsum", "pos": "rope", "qk_norm": True}, {"head": "adaptive"},
 ])
 def test_kv_cache_greedy_equals_full_forward(variant):
     torch.manual_seed(0)
-    model = GPT(tiny(**variant))
+    model = perturbed(GPT(tiny(**variant)))
     prompt = torch.randint(0, 50, (2, 5))
-    cached = model.generate(prompt, 20, temperature=0)
-    full = prompt
-    for _ in range(20):  # the reference: a full forward pass for every new token, no cache
-        logits, _ = model(full)
-        full = torch.cat([full, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(cached, full)
+    assert torch.equal(model.generate(prompt, 20, temperature=0), greedy_without_cache(model, prompt, 20))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "einsum"])
+def test_prefill_in_chunks_equals_one_pass(attn):
+    # a chunk of several tokens after a filled cache is the one case that needs an explicit offset mask
+    torch.manual_seed(0)
+    model = perturbed(GPT(tiny(attn=attn, pos="rope"))).eval()
+    idx = torch.randint(0, 50, (2, 12))
+    cache = model.new_cache(2)
+    chunks = [model.hidden(idx[:, :5], cache), model.hidden(idx[:, 5:6], cache), model.hidden(idx[:, 6:], cache)]
+    assert torch.allclose(torch.cat(chunks, dim=1), model.hidden(idx), atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [{}, {"pos": "rope"}, {"qk_norm": True}, {"pos": "rope", "qk_norm": True}])
+def test_einsum_attention_equals_sdpa(variant):
+    torch.manual_seed(0)
+    sdpa = perturbed(GPT(tiny(**variant))).eval()
+    einsum = GPT(tiny(attn="einsum", **variant)).eval()
+    einsum.load_state_dict(sdpa.state_dict())
+    idx = torch.randint(0, 50, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(sdpa(idx)[0], einsum(idx)[0], atol=1e-5)
+    prompt = idx[:, :4]
+    assert torch.equal(sdpa.generate(prompt, 20, temperature=0), einsum.generate(prompt, 20, temperature=0))
+    uncached = [list(stream_tokens(m, prompt, 20, temperature=0, use_cache=False)) for m in (sdpa, einsum)]
+    assert all(torch.equal(a, b) for a, b in zip(*uncached))
+
+
+def test_attention_weights_are_causal_distributions():
+    torch.manual_seed(0)
+    model = perturbed(GPT(tiny(attn="einsum", pos="rope"))).eval()
+    weights = model.attention_weights(torch.randint(0, 50, (2, 10)))
+    assert len(weights) == 2
+    for w in weights:
+        assert w.shape == (2, 4, 10, 10)
+        assert torch.equal(w.triu(diagonal=1), torch.zeros_like(w))
+        assert torch.allclose(w.sum(-1), torch.ones(2, 4, 10), atol=1e-6)
+    with pytest.raises(ValueError, match="einsum"):
+        GPT(tiny()).attention_weights(torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_qk_norm_and_zero_init_proj():
+    names = set(dict(GPT(tiny(qk_norm=True)).named_parameters()))
+    assert {"transformer.h.1.attn.q_norm.weight", "transformer.h.1.attn.k_norm.weight"} <= names
+    assert "transformer.h.1.attn.q_norm.bias" not in names
+    torch.manual_seed(0)
+    model = GPT(tiny(zero_init_proj=True))
+    projections = [p for n, p in model.named_parameters() if n.endswith("c_proj.weight")]
+    assert len(projections) == 4 and all(not p.any() for p in projections)
+    x, pos = torch.randn(2, 7, 32), torch.arange(7)
+    for block in model.transformer.h:  # each pre-norm block starts as the identity
+        assert torch.equal(block(x, pos, None, None), x)
+
+
+def test_adaptive_cutoffs():
+    assert adaptive_cutoffs(tiny(head="adaptive")) == [3, 12]
+    assert adaptive_cutoffs(tiny(head="adaptive", vocab_size=8)) == [2]
+    assert adaptive_cutoffs(tiny(head="adaptive", n_embd=64, adaptive_cutoffs="10,20,40")) == [10, 20, 40]
+    for bad in ["20,10", "0,10", "10,50", "10,10"]:
+        with pytest.raises(ValueError, match="increasing"):
+            adaptive_cutoffs(tiny(adaptive_cutoffs=bad))
+    with pytest.raises(ValueError, match="head=linear"):
+        GPT(tiny(head="adaptive", vocab_size=3))
+    with pytest.raises(ValueError, match="n_embd"):
+        GPT(tiny(head="adaptive", n_embd=8, n_head=2))
+
+
+def test_adaptive_head_gives_log_probs_and_matching_loss():
+    torch.manual_seed(0)
+    model = perturbed(GPT(tiny(head="adaptive")))  # tie_weights=True is ignored: nothing to tie
+    names = set(dict(model.named_parameters()))
+    assert "lm_head.weight" not in names and any(n.startswith("adaptive_head.") for n in names)
+    idx = torch.randint(0, 50, (2, 10))
+    logprobs, _ = model(idx)
+    assert logprobs.shape == (2, 10, 50)
+    assert torch.allclose(logprobs.logsumexp(-1), torch.zeros(2, 10), atol=1e-5)
+    assert torch.allclose(model.next_logits(idx), logprobs[:, -1], atol=1e-6)
+    targets = torch.randint(0, 50, (2, 10))
+    targets[0, 3:] = -1
+    targets[1, :2] = -1
+    logits, loss = model(idx, targets)
+    keep = targets >= 0
+    assert logits is None
+    assert torch.allclose(loss, -logprobs[keep].gather(-1, targets[keep][:, None]).mean(), atol=1e-5)
+    assert model(idx, torch.full_like(targets, -1))[1].item() == 0.0
+
+
+def test_adaptive_head_trains():
+    torch.manual_seed(0)
+    model = GPT(tiny(head="adaptive"))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    idx = torch.randint(0, 50, (4, 16))
+    losses = []
+    for _ in range(10):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+
+
+@pytest.mark.parametrize("variant", [{}, {"head": "adaptive"}, {"qk_norm": True, "mlp": "relu2", "pos": "rope"},
+                                     {"attn": "einsum", "zero_init_proj": True, "tie_weights": False}])
+def test_num_params(variant):
+    model = GPT(tiny(**variant))
+    unique = sum(p.numel() for p in model.parameters())
+    wpe = 32 * 32 if model.config.pos == "learned" else 0
+    assert model.num_params(non_embedding=False) == unique and model.num_params() == unique - wpe
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_checkpointing_gives_the_same_gradients(dropout):
+    torch.manual_seed(0)
+    model = perturbed(GPT(tiny(dropout=dropout, pos="rope", qk_norm=True)))
+    idx = torch.randint(0, 50, (2, 16))
+    grads = []
+    for flag in (False, True):
+        model.activation_checkpointing = flag
+        model.zero_grad()
+        torch.manual_seed(1)
+        model(idx, idx)[1].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
 def test_generation_past_the_context_window_keeps_going():

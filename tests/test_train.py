@@ -1,12 +1,14 @@
 import json
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tinygpt import checkpoint, config, data
+from tinygpt.errors import TinyGPTError
 from tinygpt.model import GPT
-from tinygpt.train import lr_at, make_optimizer, train
+from tinygpt.train import lr_at, make_optimizer, planned_steps, train
 
 
 def tiny_config(**train_overrides):
@@ -28,11 +30,23 @@ def weights(path):
 
 
 def test_schedule_warms_up_then_decays_to_min_lr():
-    t = config.TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
-    assert lr_at(0, t) < lr_at(5, t) < lr_at(9, t) <= 1.0
-    assert lr_at(10, t) == pytest.approx(1.0)
-    assert lr_at(60, t) == pytest.approx(0.55)
-    assert lr_at(110, t) == pytest.approx(0.1) and lr_at(500, t) == pytest.approx(0.1)
+    t = config.TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10)
+    assert lr_at(0, t, 110) < lr_at(5, t, 110) < lr_at(9, t, 110) <= 1.0
+    assert lr_at(10, t, 110) == pytest.approx(1.0)
+    assert lr_at(60, t, 110) == pytest.approx(0.55)
+    assert lr_at(110, t, 110) == pytest.approx(0.1) and lr_at(500, t, 110) == pytest.approx(0.1)
+    wsd = config.TrainConfig(lr=1.0, min_lr=0.0, warmup_iters=10, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(10, wsd, 100) == lr_at(80, wsd, 100) == 1.0  # stable until the last 20%
+    assert lr_at(90, wsd, 100) == pytest.approx(0.5) and lr_at(100, wsd, 100) == 0.0
+
+
+def test_epochs_and_time_budget_set_the_length(text_file, tmp_path):
+    assert planned_steps(config.TrainConfig(epochs=2.5, batch_size=4, grad_accum=2), windows_per_epoch=100) == 32
+    cfg = tiny_config(time_budget=3.0, max_iters=10**6, eval_interval=20)
+    start = time.perf_counter()
+    final = train(cfg, tmp_path, prepared(text_file, cfg, tmp_path), log=lambda m: None)
+    assert 1 <= final["step"] < 10**6 and time.perf_counter() - start < 30
+    assert final["elapsed_s"] == pytest.approx(3.0, abs=1.5)  # stops when the budget is spent, not at max_iters
 
 
 def test_no_weight_decay_on_norms_biases_and_embeddings():
@@ -79,3 +93,32 @@ def test_early_stopping_with_patience(text_file, tmp_path):
     cfg = tiny_config(max_iters=200, eval_interval=2, patience=1, lr=0.0, warmup_iters=0, min_lr=0.0)
     final = train(cfg, tmp_path, prepared(text_file, cfg, tmp_path), log=lambda m: None)
     assert final["stopped_early"] and final["step"] == 4  # lr 0: the second evaluation cannot improve
+
+
+@pytest.fixture
+def nan_at_step_5(monkeypatch):
+    original = GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None, cache=None):
+        logits, loss = original(self, idx, targets, cache)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 5:
+                loss = loss * float("nan")
+        return logits, loss
+    monkeypatch.setattr(GPT, "forward", poisoned)
+
+
+def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(text_file, tmp_path, nan_at_step_5):
+    cfg = tiny_config(max_iters=8, checkpoint_interval=2, eval_interval=100)
+    with pytest.raises(TinyGPTError, match=r"non-finite loss or gradient at step 5 .*last good checkpoint: .*last"):
+        train(cfg, tmp_path, prepared(text_file, cfg, tmp_path), log=lambda m: None)
+
+
+def test_nonfinite_steps_can_be_skipped(text_file, tmp_path, nan_at_step_5):
+    cfg = tiny_config(max_iters=8, skip_nonfinite=True)
+    messages = []
+    final = train(cfg, tmp_path, prepared(text_file, cfg, tmp_path), log=messages.append)
+    assert final["step"] == 8 and any("step 5: non-finite" in m for m in messages)
+    assert all(torch.isfinite(t).all() for t in weights(tmp_path / "checkpoints" / "last").values())

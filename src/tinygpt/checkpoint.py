@@ -10,7 +10,8 @@ Layout of a checkpoint directory::
     manifest.json       size and sha256 of every file above, written last
 
 A checkpoint is assembled in a hidden temporary sibling, fsynced, and renamed into
-place; the previous version is kept (as ``.old-NAME``) until the new one is in place.
+place; the previous version is kept (as ``.old-NAME``) until the new one is in place, and
+the ``latest`` pointer file is updated only after that.
 A directory whose files do not match its manifest is not loaded.
 """
 
@@ -37,6 +38,7 @@ from tinygpt.model import GPT
 from tinygpt.tokenizer import Tokenizer, load_tokenizer
 
 CHECKPOINTS = "checkpoints"
+LATEST = "latest"  # a file naming the most recently completed checkpoint
 
 
 def _sha256(path: Path) -> str:
@@ -81,6 +83,11 @@ def save(dest: Path, model: GPT, cfg: Config, tokenizer: Tokenizer,
         tmp.rename(dest)
         _fsync(dest.parent)
         shutil.rmtree(old, ignore_errors=True)
+        # The pointer moves only once the checkpoint it names is complete and in place.
+        pointer = dest.parent / f".{LATEST}.tmp"
+        pointer.write_text(dest.name + "\n")
+        _fsync(pointer)
+        pointer.replace(dest.parent / LATEST)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -144,7 +151,17 @@ def find(run_dir: Path, which: str = "best", warn=None) -> Path:
 
 
 def newest(run_dir: Path, warn=None) -> Path:
-    """The valid checkpoint with the most training steps: what --resume continues from."""
+    """What --resume continues from: the checkpoint named by the `latest` pointer if it is valid,
+    else the valid checkpoint with the most training steps."""
+    pointer = Path(run_dir) / CHECKPOINTS / LATEST
+    if pointer.is_file():
+        named = pointer.parent / pointer.read_text().strip()
+        try:
+            verify(named)
+            return named
+        except TinyGPTError as e:
+            if warn:
+                warn(f"warning: the latest checkpoint is unusable ({e}); looking for an older one")
     found = valid_checkpoints(run_dir, warn=warn)
     if not found:
         raise TinyGPTError(f"nothing to resume: no valid checkpoint in {run_dir}; start a new run instead")

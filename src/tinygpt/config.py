@@ -49,12 +49,22 @@ class ModelConfig:
     """Normalisation layer."""
     norm_placement: Literal["pre", "post"] = "pre"
     """'pre' normalises each branch's input (GPT-2); 'post' normalises after each residual add (original Transformer)."""
-    mlp: Literal["gelu", "relu", "swiglu"] = "gelu"
-    """Feed-forward type; gelu is GPT-2's tanh-approximated GELU."""
+    mlp: Literal["gelu", "relu", "relu2", "swiglu"] = "gelu"
+    """Feed-forward type: gelu is GPT-2's tanh-approximated GELU, relu2 is squared ReLU, swiglu is gated."""
     mlp_hidden: int | None = None
     """Feed-forward hidden width; empty means 4*n_embd (8/3*n_embd for swiglu, same parameter count)."""
     tie_weights: bool = True
     """Share the token embedding with the output head (GPT-2 does)."""
+    head: Literal["linear", "adaptive"] = "linear"
+    """Output layer: a full softmax, or an adaptive softmax (Grave et al. 2017) that is cheaper for big vocabularies."""
+    adaptive_cutoffs: str = "auto"
+    """Adaptive softmax cluster boundaries as comma-separated ids (e.g. 2000,10000); auto derives them from the vocabulary."""
+    attn: Literal["sdpa", "einsum"] = "sdpa"
+    """Attention kernel: PyTorch's fused scaled_dot_product_attention, or explicit einsum (can return the weights)."""
+    qk_norm: bool = False
+    """Normalise queries and keys per head before attention (stabilises training at higher learning rates)."""
+    zero_init_proj: bool = False
+    """Initialise the projections that write into the residual stream to zero, so each block starts as identity."""
 
 
 @dataclass
@@ -87,7 +97,12 @@ class TrainConfig:
     """The optimisation schedule and run bookkeeping."""
 
     max_iters: int = 1000
-    """Optimizer steps to train for."""
+    """Optimizer steps to train for (ignored when epochs or time_budget is set)."""
+    epochs: float | None = None
+    """Train for this many passes over the training windows instead of max_iters."""
+    time_budget: float | None = None
+    """Seconds of training: throughput is measured in the first steps and the schedule is fitted so that it
+    ends (decay included) when the budget does. Overrides max_iters and epochs."""
     batch_size: int = 16
     """Sequences per micro-batch."""
     grad_accum: int = 1
@@ -99,7 +114,12 @@ class TrainConfig:
     warmup_iters: int = 100
     """Linear warm-up steps."""
     lr_decay_iters: int | None = None
-    """Step at which the cosine decay reaches min_lr; empty means max_iters."""
+    """Step at which the decay reaches min_lr; empty means the end of training."""
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    """Learning-rate shape after warm-up: cosine decay, or warmup-stable-decay (flat, then a linear decay
+    over the last decay_fraction of training; Hu et al. 2024)."""
+    decay_fraction: float = 0.2
+    """wsd: share of training spent decaying."""
     weight_decay: float = 0.1
     """AdamW weight decay (applied to matrices only, not to norms, biases or embeddings)."""
     beta1: float = 0.9
@@ -116,6 +136,8 @@ class TrainConfig:
     """Write the 'last' checkpoint every this many steps (and always at the end)."""
     patience: int = 0
     """Stop after this many evaluations without a better val loss; 0 never stops early."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of storing them: less memory, about a third more compute."""
     skip_nonfinite: bool = False
     """Skip an optimizer step whose loss or gradient is NaN/inf instead of stopping the run."""
     seed: int = 1337
@@ -161,20 +183,108 @@ class Preset:
     overrides: dict[str, Any]
 
 
+GPT2_ARCH = dict(pos="learned", norm="layernorm", norm_placement="pre", mlp="gelu", bias=True, tie_weights=True,
+                 head="linear", attn="sdpa", qk_norm=False, zero_init_proj=False)
+
 PRESETS: dict[str, Preset] = {
+    "modern": Preset(
+        "The default. A 2M-parameter GPT with today's choices: rotary positions, RMSNorm, no biases, squared-ReLU "
+        "MLP, QK-norm, zero-initialised output projections, untied head, warmup-stable-decay schedule, and a "
+        "byte-level BPE tokenizer (2048 ids) trained on your data. See the README for why each is there.",
+        {
+            "model": dict(n_layer=4, n_head=6, n_embd=192, block_size=128, dropout=0.0, bias=False, pos="rope",
+                          norm="rmsnorm", norm_placement="pre", mlp="relu2", tie_weights=False, head="linear",
+                          attn="sdpa", qk_norm=True, zero_init_proj=True),
+            "data": dict(tokenizer="bpe", vocab_size=2048),
+            "train": dict(max_iters=900, batch_size=16, lr=2e-3, min_lr=2e-5, warmup_iters=50, schedule="wsd",
+                          decay_fraction=0.25, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
+                          eval_interval=300, checkpoint_interval=300),
+        },
+    ),
+    "gpt2": Preset(
+        "The GPT-2 recipe at the modern preset's size and data settings (learned positions, pre-LayerNorm, GELU, "
+        "biases, tied head, cosine schedule): the baseline the modern preset is measured against.",
+        {
+            "model": dict(n_layer=4, n_head=6, n_embd=192, block_size=128, dropout=0.0, **GPT2_ARCH),
+            "data": dict(tokenizer="bpe", vocab_size=2048),
+            "train": dict(max_iters=900, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_iters=50, schedule="cosine",
+                          weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, eval_interval=300,
+                          checkpoint_interval=300),
+        },
+    ),
     "cpu-tiny": Preset(
         "The classic small CPU recipe: a 0.8M-parameter GPT-2 (learned positions, pre-LayerNorm, "
         "GELU, tied head) trained for 2000 steps. On char-level Tiny Shakespeare it reaches a "
         "val loss near 1.9 in a few minutes on 2 CPU cores.",
         {
-            "model": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=True,
-                          pos="learned", norm="layernorm", norm_placement="pre", mlp="gelu", tie_weights=True),
+            "model": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, **GPT2_ARCH),
             "train": dict(batch_size=12, grad_accum=1, lr=1e-3, min_lr=1e-4, max_iters=2000, lr_decay_iters=2000,
-                          warmup_iters=100, beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
-                          eval_interval=250, eval_iters=20),
+                          warmup_iters=100, schedule="cosine", beta1=0.9, beta2=0.99, weight_decay=0.1,
+                          grad_clip=1.0, eval_interval=250, eval_iters=20),
+        },
+    ),
+    "litegpt": Preset(
+        "LiteGPT: a conversational GPT on the GPT-2 tokenizer with the special tokens <BOS>, <EOS>, <user>:, "
+        "<assistant>: (its chat format), GELU, LayerNorm, learned positions, trained as a causal LM on every token; "
+        "with no --data it trains on the built-in conversations. LiteGPT's knobs map to MAX_LENGTH="
+        "model.block_size, BATCH_SIZE=train.batch_size, EPOCHS=train.epochs, LR=train.lr, MAX_GENERATE_LEN="
+        "sample.max_new_tokens, DEFAULT_TEMPERATURE=sample.temperature.",
+        {
+            "model": dict(n_layer=4, n_head=4, n_embd=256, block_size=128, dropout=0.1, **GPT2_ARCH),
+            "data": dict(tokenizer="gpt2", chat_template="litegpt", loss_on="all"),
+            "train": dict(epochs=3, batch_size=16, lr=5e-4, min_lr=5e-5, warmup_iters=50, schedule="cosine",
+                          eval_interval=200, checkpoint_interval=200),
+            "sample": dict(max_new_tokens=100, temperature=0.7, top_k=None),
+        },
+    ),
+    "gpt-lite": Preset(
+        "GPT-Lite: a GPT-2-style decoder with static sinusoidal positions, attention computed with einsum, "
+        "LayerNorm after attention and after the feed-forward (post-LN) and a two-layer ReLU feed-forward.",
+        {
+            "model": dict(GPT2_ARCH, n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.1, pos="sinusoidal",
+                          norm_placement="post", mlp="relu", attn="einsum"),
+            "data": dict(tokenizer="char"),
+            "train": dict(max_iters=2000, batch_size=16, lr=1e-3, min_lr=1e-4, warmup_iters=100, schedule="cosine",
+                          eval_interval=250),
+        },
+    ),
+    "micropgpt": Preset(
+        "micropgpt: a character-level model for Tiny Shakespeare: n_embd 384, 4 heads, 4 layers, context 128, "
+        "AdamW at a constant 3e-4, batch 32, 3000 iterations, an 80/20 train/val split.",
+        {
+            "model": dict(n_layer=4, n_head=4, n_embd=384, block_size=128, dropout=0.0, **GPT2_ARCH),
+            "data": dict(tokenizer="char", val_fraction=0.2),
+            "train": dict(max_iters=3000, batch_size=32, lr=3e-4, min_lr=3e-4, warmup_iters=0, schedule="cosine",
+                          eval_interval=500),
+        },
+    ),
+    "tinygpt": Preset(
+        "TinyGPT: a dialog model with a SentencePiece BPE tokenizer trained on the data (up to 32k ids), 8 layers, "
+        "6 heads, 384 wide, feed-forward 1536, context 128, pre-norm GELU, adaptive softmax output, dropout 0.05, "
+        "AdamW with weight decay at 1e-4 (cosine with warm-up), batch 32, 10 epochs, clipping 1.0, early stopping "
+        "on val loss, its '<s> User: ... <sep> Bot:' prompt format; with no --data it trains on the built-in "
+        "conversations.",
+        {
+            "model": dict(GPT2_ARCH, n_layer=8, n_head=6, n_embd=384, mlp_hidden=1536, block_size=128, dropout=0.05,
+                          head="adaptive", tie_weights=False),
+            "data": dict(tokenizer="sentencepiece", sp_model_type="bpe", vocab_size=32000, chat_template="tinygpt"),
+            "train": dict(epochs=10, batch_size=32, lr=1e-4, min_lr=1e-5, warmup_iters=100, schedule="cosine",
+                          weight_decay=0.01, grad_clip=1.0, patience=3, eval_interval=200, checkpoint_interval=200),
+        },
+    ),
+    "microgpt": Preset(
+        "MicroGPT: GPT-2 BPE (tiktoken) on your text, n_embd 512, 8 heads, 4 layers, context 512, batch 8, "
+        "lr 3e-3, trained by epochs (1), keeping the best checkpoint by val loss; sample with top-k.",
+        {
+            "model": dict(n_layer=4, n_head=8, n_embd=512, block_size=512, dropout=0.0, **GPT2_ARCH),
+            "data": dict(tokenizer="gpt2"),
+            "train": dict(epochs=1, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_iters=50, schedule="cosine",
+                          eval_interval=100, checkpoint_interval=100),
+            "sample": dict(temperature=0.8, top_k=50),
         },
     ),
 }
+DEFAULT_PRESET = "modern"
 
 
 # ---------------------------------------------------------------- field types
@@ -300,12 +410,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def resolve(preset: str | None = None, config_file: str | Path | None = None,
             flags: dict[str, Any] | None = None) -> Config:
-    """defaults -> preset -> YAML file -> dotted flags, then validate."""
+    """defaults -> preset (DEFAULT_PRESET when none is named) -> YAML file -> dotted flags, then validate."""
     cfg = Config()
-    if preset is not None:
-        if preset not in PRESETS:
-            raise UsageError(f"unknown preset {preset!r} (available: {', '.join(PRESETS)})")
-        apply_overrides(cfg, PRESETS[preset].overrides, f"preset {preset}")
+    preset = preset or DEFAULT_PRESET
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r} (available: {', '.join(PRESETS)})")
+    apply_overrides(cfg, PRESETS[preset].overrides, f"preset {preset}")
     if config_file is not None:
         apply_overrides(cfg, load_yaml(config_file), str(config_file))
     if flags:
@@ -332,7 +442,8 @@ def validate(cfg: Config) -> None:
         "train.checkpoint_interval": t.checkpoint_interval, "sample.max_new_tokens": s.max_new_tokens,
     }
     optional_positive = {"model.vocab_size": m.vocab_size, "model.mlp_hidden": m.mlp_hidden,
-                         "train.lr_decay_iters": t.lr_decay_iters, "sample.top_k": s.top_k}
+                         "train.lr_decay_iters": t.lr_decay_iters, "train.epochs": t.epochs,
+                         "train.time_budget": t.time_budget, "sample.top_k": s.top_k}
     positive.update({k: v for k, v in optional_positive.items() if v is not None})
     for key, value in positive.items():
         if value <= 0:
@@ -355,6 +466,8 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"data.val_fraction must be between 0 and 1 (exclusive), got {d.val_fraction}")
     if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
         raise UsageError(f"train.beta1 and train.beta2 must be in [0, 1), got {t.beta1}, {t.beta2}")
+    if not 0 < t.decay_fraction <= 1:
+        raise UsageError(f"train.decay_fraction must be in (0, 1], got {t.decay_fraction}")
     if s.top_p is not None and not 0 < s.top_p <= 1:
         raise UsageError(f"sample.top_p must be in (0, 1], got {s.top_p}")
 

@@ -46,7 +46,7 @@ def stream_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperatur
         with torch.no_grad():
             seq = idx[:, -block:]
             cache = model.new_cache(idx.size(0)) if use_cache else None
-            logits = model.lm_head(model.hidden(seq, cache)[:, -1])
+            logits = model.next_logits(seq, cache)
             stop = torch.tensor(list(stop_ids), dtype=torch.long, device=idx.device)
             done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
             for step in range(max_new_tokens):
@@ -63,7 +63,7 @@ def stream_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperatur
                 else:
                     cache.pos = 0
                     new = seq = seq[:, -(block // 2):]
-                logits = model.lm_head(model.hidden(new, cache)[:, -1])
+                logits = model.next_logits(new, cache)
     finally:
         model.train(was_training)
 

@@ -3,7 +3,8 @@
 Parameter names follow GPT-2 (transformer.wte, transformer.h.0.attn.c_attn, ...) so
 weights map across; with the default ModelConfig the network *is* GPT-2, which
 tests/test_model.py checks against Hugging Face's implementation. Variants are
-small pieces picked by name from the tables below (NORMS, MLPS, POSITIONS).
+small pieces picked by name (make_norm, the MLPS and ATTENTION tables, the position
+and head modules).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from tinygpt.config import ModelConfig
 
@@ -63,9 +65,17 @@ class SwiGLU(nn.Module):
         return self.c_proj(F.silu(gate) * up)
 
 
+class SquaredReLU(nn.Module):
+    """relu(x)^2: the activation found by Primer's search (So et al. 2021), cheap and sparse like ReLU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
 MLPS = {
     "gelu": lambda cfg: MLP(cfg, nn.GELU(approximate="tanh")),
     "relu": lambda cfg: MLP(cfg, nn.ReLU()),
+    "relu2": lambda cfg: MLP(cfg, SquaredReLU()),
     "swiglu": SwiGLU,
 }
 
@@ -121,29 +131,63 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+# Both attention functions take q (B, H, T, hs) for new tokens at positions start..start+T-1 and
+# k, v (B, H, start+T, hs) for every position so far; a query may see each key up to its own position.
+# They return the output (B, H, T, hs) and the attention weights (B, H, T, start+T), or None for SDPA.
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                   dropout_p: float) -> tuple[torch.Tensor, None]:
+    """PyTorch's fused kernel (flash / memory-efficient attention where available); never builds the weights."""
+    T = q.size(2)
+    mask = None
+    if start > 0 and T > 1:
+        mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
+    # A single new query (T == 1) sees every key, so it needs no mask at all.
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0 and T > 1, dropout_p=dropout_p)
+    return y, None
+
+
+def einsum_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                     dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same computation written out, softmax(q k^T / sqrt(hs)) v, so the weights can be returned."""
+    T, S = q.size(2), k.size(2)
+    scores = torch.einsum("bhtd,bhsd->bhts", q, k) / math.sqrt(q.size(-1))
+    visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start)
+    weights = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+    y = torch.einsum("bhts,bhsd->bhtd", F.dropout(weights, dropout_p), v)
+    return y, weights.detach()  # the weights before dropout, for reading only
+
+
+ATTENTION = {"sdpa": sdpa_attention, "einsum": einsum_attention}
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.n_head, self.dropout = layer, cfg.n_head, cfg.dropout
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        # QK-norm (OLMo-2, Gemma): RMS-normalising each head's queries and keys bounds the attention
+        # logits, which keeps training stable at higher learning rates.
+        head_size = cfg.n_embd // cfg.n_head
+        self.q_norm = nn.RMSNorm(head_size, eps=1e-5) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_size, eps=1e-5) if cfg.qk_norm else nn.Identity()
+        self.attend = ATTENTION[cfg.attn]
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        # Every forward with attn="einsum" leaves its weights (B, H, T, start+T) here; GPT.attention_weights reads them.
+        self.last_weights: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: Rotary | None, cache: KVCache | None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rope(q, pos), rope(k, pos)
         start = 0
         if cache is not None:
             start = cache.pos
             k, v = cache.update(self.layer, k, v)
-        # New queries sit at positions start..start+T-1 and may see every key up to their own position.
-        mask = None
-        if start > 0 and T > 1:
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0 and T > 1,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y, self.last_weights = self.attend(q, k, v, start, self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -165,9 +209,52 @@ class Block(nn.Module):
         return self.ln_2(x + self.mlp_dropout(self.mlp(x)))
 
 
+# ---------------------------------------------------------------- the output head
+
+def adaptive_cutoffs(cfg: ModelConfig) -> list[int]:
+    """Cluster boundaries for the adaptive softmax. The shortlist is the ids below the first cutoff, so it
+    pays off when frequent tokens have small ids, as in BPE vocabularies (early merges are frequent pairs);
+    the char tokenizer orders its ids by code point instead."""
+    V = cfg.vocab_size
+    if cfg.adaptive_cutoffs == "auto":  # a shortlist of ~V/16 frequent tokens, then clusters up to V/4 and V
+        cutoffs = sorted({c for c in (V // 16, V // 4) if 0 < c < V})
+        if not cutoffs:
+            raise ValueError(f"vocab_size {V} is too small for an adaptive softmax: use head=linear")
+    else:
+        cutoffs = [int(c) for c in cfg.adaptive_cutoffs.split(",")]
+    if not cutoffs or cutoffs != sorted(set(cutoffs)) or cutoffs[0] < 1 or cutoffs[-1] >= V:
+        raise ValueError(f"adaptive_cutoffs {cfg.adaptive_cutoffs!r} must be increasing ids in 1..{V - 1}")
+    # Each cluster projects down by another factor of div_value (4); past n_embd's size nothing is left.
+    if cfg.n_embd // 4 ** len(cutoffs) == 0:
+        raise ValueError(f"n_embd {cfg.n_embd} is too small for {len(cutoffs)} adaptive softmax clusters")
+    return cutoffs
+
+
+class AdaptiveHead(nn.AdaptiveLogSoftmaxWithLoss):
+    """Adaptive softmax (Grave et al. 2017): frequent tokens get a full softmax, rarer ones sit in clusters
+    behind narrower projections. Runs in the weights' precision outside autocast, because the torch module
+    writes each cluster's log-probs into a buffer of the input's dtype (and log-probs want float32 anyway)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.n_embd, cfg.vocab_size, adaptive_cutoffs(cfg), div_value=4.0)
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor):  # x (N, n_embd), targets (N,)
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.to(self.head.weight.dtype), targets)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:  # x (..., n_embd) -> (..., vocab_size)
+        with torch.autocast(x.device.type, enabled=False):
+            flat = super().log_prob(x.reshape(-1, x.size(-1)).to(self.head.weight.dtype))
+        return flat.view(*x.shape[:-1], -1)
+
+
 # ---------------------------------------------------------------- the model
 
 class GPT(nn.Module):
+    # Recompute each block's activations in the backward pass instead of storing them (Chen et al. 2016):
+    # less memory for ~30% more compute. Set by the trainer; only used while training without a cache.
+    activation_checkpointing = False
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if not cfg.vocab_size:
@@ -185,14 +272,20 @@ class GPT(nn.Module):
         elif cfg.pos == "sinusoidal":
             self.transformer.wpe = SinusoidalPositions(cfg)
         self.rope = Rotary(cfg) if cfg.pos == "rope" else None
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        if cfg.tie_weights:
-            self.lm_head.weight = self.transformer.wte.weight
+        if cfg.head == "adaptive":  # its output matrix is split into clusters, so tie_weights is ignored
+            self.adaptive_head = AdaptiveHead(cfg)
+        else:
+            self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+            if cfg.tie_weights:
+                self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
-        # GPT-2 scales the init of layers that write into the residual stream by 1/sqrt(2 * n_layer),
-        # so the stream's variance does not grow with depth.
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+        # The projections that write into the residual stream: GPT-2 scales their init by 1/sqrt(2 * n_layer)
+        # so the stream's variance does not grow with depth; zero_init_proj zeroes them instead, so every
+        # block starts as the identity (modded-nanoGPT).
+        for p in (p for name, p in self.named_parameters() if name.endswith("c_proj.weight")):
+            if cfg.zero_init_proj:
+                nn.init.zeros_(p)
+            else:
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod
@@ -219,25 +312,56 @@ class GPT(nn.Module):
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
+        recompute = self.activation_checkpointing and self.training and cache is None
         for block in self.transformer.h:
-            x = block(x, pos, self.rope, cache)
+            if recompute:  # non-reentrant checkpointing replays the RNG state, so dropout masks match
+                x = checkpoint(block, x, pos, self.rope, None, use_reentrant=False)
+            else:
+                x = block(x, pos, self.rope, cache)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores over the vocabulary for hidden states x (..., n_embd). The adaptive head gives
+        log-probabilities, which work as logits: their softmax is the distribution itself."""
+        if self.config.head == "adaptive":
+            return self.adaptive_head.log_prob(x)
+        return self.lm_head(x)
+
+    def next_logits(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Scores (B, vocab_size) for the token after idx (B, T): all that decoding needs."""
+        return self.logits(self.hidden(idx, cache)[:, -1])
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits for every position, and the mean cross-entropy where targets are given (-1 = ignore)."""
-        logits = self.lm_head(self.hidden(idx, cache))
-        loss = None
-        if targets is not None:
-            # sum / count rather than reduction="mean": a batch whose targets are all masked gives 0, not NaN
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1,
-                                   reduction="sum") / (targets >= 0).sum().clamp(min=1)
+                cache: KVCache | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits for every position, and the mean cross-entropy where targets are given (-1 = ignore).
+        With the adaptive head and targets, logits is None: the full distribution is what it avoids computing."""
+        x = self.hidden(idx, cache)
+        if targets is None:
+            return self.logits(x), None
+        keep = targets >= 0
+        count = keep.sum().clamp(min=1)  # sum / count, not a mean: a batch with every target masked gives 0, not NaN
+        if self.config.head == "adaptive":  # it has no ignore_index: score only the kept positions
+            return None, -self.adaptive_head(x[keep], targets[keep]).output.sum() / count
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1,
+                               reduction="sum") / count
         return logits, loss
 
+    @torch.no_grad()
+    def attention_weights(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """Every layer's attention weights (B, n_head, T, T) for idx (B, T): row t is how query t spreads
+        over keys 0..t (before attention dropout; call .eval() first to switch the other dropouts off).
+        Needs attn="einsum", since the fused kernel never builds them; the parameters are the same, so a
+        trained sdpa model's state dict loads into an einsum one."""
+        if self.config.attn != "einsum":
+            raise ValueError('attention weights need ModelConfig.attn="einsum"')
+        self.hidden(idx)
+        return [block.attn.last_weights for block in self.transformer.h]
+
     def new_cache(self, batch_size: int) -> KVCache:
-        p = self.lm_head.weight
+        p = self.transformer.wte.weight
         return KVCache(self.config, batch_size, p.device, p.dtype)
 
     @torch.no_grad()

@@ -21,21 +21,63 @@ from tqdm import tqdm
 from tinygpt import checkpoint
 from tinygpt.config import Config, TrainConfig
 from tinygpt.data import Dataset, EpochSampler, check_length, windows
-from tinygpt.evaluate import split_loss
 from tinygpt.device import autocast, autocast_dtype, resolve_device
 from tinygpt.errors import Interrupted, TinyGPTError
+from tinygpt.evaluate import split_loss
 from tinygpt.model import GPT
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to cfg.lr, then cosine decay to cfg.min_lr at lr_decay_iters (then flat)."""
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay, or flat then linear decay (wsd), reaching cfg.min_lr
+    at lr_decay_iters (default: `total`, the planned number of steps) and staying there."""
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    if step >= decay_iters:
+    end = cfg.lr_decay_iters or total
+    if step >= end:
         return cfg.min_lr
-    progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    if cfg.schedule == "wsd":
+        decay_start = max(cfg.warmup_iters, end - round(cfg.decay_fraction * end))
+        frac = max(0.0, (step - decay_start) / max(1, end - decay_start))
+        return cfg.lr + frac * (cfg.min_lr - cfg.lr)
+    progress = (step - cfg.warmup_iters) / max(1, end - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def planned_steps(cfg: TrainConfig, windows_per_epoch: int) -> int:
+    """Steps for max_iters or epochs (a time budget is planned later, from measured speed)."""
+    if cfg.epochs is not None:
+        return max(1, math.ceil(cfg.epochs * windows_per_epoch / (cfg.batch_size * cfg.grad_accum)))
+    return cfg.max_iters
+
+
+PROVISIONAL = 10**9
+
+
+class BudgetPlanner:
+    """Fit the number of steps to train.time_budget: once the speed is measured, and again at every
+    evaluation, total = steps so far + remaining seconds / measured seconds per step (evaluations and
+    checkpoints included). When the budget is spent, total = now."""
+
+    SKIP = 3  # the first steps pay one-off costs (allocations, caches) and would skew the estimate
+    MEASURE = 5  # steps timed before the first plan
+
+    def __init__(self, budget: float, resumed: bool):
+        self.budget = budget
+        self.start: tuple[int, float] | None = None
+        self.skip = 0 if resumed else self.SKIP
+
+    def update(self, step: int, elapsed: float, now: float, at_eval: bool) -> int | None:
+        """A new planned total, or None to keep the current one."""
+        if elapsed >= self.budget:
+            return step
+        if self.start is None:
+            if step >= self.skip:
+                self.start = (step, now)
+            return None
+        steps = step - self.start[0]
+        if steps == self.MEASURE or (at_eval and steps > self.MEASURE):
+            return step + int((self.budget - elapsed) * steps / (now - self.start[1]))
+        return None
 
 
 def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -119,6 +161,7 @@ class Progress:
     """Everything about the run's position besides model and optimizer: saved in state.json."""
 
     step: int = 0
+    total: int = 0  # planned steps (from max_iters, epochs or the time budget)
     tokens_seen: int = 0
     elapsed_s: float = 0.0
     best_val: float = float("inf")
@@ -138,6 +181,7 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
     np.random.seed(t.seed)
 
     model = GPT(cfg.model).to(device)
+    model.activation_checkpointing = t.activation_checkpointing
     optimizer = make_optimizer(model, t, device)
     sampler = EpochSampler(len(data.train.tokens), cfg.model.block_size, t.batch_size, t.seed, data.packed)
     progress = Progress()
@@ -167,15 +211,20 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
         f"{', bf16 autocast' if dtype else ''}; data: {len(data.train.tokens):,} train / {len(data.val.tokens):,} val tokens, "
         f"{sampler.windows_per_epoch:,} windows per epoch")
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
-    bar = tqdm(total=t.max_iters, initial=progress.step, desc="train", file=sys.stderr, dynamic_ncols=True,
+    if t.time_budget is None:  # from the config, which --resume may have changed
+        progress.total = planned_steps(t, sampler.windows_per_epoch)
+    elif not progress.total:  # a provisional length until the speed is known
+        progress.total = PROVISIONAL
+    planner = BudgetPlanner(t.time_budget, progress.step > 0) if t.time_budget is not None else None
+    bar = tqdm(total=progress.total, initial=progress.step, desc="train", file=sys.stderr, dynamic_ncols=True,
                disable=None, unit="step")
     interval_tokens, interval_start = 0, time.perf_counter()
     session_start, elapsed_before = time.perf_counter(), progress.elapsed_s
     stopped_early = False
     model.train()
     with StopOnSignal() as stop:
-        while progress.step < t.max_iters:
-            lr = lr_at(progress.step, t)
+        while progress.step < progress.total:
+            lr = lr_at(progress.step, t, progress.total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for _ in range(t.grad_accum):
@@ -202,7 +251,15 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
             bar.update(1)
             if progress.step % 10 == 0:  # .item() waits for the device; not every step
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-            last_step = progress.step == t.max_iters
+            if planner is not None:
+                now = time.perf_counter()
+                new_total = planner.update(progress.step, elapsed_before + now - session_start, now,
+                                           progress.step % t.eval_interval == 0)
+                if new_total is not None and new_total != progress.total:
+                    if progress.total >= PROVISIONAL:
+                        log(f"time budget {t.time_budget:g} s: planning {new_total} steps")
+                    progress.total = bar.total = new_total
+            last_step = progress.step >= progress.total
             if progress.step % t.eval_interval == 0 and not last_step:
                 tok_s = interval_tokens / (time.perf_counter() - interval_start)
                 progress.elapsed_s = elapsed_before + time.perf_counter() - session_start
@@ -234,7 +291,7 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
     train_loss = split_loss(model, data.train, t.batch_size, device, dtype, t.eval_iters * t.batch_size, data.packed).loss
     val_loss = split_loss(model, data.val, t.batch_size, device, dtype, packed=data.packed).loss  # the whole val split
     final = dict(step=progress.step, train_loss=train_loss, val_loss=val_loss, val_ppl=math.exp(val_loss),
-                 lr=lr_at(progress.step, t), tokens_seen=progress.tokens_seen, tokens_per_s=tok_s,
+                 lr=lr_at(progress.step, t, progress.total), tokens_seen=progress.tokens_seen, tokens_per_s=tok_s,
                  elapsed_s=progress.elapsed_s, final=True, stopped_early=stopped_early)
     record(final)
     log(f"final (step {progress.step}): train {train_loss:.4f}, val {val_loss:.4f} (whole val split), "
