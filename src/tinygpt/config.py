@@ -137,7 +137,7 @@ class TrainConfig:
     patience: int = 0
     """Stop after this many evaluations without a better val loss; 0 never stops early."""
     activation_checkpointing: bool = False
-    """Recompute each block's activations in the backward pass instead of storing them: less memory, about a third more compute."""
+    """Recompute each block's activations in the backward pass instead of storing them (less memory, more compute)."""
     skip_nonfinite: bool = False
     """Skip an optimizer step whose loss or gradient is NaN/inf instead of stopping the run."""
     seed: int = 1337
