@@ -16,9 +16,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+DEMO_QUESTIONS := hello|what is 2 plus 3?|what is 13 plus 5?|what is the capital of France?|reverse the word tiger|say stone twice|what is your name?|tell me a joke
+
 demo: setup
 	$(VENV)/bin/tinygpt train --out runs/demo --overwrite
-	$(VENV)/bin/tinygpt sample --run runs/demo --prompt "User: what is 2 plus 3?" --max-new-tokens 120 --num-samples 3 --seed 0
+	@printf '%s\n' "$(DEMO_QUESTIONS)" | tr '|' '\n' > runs/demo/questions.txt
+	$(VENV)/bin/tinygpt chat --run runs/demo < runs/demo/questions.txt > runs/demo/replies.txt
+	@echo "--- a conversation with the demo model (tinygpt chat --run runs/demo) ---"
+	@paste -d '\n' runs/demo/questions.txt runs/demo/replies.txt | awk 'NR % 2 {print "You: " $$0; next} {print "Bot: " $$0}'
 
 test: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

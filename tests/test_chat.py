@@ -55,9 +55,10 @@ def test_long_conversations_split_between_exchanges_and_pack_without_crossing_ro
     for ids, _ in pieces:
         text = tok.decode(ids)
         assert len(ids) <= window and text.startswith("<|endoftext|><|system|>be brief<|end|><|user|>")
-    ids, mask = data.pack(pieces + pieces[:1], window, tok.eot_id)
+    ids, mask, segs = data.pack(pieces + pieces[:1], window, tok.eot_id)
     rows = ids.reshape(-1, window)
     assert all(tok.decode(r.tolist()).startswith("<|endoftext|><|system|>") for r in rows)  # rows start pieces
+    assert (segs.reshape(-1, window)[:, 0] == 0).all() and len(segs) == len(ids)
     assert mask.dtype == np.uint8 and mask[ids == tok.eot_id].sum() == 0  # padding and separators are not learned
 
 
@@ -100,6 +101,7 @@ def test_prepare_dialogs_masks_and_keeps_held_out_conversations(tmp_path):
     ds = data.prepare_dialogs(DataConfig(tokenizer="char"), convs, "test", block_size=31, log=lambda m: None)
     assert ds.packed and len(ds.train.tokens) % 32 == 0 and ds.train.mask is not None
     assert ds.conversations("val") == convs[-2:] and len(ds.conversations("train")) == 18
-    x, y = data.windows(ds.train, np.array([0]), 31)
+    x, y, seg = data.windows(ds.train, np.array([0]), 31)
+    assert seg is not None and seg[0, 0] == 0 and seg[0].max() > 0  # several conversations share the row
     targets = ds.tokenizer.decode([t for t in y[0].tolist() if t >= 0])
     assert "plus" not in targets and "<|end|>" in targets

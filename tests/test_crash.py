@@ -26,12 +26,11 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, sig, code, m
     data = tmp_path / "corpus.txt"
     data.write_text("the cat sat on the mat and the dog ran far " * 300)
     out = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(data, out, 100_000, "--train.checkpoint_interval", "100000"),
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not (out / "config.yaml").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.5)  # well into training
+    proc = subprocess.Popen(train_cmd(data, out, 100_000, "--train.checkpoint_interval", "100000",
+                                      "--train.eval_interval", "5"), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:  # the first evaluation: training is on
+        time.sleep(0.1)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err

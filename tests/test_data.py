@@ -92,10 +92,11 @@ def test_sampler_visits_each_window_once_per_epoch_and_resumes():
 
 def test_windows_are_shifted_targets():
     tokens = np.arange(100, dtype=np.uint16)
-    x, y = data.windows(data.Split(tokens), np.array([0, 50]), 8)
+    x, y, seg = data.windows(data.Split(tokens), np.array([0, 50]), 8)
+    assert seg is None
     assert x[1].tolist() == list(range(50, 58)) and y[1].tolist() == list(range(51, 59))
     mask = (np.arange(100) % 2).astype(np.uint8)  # only odd tokens are targets
-    _, y = data.windows(data.Split(tokens, mask), np.array([10]), 4)
+    _, y, _ = data.windows(data.Split(tokens, mask), np.array([10]), 4)
     assert y[0].tolist() == [11, -1, 13, -1]
 
 

@@ -103,7 +103,7 @@ def test_qk_norm_and_zero_init_proj():
     assert len(projections) == 4 and all(not p.any() for p in projections)
     x, pos = torch.randn(2, 7, 32), torch.arange(7)
     for block in model.transformer.h:  # each pre-norm block starts as the identity
-        assert torch.equal(block(x, pos, None, None), x)
+        assert torch.equal(block(x, pos, None, None, None), x)
 
 
 def test_adaptive_cutoffs():
@@ -222,3 +222,17 @@ def test_top_k_and_top_p_restrict_the_candidates():
     # probabilities ~[0.71, 0.26, ...]: top_p 0.5 keeps only the first token
     assert {int(sample_token(logits, 1.0, top_p=0.5, generator=g)) for _ in range(50)} == {0}
     assert int(sample_token(logits, 0.0)) == 0
+
+
+@pytest.mark.parametrize("variant", [{}, {"pos": "rope"}, {"pos": "sinusoidal", "attn": "einsum"}])
+def test_packed_segments_are_processed_as_if_alone(variant):
+    """Two sequences packed in one row with segment ids give the same logits as each run on its own."""
+    torch.manual_seed(0)
+    model = GPT(tiny(**variant)).eval()
+    a, b = torch.randint(0, 50, (1, 7)), torch.randint(0, 50, (1, 9))
+    packed = torch.cat([a, b], dim=1)
+    segments = torch.tensor([[0] * 7 + [1] * 9])
+    with torch.no_grad():
+        logits, _ = model(packed, segments=segments)
+        alone = torch.cat([model(a)[0], model(b)[0]], dim=1)
+    assert torch.allclose(logits, alone, atol=1e-5)

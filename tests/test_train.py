@@ -100,8 +100,8 @@ def nan_at_step_5(monkeypatch):
     original = GPT.forward
     calls = {"n": 0}
 
-    def poisoned(self, idx, targets=None, cache=None):
-        logits, loss = original(self, idx, targets, cache)
+    def poisoned(self, idx, targets=None, cache=None, segments=None):
+        logits, loss = original(self, idx, targets, cache, segments)
         if self.training:
             calls["n"] += 1
             if calls["n"] == 5:

@@ -150,7 +150,8 @@ def run_parser(prog: str, description: str) -> ArgumentParser:
     """Options shared by the commands that load a trained run."""
     p = ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     p.add_argument("--run", type=Path, required=True, help="run directory written by `tinygpt train`")
-    p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint (default: best)")
+    p.add_argument("--checkpoint", default="last", choices=["best", "last"],
+                   help="last: the end of training (default); best: the lowest val loss seen")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p

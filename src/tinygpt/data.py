@@ -30,7 +30,7 @@ from tinygpt.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
 BUILTIN = "the built-in chat corpus"
-CACHE_VERSION = 1  # bump when the token-file layout or the splitting rule changes
+CACHE_VERSION = 2  # bump when the token-file layout or the splitting rule changes
 
 
 # ---------------------------------------------------------------- reading text
@@ -104,6 +104,7 @@ def encode_documents(tok: Tokenizer, docs: Sequence[str]) -> np.ndarray:
 class Split:
     tokens: np.ndarray  # memory-mapped token ids
     mask: np.ndarray | None = None  # dialog data: 1 where the token is a training target
+    segments: np.ndarray | None = None  # dialog data: which packed piece of its row each token belongs to
 
 
 @dataclass
@@ -142,9 +143,10 @@ def load_prepared(folder: Path) -> Dataset:
     dtype = np.dtype(meta["dtype"])
 
     def split(name: str) -> Split:
-        mask = folder / f"{name}_mask.bin"
-        return Split(np.memmap(folder / f"{name}.bin", dtype=dtype, mode="r"),
-                     np.memmap(mask, dtype=np.uint8, mode="r") if mask.exists() else None)
+        def optional(suffix: str) -> np.ndarray | None:
+            f = folder / f"{name}_{suffix}.bin"
+            return np.memmap(f, dtype=np.uint8, mode="r") if f.exists() else None
+        return Split(np.memmap(folder / f"{name}.bin", dtype=dtype, mode="r"), optional("mask"), optional("segments"))
 
     return Dataset(load_tokenizer(folder / "tokenizer"), split("train"), split("val"), meta, folder)
 
@@ -231,22 +233,33 @@ def conversation_pieces(tok: Tokenizer, template: ChatTemplate, conv: Conversati
     return [(i[:window], m[:window]) for i, m in pieces], cut
 
 
-def pack(pieces: Sequence[tuple[list[int], list[int]]], window: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def pack(pieces: Sequence[tuple[list[int], list[int]]], window: int,
+         pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Lay pieces into rows of `window` tokens in order; a piece that does not fit in what is left of
-    a row starts the next one, and the gap is padded with pad_id (masked out)."""
+    a row starts the next one, and the gap is padded with pad_id (masked out). Returns ids, loss mask
+    and segment numbers (the piece's index within its row; padding gets one of its own), which keep
+    packed pieces from attending to each other."""
     ids: list[int] = []
     mask: list[int] = []
-    row_start = 0
+    segs: list[int] = []
+
+    def pad() -> None:
+        gap = (-len(ids)) % window
+        if gap:
+            ids.extend([pad_id] * gap)
+            mask.extend([0] * gap)
+            segs.extend([segs[-1] + 1] * gap)
+
     for p_ids, p_mask in pieces:
-        if len(ids) - row_start + len(p_ids) > window:
-            gap = window - (len(ids) - row_start)
-            ids += [pad_id] * gap
-            mask += [0] * gap
-            row_start = len(ids)
-        ids += p_ids
-        mask += p_mask
-    gap = (-len(ids)) % window
-    return np.asarray(ids + [pad_id] * gap), np.asarray(mask + [0] * gap, dtype=np.uint8)
+        used = len(ids) % window
+        if used and used + len(p_ids) > window:
+            pad()
+        seg = segs[-1] + 1 if len(ids) % window else 0
+        ids.extend(p_ids)
+        mask.extend(p_mask)
+        segs.extend([seg] * len(p_ids))
+    pad()
+    return np.asarray(ids), np.asarray(mask, dtype=np.uint8), np.asarray(segs, dtype=np.uint8)
 
 
 def prepare_dialogs(cfg: DataConfig, convs: Sequence[Conversation], source: str, block_size: int,
@@ -272,10 +285,11 @@ def prepare_dialogs(cfg: DataConfig, convs: Sequence[Conversation], source: str,
                 p, n = conversation_pieces(tok, template, c, cfg.loss_on, window)
                 pieces += p
                 cut += n
-            ids, mask = pack(pieces, window, tok.eot_id)
+            ids, mask, segments = pack(pieces, window, tok.eot_id)
             ids = ids.astype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
             ids.tofile(folder / f"{name}.bin")
             mask.tofile(folder / f"{name}_mask.bin")
+            segments.tofile(folder / f"{name}_segments.bin")
             write_dialogs(folder / f"{name}_dialogs.jsonl", part)
             meta.update({f"{name}_conversations": len(part), f"{name}_tokens": len(ids),
                          f"{name}_target_tokens": int(mask.sum()), f"{name}_cut_pieces": cut, "dtype": ids.dtype.name})
@@ -327,15 +341,18 @@ def check_length(ds: Dataset, block_size: int) -> None:
                 f"({block_size + 1}); give more text or lower --model.block_size")
 
 
-def windows(split: Split, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets (len(starts), block_size) for windows starting at `starts`;
-    targets the mask excludes are -1, which the loss ignores."""
+def windows(split: Split, starts: np.ndarray,
+            block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Inputs, next-token targets and segment numbers (or None for plain text), each
+    (len(starts), block_size), for windows starting at `starts`; targets the mask excludes are -1,
+    which the loss ignores."""
     index = starts[:, None] + np.arange(block_size + 1)
     t = torch.from_numpy(split.tokens[index].astype(np.int64))
     x, y = t[:, :-1], t[:, 1:]
     if split.mask is not None:
         y = y.masked_fill(torch.from_numpy(split.mask[index[:, 1:]] == 0), -1)
-    return x, y
+    segments = None if split.segments is None else torch.from_numpy(split.segments[index[:, :-1]].astype(np.int64))
+    return x, y, segments
 
 
 class EpochSampler:

@@ -45,12 +45,12 @@ def split_loss(model: GPT, split: Split, batch_size: int, device: torch.device, 
     specials = set(tokenizer.special_tokens.values()) if tokenizer else set()
     out = LossSum()
     for starts in batched(eval_starts(len(split.tokens), block_size, max_windows, packed), batch_size):
-        x, y = windows(split, starts, block_size)
+        x, y, seg = windows(split, starts, block_size)
         n = int((y >= 0).sum())
         if not n:
             continue
         with autocast(device, dtype):
-            _, loss = model(x.to(device), y.to(device))
+            _, loss = model(x.to(device), y.to(device), segments=None if seg is None else seg.to(device))
         out.nats += loss.item() * n
         out.targets += n
         if tokenizer is not None:
@@ -97,8 +97,11 @@ def bleu(session: ChatSession, convs: Sequence[Conversation], limit: int) -> dic
 
 def exact_match(session: ChatSession, items: Sequence[tuple[str, str | set[str]]]) -> float:
     """Share of single-turn prompts whose greedy reply equals the reference (or one of several)."""
+    def norm(text: str) -> str:  # whitespace is not content: YAML answers often end in a newline
+        return " ".join(text.split())
+
     replies = greedy_replies(session, [[Message("user", q)] for q, _ in items])
-    hits = sum(r.strip() in ({a} if isinstance(a, str) else a) for r, (_, a) in zip(replies, items))
+    hits = sum(norm(r) in {norm(x) for x in ([a] if isinstance(a, str) else a)} for r, (_, a) in zip(replies, items))
     return hits / max(len(items), 1)
 
 

@@ -107,8 +107,10 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # x: (B, H, T, hs)
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # x: (B, H, T, hs); pos: (T,) or (B, T)
         cos, sin = self.cos[pos].to(x.dtype), self.sin[pos].to(x.dtype)
+        if pos.dim() == 2:  # per-sequence positions: broadcast over the heads
+            cos, sin = cos[:, None], sin[:, None]
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -131,28 +133,25 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-# Both attention functions take q (B, H, T, hs) for new tokens at positions start..start+T-1 and
-# k, v (B, H, start+T, hs) for every position so far; a query may see each key up to its own position.
-# They return the output (B, H, T, hs) and the attention weights (B, H, T, start+T), or None for SDPA.
+# Both attention functions take q (B, H, T, hs) for new tokens and k, v (B, H, S, hs) for every position
+# so far, and a `visible` mask: None for plain causal attention over a fresh sequence (S == T), else a
+# boolean (T, S) or (B, 1, T, S) mask of the keys each query may see (see GPT.attention_mask).
+# They return the output (B, H, T, hs) and the attention weights (B, H, T, S), or None for SDPA.
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None,
                    dropout_p: float) -> tuple[torch.Tensor, None]:
     """PyTorch's fused kernel (flash / memory-efficient attention where available); never builds the weights."""
-    T = q.size(2)
-    mask = None
-    if start > 0 and T > 1:
-        mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
-    # A single new query (T == 1) sees every key, so it needs no mask at all.
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0 and T > 1, dropout_p=dropout_p)
-    return y, None
+    causal = visible is None and q.size(2) > 1  # a single new query sees every key: no mask at all
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=causal, dropout_p=dropout_p), None
 
 
-def einsum_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+def einsum_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None,
                      dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The same computation written out, softmax(q k^T / sqrt(hs)) v, so the weights can be returned."""
     T, S = q.size(2), k.size(2)
     scores = torch.einsum("bhtd,bhsd->bhts", q, k) / math.sqrt(q.size(-1))
-    visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start)
+    if visible is None:
+        visible = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
     weights = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
     y = torch.einsum("bhts,bhsd->bhtd", F.dropout(weights, dropout_p), v)
     return y, weights.detach()  # the weights before dropout, for reading only
@@ -177,17 +176,16 @@ class CausalSelfAttention(nn.Module):
         # Every forward with attn="einsum" leaves its weights (B, H, T, start+T) here; GPT.attention_weights reads them.
         self.last_weights: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: Rotary | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: Rotary | None, cache: KVCache | None,
+                visible: torch.Tensor | None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rope(q, pos), rope(k, pos)
-        start = 0
         if cache is not None:
-            start = cache.pos
             k, v = cache.update(self.layer, k, v)
-        y, self.last_weights = self.attend(q, k, v, start, self.dropout if self.training else 0.0)
+        y, self.last_weights = self.attend(q, k, v, visible, self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -201,11 +199,12 @@ class Block(nn.Module):
         self.mlp = MLPS[cfg.mlp](cfg)
         self.mlp_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: Rotary | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: Rotary | None, cache: KVCache | None,
+                visible: torch.Tensor | None) -> torch.Tensor:
         if self.pre_norm:  # GPT-2: normalise each branch's input, keep the residual stream raw
-            x = x + self.attn(self.ln_1(x), pos, rope, cache)
+            x = x + self.attn(self.ln_1(x), pos, rope, cache, visible)
             return x + self.mlp_dropout(self.mlp(self.ln_2(x)))
-        x = self.ln_1(x + self.attn(x, pos, rope, cache))  # original Transformer: normalise after the add
+        x = self.ln_1(x + self.attn(x, pos, rope, cache, visible))  # original Transformer: normalise after the add
         return self.ln_2(x + self.mlp_dropout(self.mlp(x)))
 
 
@@ -301,13 +300,32 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final hidden states (B, T, n_embd) for token ids idx (B, T), continuing after `cache` if given."""
+    @staticmethod
+    def attention_mask(T: int, start: int, segments: torch.Tensor | None,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions and visibility for T new tokens after `start` cached ones. With segments (B, T) —
+        packed conversations, numbered within each row — a token sees only earlier tokens of its own
+        segment and positions restart at each segment, so a packed conversation is processed exactly
+        as it would be alone (which is how chat sees it)."""
+        pos = torch.arange(start, start + T, device=device)
+        if segments is not None:
+            same = segments[:, :, None] == segments[:, None, :]
+            first = torch.cat([torch.ones_like(segments[:, :1], dtype=torch.bool), segments[:, 1:] != segments[:, :-1]], 1)
+            seg_start = torch.where(first, pos, 0).cummax(dim=1).values
+            return pos - seg_start, (same & torch.ones(T, T, dtype=torch.bool, device=device).tril())[:, None]
+        if start > 0 and T > 1:  # new queries after a cache may see every cached key and the causal part
+            return pos, torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
+        return pos, None
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None,
+               segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, n_embd) for token ids idx (B, T), continuing after `cache` if given;
+        segments (B, T) keeps packed sequences apart (see attention_mask)."""
         start = cache.pos if cache is not None else 0
         T = idx.size(1)
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)
+        pos, visible = self.attention_mask(T, start, segments, idx.device)
         x = self.transformer.wte(idx)
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(pos)
@@ -315,9 +333,9 @@ class GPT(nn.Module):
         recompute = self.activation_checkpointing and self.training and cache is None
         for block in self.transformer.h:
             if recompute:  # non-reentrant checkpointing replays the RNG state, so dropout masks match
-                x = checkpoint(block, x, pos, self.rope, None, use_reentrant=False)
+                x = checkpoint(block, x, pos, self.rope, None, visible, use_reentrant=False)
             else:
-                x = block(x, pos, self.rope, cache)
+                x = block(x, pos, self.rope, cache, visible)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)
@@ -333,11 +351,11 @@ class GPT(nn.Module):
         """Scores (B, vocab_size) for the token after idx (B, T): all that decoding needs."""
         return self.logits(self.hidden(idx, cache)[:, -1])
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                segments: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits for every position, and the mean cross-entropy where targets are given (-1 = ignore).
         With the adaptive head and targets, logits is None: the full distribution is what it avoids computing."""
-        x = self.hidden(idx, cache)
+        x = self.hidden(idx, cache, segments)
         if targets is None:
             return self.logits(x), None
         keep = targets >= 0

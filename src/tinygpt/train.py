@@ -228,9 +228,10 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for _ in range(t.grad_accum):
-                x, y = windows(data.train, sampler.next_starts(), cfg.model.block_size)
+                x, y, seg = windows(data.train, sampler.next_starts(), cfg.model.block_size)
                 with autocast(device, dtype):
-                    _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                    _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                                    segments=None if seg is None else seg.to(device, non_blocking=True))
                 (loss / t.grad_accum).backward()
             # clip_grad_norm_ also returns the norm, so one check catches a NaN/inf anywhere in the gradients
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))

@@ -1,0 +1,150 @@
+"""Helpers shared by the benchmarks: machine facts, timing, tables and the results file.
+
+Every benchmark script imports this first; it puts the checkout's src/ on the path, so the
+benchmarks run from a plain checkout whether or not tinygpt is pip-installed in the venv.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "src") not in sys.path:
+    sys.path.insert(0, str(REPO / "src"))
+
+import torch  # noqa: E402  (after the path set-up above, like every tinygpt import in the benchmarks)
+
+RESULTS = REPO / "bench" / "results.json"
+# Shared data sits next to the checkout (../shared/data), as the README's example commands assume.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# CPU flags that mean bf16 matmuls run in hardware; without them PyTorch emulates bf16 and it is
+# about 100x slower than float32, so a bf16 figure would only measure the emulation.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+# ---------------------------------------------------------------- machine facts
+
+def cpu_info() -> tuple[str, set[str]]:
+    """The CPU's model name and its feature flags (empty where /proc/cpuinfo does not exist)."""
+    model: str | None = None
+    flags: set[str] = set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():  # every core repeats the same block: the first one says it all
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model is None:
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return model or platform.processor() or platform.machine(), flags
+
+
+def cpu_has_native_bf16() -> bool:
+    return any(flag in cpu_info()[1] for flag in NATIVE_BF16_FLAGS)
+
+
+def bf16_skip_reason(device: torch.device) -> str | None:
+    """Why bf16 is not benchmarked on this device, or None when it is."""
+    if device.type == "cuda":
+        return None if torch.cuda.is_bf16_supported() else "no bf16 on this GPU"
+    return None if cpu_has_native_bf16() else "no native bf16 on this CPU"
+
+
+def bench_devices() -> list[torch.device]:
+    """The CPU always; the first GPU too where CUDA is available."""
+    return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+
+def machine_info() -> dict[str, Any]:
+    model, flags = cpu_info()
+    info: dict[str, Any] = {
+        "cpu": model,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "native_bf16_cpu": any(flag in flags for flag in NATIVE_BF16_FLAGS),
+        "simd": sorted(f for f in flags if f.startswith(("avx", "amx"))),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+# ---------------------------------------------------------------- timing
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a wall-clock reading covers it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """Seconds one call of fn takes (device work included), and what it returned."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def ratio(ours: float | None, theirs: float | None) -> float | None:
+    """ours / theirs, where both were measured."""
+    if not ours or not theirs:
+        return None
+    return ours / theirs
+
+
+# ---------------------------------------------------------------- output
+
+def fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A plain aligned table: readable in a terminal and pasteable into the docs."""
+    cells = [list(headers)] + [[fmt(c) if not isinstance(c, str) else c for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def save_results(section: str, result: Any, path: Path = RESULTS) -> None:
+    """Merge one benchmark's result into the results file, keeping the other benchmarks' last results."""
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            data = {}  # a half-written file from an interrupted run: start again
+    data["machine"] = machine_info()
+    data.setdefault("results", {})[section] = result
+    data["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    path.write_text(json.dumps(data, indent=2) + "\n")

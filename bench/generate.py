@@ -1,0 +1,126 @@
+"""Batch-1 generation speed: tinygpt against Hugging Face transformers, on the same weights.
+
+Both models get the same random GPT-2 weights (transformers builds them from a fixed seed and
+tinygpt loads its state dict), the same 16-token prompt, and decode 128 new tokens greedily with a
+KV cache. Each side is warmed up once, then the two are timed in alternation (so a slow spell on
+the machine hits both) and the median tokens/s is reported; the time covers the whole call,
+prompt included, as a user of either API would see it. In float32 the two must pick the same
+tokens, which checks that the comparison is like for like.
+
+    python bench/generate.py                  # both shapes, float32 (+ bf16 where native)
+    python bench/generate.py --shapes 10M --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from common import bench_devices, bf16_skip_reason, median, print_table, ratio, save_results, timed
+
+import torch
+from tinygpt.config import ModelConfig
+from tinygpt.model import GPT, load_hf_gpt2_state_dict
+
+# GPT-2 small, and a 10M-parameter model (not counting its 19M-parameter embedding) on the same vocabulary.
+SHAPES: dict[str, dict[str, int]] = {
+    "124M": dict(n_layer=12, n_head=12, n_embd=768),
+    "10M": dict(n_layer=6, n_head=6, n_embd=384),
+}
+VOCAB = 50257
+CONTEXT = 1024
+PROMPT_TOKENS = 16
+NEW_TOKENS = 128
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def build_models(shape: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> tuple[GPT, Any]:
+    """The transformers GPT-2 and a tinygpt GPT holding exactly its weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    dims = SHAPES[shape]
+    torch.manual_seed(seed)
+    hf_config = GPT2Config(n_layer=dims["n_layer"], n_head=dims["n_head"], n_embd=dims["n_embd"],
+                           n_positions=CONTEXT, vocab_size=VOCAB, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = GPT2LMHeadModel(hf_config).eval()
+    ours = GPT(ModelConfig(**dims, block_size=CONTEXT, vocab_size=VOCAB))
+    load_hf_gpt2_state_dict(ours, hf.state_dict())
+    return ours.to(device=device, dtype=dtype).eval(), hf.to(device=device, dtype=dtype)
+
+
+def tinygpt_decode(model: GPT, prompt: torch.Tensor) -> torch.Tensor:
+    return model.generate(prompt, NEW_TOKENS, temperature=0)[:, prompt.size(1):]
+
+
+def hf_decode(model: Any, prompt: torch.Tensor) -> torch.Tensor:
+    # min_new_tokens keeps transformers from stopping at its end-of-text id, so both sides make 128 tokens;
+    # the explicit mask and pad id only silence warnings (a batch of one has no padding).
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                             max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, use_cache=True,
+                             pad_token_id=model.config.eos_token_id)
+    return out[:, prompt.size(1):]
+
+
+def bench_case(shape: str, dtype_name: str, device: torch.device, repeats: int) -> dict[str, Any]:
+    dtype = DTYPES[dtype_name]
+    ours, hf = build_models(shape, dtype, device)
+    prompt = torch.randint(0, VOCAB, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1)).to(device)
+    # The warm-up calls pay one-off costs (allocator growth, kernel selection) and give the tokens to compare.
+    ours_tokens, hf_tokens = tinygpt_decode(ours, prompt), hf_decode(hf, prompt)
+    ours_times, hf_times = [], []
+    for _ in range(repeats):
+        ours_times.append(timed(lambda: tinygpt_decode(ours, prompt), device)[0])
+        hf_times.append(timed(lambda: hf_decode(hf, prompt), device)[0])
+    ours_tok_s, hf_tok_s = NEW_TOKENS / median(ours_times), NEW_TOKENS / median(hf_times)
+    # bf16 rounding can legitimately flip a near-tie, so token identity is only a check in float32.
+    match = bool(torch.equal(ours_tokens, hf_tokens)) if dtype == torch.float32 else None
+    return dict(shape=shape, dtype=dtype_name, device=device.type, tinygpt_tok_s=ours_tok_s, hf_tok_s=hf_tok_s,
+                ratio=ratio(ours_tok_s, hf_tok_s), tokens_match=match, tinygpt_s=ours_times, hf_s=hf_times)
+
+
+def run(shapes: list[str], dtypes: list[str], repeats: int) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    for device in bench_devices():
+        for dtype_name in dtypes:
+            skip = bf16_skip_reason(device) if dtype_name == "bfloat16" else None
+            if skip:
+                print(f"{device.type} bf16: skipped ({skip})")
+                results.append(dict(device=device.type, dtype=dtype_name, skipped=skip))
+                continue
+            for shape in shapes:
+                r = bench_case(shape, dtype_name, device, repeats)
+                match = "" if r["tokens_match"] is None else f", same tokens: {'yes' if r['tokens_match'] else 'NO'}"
+                print(f"{device.type} {shape} {dtype_name}: tinygpt {r['tinygpt_tok_s']:.1f} tok/s, "
+                      f"transformers {r['hf_tok_s']:.1f} tok/s, ratio {r['ratio']:.2f}x{match}", flush=True)
+                results.append(r)
+    return results
+
+
+def print_summary(results: list[dict[str, Any]]) -> None:
+    rows = [(f"{r['device']} {r['shape']} {r['dtype']}", r["tinygpt_tok_s"], r["hf_tok_s"], f"{r['ratio']:.2f}x",
+             {True: "yes", False: "NO", None: "-"}[r["tokens_match"]])
+            for r in results if "skipped" not in r]
+    print_table(["generation, batch 1 (tok/s)", "tinygpt", "transformers", "ratio", "same tokens"], rows)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per side (after one warm-up)")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions")
+    p.add_argument("--no-save", action="store_true", help="do not write bench/results.json")
+    args = p.parse_args(argv)
+    repeats = 1 if args.quick else args.repeats
+    print(f"batch-1 greedy generation: {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, "
+          f"median of {repeats} after a warm-up")
+    results = run(args.shapes, args.dtypes, repeats)
+    print_summary(results)
+    if not args.no_save:
+        save_results("generate", results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Run every benchmark, print a summary against the goals, and write bench/results.json.
+
+    python bench/run_all.py              # everything (about 10 minutes on 2 CPU cores)
+    python bench/run_all.py --quick      # one timed repetition each (the quality run still takes its 120 s)
+    python bench/run_all.py --skip quality memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import common
+import generate
+import memory
+import quality
+import train
+
+BENCHMARKS: dict[str, Callable[[list[str]], Any]] = {
+    "generate": generate.main, "train": train.main, "memory": memory.main, "quality": quality.main,
+}
+
+
+def find(results: list[dict[str, Any]] | None, **match: Any) -> dict[str, Any] | None:
+    """The first result whose fields equal `match`."""
+    for r in results or []:
+        if all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
+    """(benchmark, tinygpt, transformers, ratio, goal, verdict) for each goal of the issue, and a few extras."""
+    rows = []
+
+    def speed(name: str, r: dict[str, Any] | None, unit: str, goal: float | None) -> None:
+        if r is None:
+            rows.append((name, "-", "-", "-", f">= {goal}x" if goal else "", "not run"))
+        elif "skipped" in r:
+            rows.append((name, "-", "-", "-", f">= {goal}x" if goal else "", f"skipped: {r['skipped']}"))
+        else:
+            verdict = "" if goal is None else ("met" if r["ratio"] >= goal else "missed")
+            rows.append((name, f"{r['tinygpt_tok_s']:,.1f} {unit}", f"{r['hf_tok_s']:,.1f} {unit}",
+                         f"{r['ratio']:.2f}x", f">= {goal}x" if goal else "", verdict))
+
+    gen, tr = res.get("generate"), res.get("train")
+    speed("generate 124M fp32 (cpu)", find(gen, device="cpu", shape="124M", dtype="float32"), "tok/s", 2.5)
+    speed("generate 10M fp32 (cpu)", find(gen, device="cpu", shape="10M", dtype="float32"), "tok/s", 8.0)
+    bf16 = find(gen, device="cpu", dtype="bfloat16")
+    if bf16 is not None and "skipped" not in bf16:
+        r = find(gen, device="cpu", shape="124M", dtype="bfloat16")
+        met = r is not None and r["tinygpt_tok_s"] >= 100
+        rows.append(("generate 124M bf16 (cpu)", f"{r['tinygpt_tok_s']:,.1f} tok/s" if r else "-",
+                     f"{r['hf_tok_s']:,.1f} tok/s" if r else "-", f"{r['ratio']:.2f}x" if r else "-",
+                     ">= 100 tok/s", "met" if met else "missed"))
+    else:
+        rows.append(("generate 124M bf16 (cpu)", "-", "-", "-", ">= 100 tok/s",
+                     f"skipped: {bf16['skipped']}" if bf16 else "not run"))
+    for r in gen or []:  # GPU figures have no goal; show them where they exist
+        if r.get("device") == "cuda" and "skipped" not in r:
+            speed(f"generate {r['shape']} {r['dtype']} (cuda)", r, "tok/s", None)
+    speed("train 10M fp32 (cpu)", find(tr, device="cpu", shape="10M", dtype="float32"), "tok/s", 1.5)
+    speed("train cpu-tiny fp32 (cpu)", find(tr, device="cpu", shape="cpu-tiny", dtype="float32"), "tok/s", None)
+    for r in tr or []:
+        if r.get("compiled_tok_s") is not None and r["device"] == "cpu" and r["dtype"] == "float32":
+            rows.append((f"train {r['shape']} fp32 compiled (cpu)", f"{r['compiled_tok_s']:,.0f} tok/s",
+                         f"{r['hf_tok_s']:,.0f} tok/s", f"{r['compiled_ratio']:.2f}x",
+                         f"compile {r['compile_s']:.0f} s", ""))
+    q = res.get("quality")
+    if q is None:
+        rows.append(("quality: val loss in 120 s", "-", "", "", "<= 1.65", "not run or skipped"))
+    elif "error" in q:
+        rows.append(("quality: val loss in 120 s", "-", "", "", "<= 1.65", f"failed: {q['error']}"))
+    else:
+        rows.append((f"quality: val loss in {q['budget_s']:g} s", f"{q['val_loss']:.4f}", "", "", "<= 1.65",
+                     "met" if q["goal_met"] else "missed"))
+    m = res.get("memory")
+    if m is not None:
+        rows.append(("memory 124M: peak RSS, ckpt on/off", f"{m['checkpointing_on']['peak_rss_mb']:,.0f} MB",
+                     f"{m['checkpointing_off']['peak_rss_mb']:,.0f} MB", f"{m['peak_ratio']:.2f}x", "", ""))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer repetitions in every benchmark")
+    p.add_argument("--skip", nargs="+", default=[], choices=list(BENCHMARKS), help="benchmarks to leave out")
+    p.add_argument("--quality-args", default="", help='extra `tinygpt train` arguments, e.g. "--preset cpu-tiny"')
+    args = p.parse_args(argv)
+    started = time.time()
+    results: dict[str, Any] = {}
+    for name, bench in BENCHMARKS.items():
+        if name in args.skip:
+            continue
+        print(f"\n=== {name} ===", flush=True)
+        bench_args = ["--no-save"] + (["--quick"] if args.quick else [])
+        if name == "quality":
+            bench_args += shlex.split(args.quality_args)
+        results[name] = bench(bench_args)
+    print("\n=== summary ===")
+    common.print_table(["benchmark", "tinygpt", "transformers", "ratio", "goal", "verdict"], summary_rows(results))
+    report = dict(machine=common.machine_info(), command=" ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+                  quick=args.quick, started=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+                  duration_s=time.time() - started, results=results)
+    common.RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nresults written to {common.RESULTS.relative_to(common.REPO)}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

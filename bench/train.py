@@ -1,0 +1,197 @@
+"""Training speed: tinygpt's optimizer step against a plain transformers + torch.optim.AdamW loop.
+
+Both sides train the same GPT-2-shaped model (tinygpt loads the transformers model's initial
+weights) on the same random batches. tinygpt's step is the trainer's: forward with targets,
+backward, clip_grad_norm_(1.0), the finiteness check, AdamW from tinygpt.train.make_optimizer
+(foreach, weight decay on matrices only), zero_grad(set_to_none=True). The peer is what a
+transformers user writes: GPT2LMHeadModel(labels=...), torch.optim.AdamW with its defaults,
+the same clipping and learning rate. After warm-up steps the two are timed in alternating
+rounds and the median tokens/s is reported. tinygpt is also timed under torch.compile, with
+the compile time (the first compiled step) reported on its own.
+
+    python bench/train.py
+    python bench/train.py --shapes cpu-tiny --no-compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from common import bench_devices, bf16_skip_reason, median, print_table, ratio, save_results, synchronize, timed
+
+import torch
+from tinygpt.config import ModelConfig, TrainConfig
+from tinygpt.model import GPT, load_hf_gpt2_state_dict
+from tinygpt.train import make_optimizer
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "10M": dict(dims=dict(n_layer=6, n_head=6, n_embd=384), vocab=50257, block=256, batch=8),
+    "cpu-tiny": dict(dims=dict(n_layer=4, n_head=4, n_embd=128), vocab=65, block=64, batch=12),
+}
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+# Steps per timed round: enough that one round lasts about a second on 2 CPU cores.
+STEPS_PER_ROUND = {"10M": 2, "cpu-tiny": 20}
+
+Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def build_models(shape: str, device: torch.device, seed: int = 0) -> tuple[GPT, Any]:
+    """A transformers GPT-2 and a tinygpt GPT starting from the same weights, both in training mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    s = SHAPES[shape]
+    torch.manual_seed(seed)
+    hf = GPT2LMHeadModel(GPT2Config(**s["dims"], n_positions=s["block"], vocab_size=s["vocab"],
+                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    ours = GPT(ModelConfig(**s["dims"], block_size=s["block"], vocab_size=s["vocab"], dropout=0.0))
+    load_hf_gpt2_state_dict(ours, hf.state_dict())
+    return ours.to(device).train(), hf.to(device).train()
+
+
+def amp(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    # Mixed precision as the trainer runs it: float32 weights and optimizer, bf16 autocast compute.
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def tinygpt_step_fn(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> Step:
+    """One step exactly as tinygpt.train does it (without the schedule and logging around it)."""
+    cfg = TrainConfig()
+    base = model._orig_mod if hasattr(model, "_orig_mod") else model  # the optimizer wants the real parameters
+    optimizer = make_optimizer(base, cfg, device)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with amp(device, dtype):
+            _, loss = model(x, y)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(base.parameters(), cfg.grad_clip)
+        if bool(torch.isfinite(norm + loss.detach())):  # the trainer's NaN guard, a sync it pays every step
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def hf_step_fn(model: Any, device: torch.device, dtype: torch.dtype | None) -> Step:
+    cfg = TrainConfig()  # same learning rate, betas and decay; everything else is torch's default
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  weight_decay=cfg.weight_decay)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # transformers shifts the labels itself, so they are the inputs; it then scores T-1 of the T positions.
+        with amp(device, dtype):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+class Batches:
+    """A fixed cycle of random batches, identical for every side measured."""
+
+    def __init__(self, shape: str, device: torch.device, count: int = 8, seed: int = 0):
+        s = SHAPES[shape]
+        g = torch.Generator().manual_seed(seed)
+        chunks = [torch.randint(0, s["vocab"], (s["batch"], s["block"] + 1), generator=g) for _ in range(count)]
+        self.pairs = [(c[:, :-1].to(device), c[:, 1:].to(device)) for c in chunks]
+        self.tokens_per_step = s["batch"] * s["block"]
+
+    def run(self, step: Step, steps: int) -> None:
+        for i in range(steps):
+            step(*self.pairs[i % len(self.pairs)])
+
+
+def bench_case(shape: str, dtype_name: str, device: torch.device, rounds: int, compile_model: bool) -> dict[str, Any]:
+    dtype = DTYPES[dtype_name]
+    ours, hf = build_models(shape, device)
+    batches = Batches(shape, device)
+    sides: dict[str, Step] = {"tinygpt": tinygpt_step_fn(ours, device, dtype), "transformers": hf_step_fn(hf, device, dtype)}
+    result: dict[str, Any] = dict(shape=shape, dtype=dtype_name, device=device.type)
+    if compile_model:
+        compiled, _ = build_models(shape, device)
+        step = tinygpt_step_fn(torch.compile(compiled), device, dtype)
+        try:
+            # The first step traces and compiles forward and backward; later ones reuse the kernels.
+            result["compile_s"], _ = timed(lambda: batches.run(step, 1), device)
+            sides["tinygpt compiled"] = step
+        except Exception as e:  # noqa: BLE001  (any compiler failure means: report eager only)
+            print(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                  "reporting eager only")
+            result["compile_error"] = f"{type(e).__name__}: {e}"[:500]
+    for step in sides.values():  # the first steps allocate gradients and optimizer state
+        batches.run(step, 2)
+    synchronize(device)
+    steps = STEPS_PER_ROUND[shape] if device.type == "cpu" else 10 * STEPS_PER_ROUND[shape]
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, step in sides.items():
+            times[name].append(timed(lambda step=step: batches.run(step, steps), device)[0])
+    tok_s = {name: steps * batches.tokens_per_step / median(t) for name, t in times.items()}
+    result.update(tinygpt_tok_s=tok_s["tinygpt"], hf_tok_s=tok_s["transformers"],
+                  ratio=ratio(tok_s["tinygpt"], tok_s["transformers"]),
+                  compiled_tok_s=tok_s.get("tinygpt compiled"),
+                  compiled_ratio=ratio(tok_s.get("tinygpt compiled"), tok_s["transformers"]),
+                  steps_per_round=steps, rounds=rounds, tokens_per_step=batches.tokens_per_step,
+                  round_s={name: t for name, t in times.items()})
+    return result
+
+
+def run(shapes: list[str], dtypes: list[str], rounds: int, compile_model: bool) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    for device in bench_devices():
+        for dtype_name in dtypes:
+            skip = bf16_skip_reason(device) if dtype_name == "bfloat16" else None
+            if skip:
+                print(f"{device.type} bf16: skipped ({skip})")
+                results.append(dict(device=device.type, dtype=dtype_name, skipped=skip))
+                continue
+            for shape in shapes:
+                r = bench_case(shape, dtype_name, device, rounds, compile_model)
+                compiled = ""
+                if r["compiled_tok_s"] is not None:
+                    compiled = (f"; compiled {r['compiled_tok_s']:,.0f} tok/s ({r['compiled_ratio']:.2f}x, "
+                                f"compile {r['compile_s']:.0f} s)")
+                print(f"{device.type} {shape} {dtype_name}: tinygpt {r['tinygpt_tok_s']:,.0f} tok/s, transformers "
+                      f"{r['hf_tok_s']:,.0f} tok/s, ratio {r['ratio']:.2f}x{compiled}", flush=True)
+                results.append(r)
+    return results
+
+
+def print_summary(results: list[dict[str, Any]]) -> None:
+    rows = []
+    for r in results:
+        if "skipped" in r:
+            continue
+        compiled = "-" if r["compiled_tok_s"] is None else f"{r['compiled_tok_s']:,.0f} ({r['compiled_ratio']:.2f}x)"
+        rows.append((f"{r['device']} {r['shape']} {r['dtype']}", f"{r['tinygpt_tok_s']:,.0f}", f"{r['hf_tok_s']:,.0f}",
+                     f"{r['ratio']:.2f}x", compiled))
+    print_table(["training (tok/s)", "tinygpt", "transformers", "ratio", "tinygpt compiled"], rows)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per side")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement")
+    p.add_argument("--quick", action="store_true", help="fewer rounds")
+    p.add_argument("--no-save", action="store_true", help="do not write bench/results.json")
+    args = p.parse_args(argv)
+    rounds = 1 if args.quick else args.rounds
+    print(f"training throughput: median of {rounds} round(s) per side after 2 warm-up steps")
+    results = run(args.shapes, args.dtypes, rounds, not args.no_compile)
+    print_summary(results)
+    if not args.no_save:
+        save_results("train", results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
