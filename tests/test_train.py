@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from tinygpt import checkpoint, config, data
 from tinygpt.errors import TinyGPTError
 from tinygpt.model import GPT
+from tinygpt.device import MaybeCompiled
 from tinygpt.train import lr_at, make_optimizer, planned_steps, train
 
 
@@ -122,3 +123,19 @@ def test_nonfinite_steps_can_be_skipped(text_file, tmp_path, nan_at_step_5):
     final = train(cfg, tmp_path, prepared(text_file, cfg, tmp_path), log=messages.append)
     assert final["step"] == 8 and any("step 5: non-finite" in m for m in messages)
     assert all(torch.isfinite(t).all() for t in weights(tmp_path / "checkpoints" / "last").values())
+
+
+def test_compile_failure_falls_back_to_eager_with_a_notice(monkeypatch):
+    def broken_compile(model):
+        def fails(*args, **kwargs):
+            raise RuntimeError("no C++ compiler found\nlong details")
+        return fails
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = GPT(config.ModelConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=10))
+    notes = []
+    forward = MaybeCompiled(model, True, notes.append)
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    assert torch.equal(forward(idx)[0], model(idx)[0])
+    assert notes == ["note: torch.compile failed (no C++ compiler found); continuing without it"]
+    forward(idx)
+    assert len(notes) == 1  # said once

@@ -136,6 +136,9 @@ class TrainConfig:
     """Write the 'last' checkpoint every this many steps (and always at the end)."""
     patience: int = 0
     """Stop after this many evaluations without a better val loss; 0 never stops early."""
+    compile: bool = False
+    """torch.compile the model: about 30 s of start-up, then faster steps (~1.35x measured on a small CPU GPT);
+    falls back to eager mode, with a notice, where compiling fails."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of storing them (less memory, more compute)."""
     skip_nonfinite: bool = False

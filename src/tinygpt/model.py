@@ -294,6 +294,12 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward and backward): 6 per weight plus attention's 12 * layers *
+        width * context (the PaLM paper's appendix B estimate), for model-FLOPs utilisation."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and self.config.pos == "learned":

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from tinygpt import checkpoint
 from tinygpt.config import Config, TrainConfig
 from tinygpt.data import Dataset, EpochSampler, check_length, windows
-from tinygpt.device import autocast, autocast_dtype, resolve_device
+from tinygpt.device import MaybeCompiled, autocast, autocast_dtype, peak_flops, resolve_device
 from tinygpt.errors import Interrupted, TinyGPTError
 from tinygpt.evaluate import split_loss
 from tinygpt.model import GPT
@@ -182,6 +182,8 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
 
     model = GPT(cfg.model).to(device)
     model.activation_checkpointing = t.activation_checkpointing
+    forward = MaybeCompiled(model, t.compile, log)
+    peak = peak_flops(device)
     optimizer = make_optimizer(model, t, device)
     sampler = EpochSampler(len(data.train.tokens), cfg.model.block_size, t.batch_size, t.seed, data.packed)
     progress = Progress()
@@ -230,8 +232,8 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
             for _ in range(t.grad_accum):
                 x, y, seg = windows(data.train, sampler.next_starts(), cfg.model.block_size)
                 with autocast(device, dtype):
-                    _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                                    segments=None if seg is None else seg.to(device, non_blocking=True))
+                    _, loss = forward(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                                      segments=None if seg is None else seg.to(device, non_blocking=True))
                 (loss / t.grad_accum).backward()
             # clip_grad_norm_ also returns the norm, so one check catches a NaN/inf anywhere in the gradients
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
@@ -268,8 +270,9 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
                                                    data.packed).loss for split in (data.train, data.val))
                 entry = dict(step=progress.step, train_loss=train_loss, val_loss=val_loss, val_ppl=math.exp(val_loss),
                              lr=lr, tokens_seen=progress.tokens_seen, tokens_per_s=tok_s, elapsed_s=progress.elapsed_s)
+                mfu = f", MFU {tok_s * model.flops_per_token() / peak:.1%}" if peak else ""
                 record(entry)
-                log(f"step {progress.step}: train {train_loss:.4f}, val {val_loss:.4f}, {tok_s:,.0f} tok/s")
+                log(f"step {progress.step}: train {train_loss:.4f}, val {val_loss:.4f}, {tok_s:,.0f} tok/s{mfu}")
                 if val_loss < progress.best_val:
                     progress.best_val, progress.bad_evals = val_loss, 0
                     save("best")
