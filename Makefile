@@ -16,12 +16,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-DEMO_QUESTIONS := hello|what is 2 plus 3?|what is 13 plus 5?|what is the capital of France?|reverse the word tiger|say stone twice|what is your name?|tell me a joke
+DEMO_QUESTIONS := Hello|what is 2 plus 3?|what is 13 plus 5?|what is the capital of France?|reverse the word tiger|say stone twice|What is AI?|Tell me a joke
 
+# Each question starts a fresh conversation (/reset), as in training, where conversations are short.
 demo: setup
 	$(VENV)/bin/tinygpt train --out runs/demo --overwrite
 	@printf '%s\n' "$(DEMO_QUESTIONS)" | tr '|' '\n' > runs/demo/questions.txt
-	$(VENV)/bin/tinygpt chat --run runs/demo < runs/demo/questions.txt > runs/demo/replies.txt
+	@sed 's|$$|\n/reset|' runs/demo/questions.txt | $(VENV)/bin/tinygpt chat --run runs/demo \
+		| grep -v '^(conversation cleared)$$' > runs/demo/replies.txt
 	@echo "--- a conversation with the demo model (tinygpt chat --run runs/demo) ---"
 	@paste -d '\n' runs/demo/questions.txt runs/demo/replies.txt | awk 'NR % 2 {print "You: " $$0; next} {print "Bot: " $$0}'
 

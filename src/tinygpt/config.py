@@ -189,30 +189,30 @@ class Preset:
 GPT2_ARCH = dict(pos="learned", norm="layernorm", norm_placement="pre", mlp="gelu", bias=True, tie_weights=True,
                  head="linear", attn="sdpa", qk_norm=False, zero_init_proj=False)
 
+# The size and schedule that modern and its gpt2 baseline share, so they differ only in the recipe.
+SMALL = dict(n_layer=4, n_head=6, n_embd=192, block_size=128, dropout=0.0)
+SMALL_TRAIN = dict(max_iters=900, batch_size=16, lr=2e-3, warmup_iters=50, weight_decay=0.1, beta1=0.9, beta2=0.95,
+                   grad_clip=1.0, eval_interval=300, checkpoint_interval=300)
+
 PRESETS: dict[str, Preset] = {
     "modern": Preset(
         "The default. A 2M-parameter GPT with today's choices: rotary positions, RMSNorm, no biases, squared-ReLU "
         "MLP, QK-norm, zero-initialised output projections, untied head, warmup-stable-decay schedule, and a "
         "byte-level BPE tokenizer (2048 ids) trained on your data. See the README for why each is there.",
         {
-            "model": dict(n_layer=4, n_head=6, n_embd=192, block_size=128, dropout=0.0, bias=False, pos="rope",
-                          norm="rmsnorm", norm_placement="pre", mlp="relu2", tie_weights=False, head="linear",
-                          attn="sdpa", qk_norm=True, zero_init_proj=True),
+            "model": dict(SMALL, bias=False, pos="rope", norm="rmsnorm", norm_placement="pre", mlp="relu2",
+                          tie_weights=False, head="linear", attn="sdpa", qk_norm=True, zero_init_proj=True),
             "data": dict(tokenizer="bpe", vocab_size=2048),
-            "train": dict(max_iters=900, batch_size=16, lr=2e-3, min_lr=2e-5, warmup_iters=50, schedule="wsd",
-                          decay_fraction=0.25, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
-                          eval_interval=300, checkpoint_interval=300),
+            "train": dict(SMALL_TRAIN, min_lr=2e-5, schedule="wsd", decay_fraction=0.25),
         },
     ),
     "gpt2": Preset(
         "The GPT-2 recipe at the modern preset's size and data settings (learned positions, pre-LayerNorm, GELU, "
         "biases, tied head, cosine schedule): the baseline the modern preset is measured against.",
         {
-            "model": dict(n_layer=4, n_head=6, n_embd=192, block_size=128, dropout=0.0, **GPT2_ARCH),
+            "model": dict(SMALL, **GPT2_ARCH),
             "data": dict(tokenizer="bpe", vocab_size=2048),
-            "train": dict(max_iters=900, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_iters=50, schedule="cosine",
-                          weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, eval_interval=300,
-                          checkpoint_interval=300),
+            "train": dict(SMALL_TRAIN, min_lr=2e-4, schedule="cosine"),
         },
     ),
     "cpu-tiny": Preset(
