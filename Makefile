@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow lint clean
+.PHONY: setup demo test test-slow bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# Side-by-side speed against Hugging Face transformers; timings, so never part of `make test`.
+bench: setup
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests

@@ -1,4 +1,5 @@
 import hashlib
+import io
 import json
 
 import pytest
@@ -159,3 +160,9 @@ def test_help_documents_fields_and_presets(capsys):
     assert "preset cpu-tiny: The classic small CPU recipe" in out
     assert "Context window in tokens. (default: 64)" in out  # the preset's value, from the field docstring
     assert run(capsys, "frobnicate")[0] == 2
+
+
+def test_chat_refuses_a_run_trained_on_plain_text(trained, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    code, out, err = run(capsys, "chat", "--run", trained)
+    assert code == 1 and "trained on plain text" in err and out == ""

@@ -215,12 +215,12 @@ def chat_template_of(loaded: checkpoint.Loaded):
 
     template = TEMPLATES[loaded.config.data.chat_template]
     if not set(template.specials) <= set(loaded.tokenizer.special_tokens):
-        raise TinyGPTError(f"{args_run(loaded)} was trained on plain text, not conversations; chat needs a run "
+        raise TinyGPTError(f"{run_dir_of(loaded)} was trained on plain text, not conversations; chat needs a run "
                            "trained on dialog data (e.g. `tinygpt train` with no --data, or a .jsonl file)")
     return template
 
 
-def args_run(loaded: checkpoint.Loaded) -> Path:
+def run_dir_of(loaded: checkpoint.Loaded) -> Path:
     return loaded.path.parent.parent
 
 
@@ -261,12 +261,12 @@ def cmd_eval(argv: list[str]) -> int:
         ds = data.load(cfg, log=log, tokenizer=tok)
         splits, convs = [ds.train, ds.val], ds.conversations("train") + ds.conversations("val")
     else:
-        ds = data.load_prepared(args_run(loaded) / "data")
+        ds = data.load_prepared(run_dir_of(loaded) / "data")
         splits, convs = [ds.val], ds.conversations("val")
     total = evaluate.LossSum()
     for split in splits:
         total += evaluate.split_loss(loaded.model, split, args.batch_size, device, packed=ds.packed, tokenizer=tok)
-    result: dict[str, Any] = {"run": str(args_run(loaded)), "checkpoint": str(loaded.path),
+    result: dict[str, Any] = {"run": str(run_dir_of(loaded)), "checkpoint": str(loaded.path),
                               "step": loaded.state.get("progress", {}).get("step"), **evaluate.loss_metrics(total)}
     if ds.packed:
         result.update(evaluate.chat_metrics(loaded.model, tok, cfg.data.chat_template, ds.conversations("train"),
