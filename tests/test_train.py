@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 from tinygpt import checkpoint, config, data
+from tinygpt.device import MaybeCompiled
 from tinygpt.errors import TinyGPTError
 from tinygpt.model import GPT
-from tinygpt.device import MaybeCompiled
 from tinygpt.train import lr_at, make_optimizer, planned_steps, train
 
 
