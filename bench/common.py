@@ -105,6 +105,55 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes have spent busy since boot, from /proc/stat (None where it does not exist)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """Measures how much of the machine other processes used while a benchmark ran.
+
+    On a shared machine a timing is only as good as the quiet around it: another process on one of
+    two cores can halve a figure. This reads the machine's busy time and this process's own CPU time
+    at both ends; the difference, as a share of all cores over the wall time, is the others' load.
+    Usage: `with OtherLoad() as load: ...`, then `load.share` (0..1, None where unknown).
+    """
+
+    WARN = 0.10
+
+    def __init__(self) -> None:
+        self.share: float | None = None
+
+    def __enter__(self) -> OtherLoad:
+        self._start = (time.perf_counter(), _busy_cpu_seconds(), self._own())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall0, busy0, own0 = self._start
+        wall, busy, own = time.perf_counter() - wall0, _busy_cpu_seconds(), self._own()
+        if busy is None or busy0 is None or wall <= 0:
+            return
+        others = (busy - busy0) - (own - own0)
+        self.share = min(1.0, max(0.0, others / (wall * (os.cpu_count() or 1))))
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()  # this process and its waited-for children (the memory benchmark's subprocesses)
+        return t.user + t.system + t.children_user + t.children_system
+
+
+def load_warning(share: float | None) -> str:
+    """A note for a figure measured while other processes were busy, else ''."""
+    if share is None or share < OtherLoad.WARN:
+        return ""
+    return f" [other processes used {share:.0%} of the CPUs meanwhile: this figure is pessimistic]"
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 

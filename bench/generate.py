@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from common import bench_devices, bf16_skip_reason, median, print_table, ratio, save_results, timed
-
 import torch
+
+# common first: it puts this checkout's src/ on the import path for tinygpt
+from common import OtherLoad, bench_devices, bf16_skip_reason, load_warning, median, print_table, ratio, save_results, timed
+
 from tinygpt.config import ModelConfig
 from tinygpt.model import GPT, load_hf_gpt2_state_dict
 
@@ -37,6 +39,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def build_models(shape: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> tuple[GPT, Any]:
     """The transformers GPT-2 and a tinygpt GPT holding exactly its weights."""
     from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # its notes about unused config fields would drown the figures
 
     dims = SHAPES[shape]
     torch.manual_seed(seed)
@@ -69,14 +74,16 @@ def bench_case(shape: str, dtype_name: str, device: torch.device, repeats: int) 
     # The warm-up calls pay one-off costs (allocator growth, kernel selection) and give the tokens to compare.
     ours_tokens, hf_tokens = tinygpt_decode(ours, prompt), hf_decode(hf, prompt)
     ours_times, hf_times = [], []
-    for _ in range(repeats):
-        ours_times.append(timed(lambda: tinygpt_decode(ours, prompt), device)[0])
-        hf_times.append(timed(lambda: hf_decode(hf, prompt), device)[0])
+    with OtherLoad() as load:
+        for _ in range(repeats):
+            ours_times.append(timed(lambda: tinygpt_decode(ours, prompt), device)[0])
+            hf_times.append(timed(lambda: hf_decode(hf, prompt), device)[0])
     ours_tok_s, hf_tok_s = NEW_TOKENS / median(ours_times), NEW_TOKENS / median(hf_times)
     # bf16 rounding can legitimately flip a near-tie, so token identity is only a check in float32.
     match = bool(torch.equal(ours_tokens, hf_tokens)) if dtype == torch.float32 else None
     return dict(shape=shape, dtype=dtype_name, device=device.type, tinygpt_tok_s=ours_tok_s, hf_tok_s=hf_tok_s,
-                ratio=ratio(ours_tok_s, hf_tok_s), tokens_match=match, tinygpt_s=ours_times, hf_s=hf_times)
+                ratio=ratio(ours_tok_s, hf_tok_s), tokens_match=match, tinygpt_s=ours_times, hf_s=hf_times,
+                other_load=load.share)
 
 
 def run(shapes: list[str], dtypes: list[str], repeats: int) -> list[dict[str, Any]]:
@@ -92,7 +99,8 @@ def run(shapes: list[str], dtypes: list[str], repeats: int) -> list[dict[str, An
                 r = bench_case(shape, dtype_name, device, repeats)
                 match = "" if r["tokens_match"] is None else f", same tokens: {'yes' if r['tokens_match'] else 'NO'}"
                 print(f"{device.type} {shape} {dtype_name}: tinygpt {r['tinygpt_tok_s']:.1f} tok/s, "
-                      f"transformers {r['hf_tok_s']:.1f} tok/s, ratio {r['ratio']:.2f}x{match}", flush=True)
+                      f"transformers {r['hf_tok_s']:.1f} tok/s, ratio {r['ratio']:.2f}x{match}"
+                      f"{load_warning(r['other_load'])}", flush=True)
                 results.append(r)
     return results
 

@@ -1,11 +1,12 @@
 """Peak memory of training the 124M shape, with and without activation checkpointing.
 
-Each configuration runs in a fresh Python process, because the peak resident set size
-(getrusage's ru_maxrss) is a high-water mark per process: a second measurement in the same
-process could never read lower than the first. The child builds GPT-2 small (12 layers, 768 wide,
-vocab 50257), the trainer's AdamW, and runs two training steps on batch 4 x 512 tokens; the second
-step is the steady state (gradients, optimizer moments and activations all alive at once). It
-reports the process peak and the part of it above the model + optimizer set-up.
+Each configuration runs in a fresh Python process, because the peak resident set size is a
+high-water mark per process: a second measurement in the same process could never read lower
+than the first (peak_rss_mb says why it is read from VmHWM rather than ru_maxrss). The child
+builds GPT-2 small (12 layers, 768 wide, vocab 50257) and the trainer's AdamW, and runs two
+training steps on batch 4 x 512 tokens; the second step is the steady state (gradients, optimizer
+moments and activations all alive at once). It reports the process peak and the part of it above
+the model + optimizer set-up.
 
     python bench/memory.py
 """
@@ -31,6 +32,18 @@ STEPS = 2
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident set size in MB.
+
+    Linux's VmHWM is the high-water mark of this process's own address space. getrusage's ru_maxrss
+    is the same figure except that it survives exec: a child started from a large parent (run_all,
+    holding the models of the earlier benchmarks) would report at least the parent's size. So
+    ru_maxrss is only the fallback, where /proc does not exist."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # reported in kB
+    except OSError:
+        pass
     # ru_maxrss is in kilobytes on Linux (bytes on macOS, where this reads 1024x too high).
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -38,6 +51,7 @@ def peak_rss_mb() -> float:
 def child(checkpointing: bool) -> dict[str, Any]:
     """Runs inside the fresh process: train a few steps and report memory as JSON."""
     import torch
+
     from tinygpt.config import ModelConfig, TrainConfig
     from tinygpt.model import GPT
     from tinygpt.train import make_optimizer

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO, SHARED_DATA, save_results
+from common import REPO, SHARED_DATA, OtherLoad, load_warning, save_results
 
 DATA = SHARED_DATA / "tinyshakespeare.txt"
 GOAL_VAL_LOSS = 1.65
@@ -53,7 +53,9 @@ def run(budget: float, extra: list[str]) -> dict[str, Any] | None:
         print("$ " + " ".join(cmd[1:]), flush=True)
         start = time.perf_counter()
         # The trainer's log goes to stderr and passes straight through, so its progress shows live.
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+        # Other processes matter here too: a slower step means fewer steps in the budget, so a higher loss.
+        with OtherLoad() as load:
+            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - start
         final = final_metrics(run_dir)
     if proc.returncode != 0 or final is None:
@@ -62,11 +64,11 @@ def run(budget: float, extra: list[str]) -> dict[str, Any] | None:
     result = dict(extra_args=extra, budget_s=budget, wall_s=wall, val_loss=final["val_loss"],
                   train_loss=final["train_loss"], steps=final["step"], tokens_seen=final["tokens_seen"],
                   train_elapsed_s=final["elapsed_s"], goal_val_loss=GOAL_VAL_LOSS,
-                  goal_met=final["val_loss"] <= GOAL_VAL_LOSS)
+                  goal_met=final["val_loss"] <= GOAL_VAL_LOSS, other_load=load.share)
     print(f"quality ({' '.join(extra) or 'default preset'}): final val loss {result['val_loss']:.4f} "
           f"(goal <= {GOAL_VAL_LOSS}: {'met' if result['goal_met'] else 'missed'}), train loss "
           f"{result['train_loss']:.4f}, {result['steps']} steps, {result['tokens_seen']:,} tokens, "
-          f"wall time {wall:.0f} s")
+          f"wall time {wall:.0f} s{load_warning(load.share)}")
     return result
 
 

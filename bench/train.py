@@ -20,9 +20,22 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from common import bench_devices, bf16_skip_reason, median, print_table, ratio, save_results, synchronize, timed
-
 import torch
+
+# common first: it puts this checkout's src/ on the import path for tinygpt
+from common import (
+    OtherLoad,
+    bench_devices,
+    bf16_skip_reason,
+    load_warning,
+    median,
+    print_table,
+    ratio,
+    save_results,
+    synchronize,
+    timed,
+)
+
 from tinygpt.config import ModelConfig, TrainConfig
 from tinygpt.model import GPT, load_hf_gpt2_state_dict
 from tinygpt.train import make_optimizer
@@ -32,8 +45,10 @@ SHAPES: dict[str, dict[str, Any]] = {
     "cpu-tiny": dict(dims=dict(n_layer=4, n_head=4, n_embd=128), vocab=65, block=64, batch=12),
 }
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
-# Steps per timed round: enough that one round lasts about a second on 2 CPU cores.
-STEPS_PER_ROUND = {"10M": 2, "cpu-tiny": 20}
+# Steps per timed round (about 4 s for 10M and 1 s for cpu-tiny on 2 CPU cores; 10x more on a GPU), and
+# untimed steps before them (the first step allocates gradients and optimizer state).
+STEPS_PER_ROUND = {"10M": 1, "cpu-tiny": 20}
+WARMUP_STEPS = {"10M": 2, "cpu-tiny": 3}
 
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -41,6 +56,9 @@ Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def build_models(shape: str, device: torch.device, seed: int = 0) -> tuple[GPT, Any]:
     """A transformers GPT-2 and a tinygpt GPT starting from the same weights, both in training mode."""
     from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # its notes about unused config fields would drown the figures
 
     s = SHAPES[shape]
     torch.manual_seed(seed)
@@ -125,21 +143,22 @@ def bench_case(shape: str, dtype_name: str, device: torch.device, rounds: int, c
             print(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                   "reporting eager only")
             result["compile_error"] = f"{type(e).__name__}: {e}"[:500]
-    for step in sides.values():  # the first steps allocate gradients and optimizer state
-        batches.run(step, 2)
+    for step in sides.values():
+        batches.run(step, WARMUP_STEPS[shape])
     synchronize(device)
     steps = STEPS_PER_ROUND[shape] if device.type == "cpu" else 10 * STEPS_PER_ROUND[shape]
     times: dict[str, list[float]] = {name: [] for name in sides}
-    for _ in range(rounds):
-        for name, step in sides.items():
-            times[name].append(timed(lambda step=step: batches.run(step, steps), device)[0])
+    with OtherLoad() as load:
+        for _ in range(rounds):
+            for name, step in sides.items():
+                times[name].append(timed(lambda step=step: batches.run(step, steps), device)[0])
     tok_s = {name: steps * batches.tokens_per_step / median(t) for name, t in times.items()}
     result.update(tinygpt_tok_s=tok_s["tinygpt"], hf_tok_s=tok_s["transformers"],
                   ratio=ratio(tok_s["tinygpt"], tok_s["transformers"]),
                   compiled_tok_s=tok_s.get("tinygpt compiled"),
                   compiled_ratio=ratio(tok_s.get("tinygpt compiled"), tok_s["transformers"]),
                   steps_per_round=steps, rounds=rounds, tokens_per_step=batches.tokens_per_step,
-                  round_s={name: t for name, t in times.items()})
+                  round_s={name: t for name, t in times.items()}, other_load=load.share)
     return result
 
 
@@ -159,7 +178,8 @@ def run(shapes: list[str], dtypes: list[str], rounds: int, compile_model: bool) 
                     compiled = (f"; compiled {r['compiled_tok_s']:,.0f} tok/s ({r['compiled_ratio']:.2f}x, "
                                 f"compile {r['compile_s']:.0f} s)")
                 print(f"{device.type} {shape} {dtype_name}: tinygpt {r['tinygpt_tok_s']:,.0f} tok/s, transformers "
-                      f"{r['hf_tok_s']:,.0f} tok/s, ratio {r['ratio']:.2f}x{compiled}", flush=True)
+                      f"{r['hf_tok_s']:,.0f} tok/s, ratio {r['ratio']:.2f}x{compiled}{load_warning(r['other_load'])}",
+                      flush=True)
                 results.append(r)
     return results
 
@@ -185,7 +205,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--no-save", action="store_true", help="do not write bench/results.json")
     args = p.parse_args(argv)
     rounds = 1 if args.quick else args.rounds
-    print(f"training throughput: median of {rounds} round(s) per side after 2 warm-up steps")
+    print(f"training throughput: median of {rounds} timed round(s) per side, after warm-up steps")
     results = run(args.shapes, args.dtypes, rounds, not args.no_compile)
     print_summary(results)
     if not args.no_save:
