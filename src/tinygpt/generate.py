@@ -5,9 +5,9 @@ Two things keep the loop close to that bound (bench/generate.py measures them):
 
 * the per-token work outside the model is a handful of small ops on preallocated buffers, and
   the stop check (which needs a device sync) only runs when there are stop ids;
-* one-token steps run their linear layers through oneDNN's inner product, which streams a
-  float32 weight at up to twice the speed of the BLAS matrix-vector path that nn.Linear takes on
-  some CPUs (MKL on AMD processors); see OneDNNLinears.
+* one-token steps run their linear layers through oneDNN's inner product, which streamed a
+  float32 weight about twice as fast as the MKL matrix-vector path behind nn.Linear on the AMD
+  EPYC where this was measured; see OneDNNLinears.
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ class TokenHistory:
 def onednn_linear_works() -> bool:
     """Whether this PyTorch build has oneDNN's fused linear op and it agrees with F.linear.
 
-    The op (torch.ops.mkldnn._linear_pointwise, what torch.compile emits for CPU linears) is not
-    public API, so it is probed once and the decode loop falls back to nn.Linear without it."""
+    The op (torch.ops.mkldnn._linear_pointwise, which Inductor's CPU backend emits for linear layers)
+    is not public API, so it is probed once, and without it the decode loop keeps nn.Linear."""
     try:
         if not torch.backends.mkldnn.is_available():
             return False
@@ -92,13 +92,20 @@ class OneDNNLinears:
     A one-token decode step multiplies one row by each weight matrix, a matrix-vector product that
     only has to stream the weight from memory. oneDNN's inner product does that at close to the
     machine's read bandwidth straight from the weight as stored (no copy, no repacking), while the
-    BLAS path behind nn.Linear reaches about half of it on some CPUs. The result agrees with
+    BLAS path behind nn.Linear reached about half of it on the CPU measured. The result agrees with
     F.linear to float32 rounding (the sums run in a different order).
+
+    Only weights of at least MIN_WEIGHT_ELEMENTS take this path: a oneDNN call costs ~30 us more to
+    set up, which only pays where streaming the weight takes longer than that (about 1 MB and up,
+    measured on a 2-core AMD EPYC; below that, and for weights small enough to stay in cache,
+    nn.Linear is faster).
 
     Installed around each decode step only, as an instance attribute that shadows Linear.forward,
     so the model is untouched whenever the generator is suspended. Other inputs (several rows,
     autocast, other dtypes) take F.linear exactly as before.
     """
+
+    MIN_WEIGHT_ELEMENTS = 1 << 18  # 1 MiB of float32
 
     def __init__(self, model: torch.nn.Module):
         self.forwards: dict[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]] = {}
@@ -107,6 +114,7 @@ class OneDNNLinears:
         for module in model.modules():
             w = module.weight if type(module) is torch.nn.Linear else None
             if (w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()
+                    and w.numel() >= self.MIN_WEIGHT_ELEMENTS
                     and "forward" not in vars(module)):  # leave a forward someone else replaced alone
                 self.forwards[module] = functools.partial(_single_row_linear, module)
 
