@@ -1,6 +1,6 @@
 """Run every benchmark, print a summary against the goals, and write bench/results.json.
 
-    python bench/run_all.py              # everything (about 10 minutes on 2 CPU cores)
+    python bench/run_all.py              # everything (about 6 minutes on 2 CPU cores)
     python bench/run_all.py --quick      # one timed repetition each (the quality run still takes its 120 s)
     python bench/run_all.py --skip quality memory
 """
