@@ -6,6 +6,7 @@ benchmarks run from a plain checkout whether or not tinygpt is pip-installed in 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -197,3 +198,16 @@ def save_results(section: str, result: Any, path: Path = RESULTS) -> None:
     data.setdefault("results", {})[section] = result
     data["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def parser(doc: str, shapes: Sequence[str] | None = None, dtypes: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The options every benchmark script shares: its docstring's first paragraph as the description,
+    --quick and --no-save, and where it measures several shapes or dtypes, --shapes and --dtypes."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    if shapes is not None:
+        p.add_argument("--shapes", nargs="+", choices=list(shapes), default=list(shapes))
+    if dtypes is not None:
+        p.add_argument("--dtypes", nargs="+", choices=list(dtypes), default=list(dtypes))
+    p.add_argument("--quick", action="store_true", help="fewer repetitions, for a first look")
+    p.add_argument("--no-save", action="store_true", help="do not write bench/results.json")
+    return p

@@ -13,13 +13,23 @@ tokens, which checks that the comparison is like for like.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import torch
 
 # common first: it puts this checkout's src/ on the import path for tinygpt
-from common import OtherLoad, bench_devices, bf16_skip_reason, load_warning, median, print_table, ratio, save_results, timed
+from common import (
+    OtherLoad,
+    bench_devices,
+    bf16_skip_reason,
+    load_warning,
+    median,
+    parser,
+    print_table,
+    ratio,
+    save_results,
+    timed,
+)
 
 from tinygpt.config import ModelConfig
 from tinygpt.model import GPT, load_hf_gpt2_state_dict
@@ -113,12 +123,8 @@ def print_summary(results: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    p = parser(__doc__, SHAPES, DTYPES)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side (after one warm-up)")
-    p.add_argument("--quick", action="store_true", help="fewer repetitions")
-    p.add_argument("--no-save", action="store_true", help="do not write bench/results.json")
     args = p.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
     print(f"batch-1 greedy generation: {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens, "

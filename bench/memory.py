@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import print_table, save_results
+from common import parser, print_table, save_results
 
 DIMS = dict(n_layer=12, n_head=12, n_embd=768)
 VOCAB = 50257
@@ -54,7 +54,7 @@ def child(checkpointing: bool) -> dict[str, Any]:
 
     from tinygpt.config import ModelConfig, TrainConfig
     from tinygpt.model import GPT
-    from tinygpt.train import make_optimizer
+    from tinygpt.optim import make_optimizer
 
     torch.manual_seed(0)
     device = torch.device("cpu")
@@ -85,11 +85,9 @@ def measure(checkpointing: bool) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__)  # --quick is accepted for run_all; the measurement is already minimal
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--checkpointing", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--quick", action="store_true", help="accepted for run_all; the measurement is already minimal")
-    p.add_argument("--no-save", action="store_true", help="do not write bench/results.json")
     args = p.parse_args(argv)
     if args.child:
         report = child(bool(args.checkpointing))

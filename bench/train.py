@@ -2,7 +2,7 @@
 
 Both sides train the same GPT-2-shaped model (tinygpt loads the transformers model's initial
 weights) on the same random batches. tinygpt's step is the trainer's: forward with targets,
-backward, clip_grad_norm_(1.0), the finiteness check, AdamW from tinygpt.train.make_optimizer
+backward, clip_grad_norm_(1.0), the finiteness check, AdamW from tinygpt.optim.make_optimizer
 (foreach, weight decay on matrices only), zero_grad(set_to_none=True). The peer is what a
 transformers user writes: GPT2LMHeadModel(labels=...), torch.optim.AdamW with its defaults,
 the same clipping and learning rate. After warm-up steps the two are timed in alternating
@@ -15,7 +15,6 @@ the compile time (the first compiled step) reported on its own.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +28,7 @@ from common import (
     bf16_skip_reason,
     load_warning,
     median,
+    parser,
     print_table,
     ratio,
     save_results,
@@ -38,7 +38,7 @@ from common import (
 
 from tinygpt.config import ModelConfig, TrainConfig
 from tinygpt.model import GPT, load_hf_gpt2_state_dict
-from tinygpt.train import make_optimizer
+from tinygpt.optim import make_optimizer
 
 SHAPES: dict[str, dict[str, Any]] = {
     "10M": dict(dims=dict(n_layer=6, n_head=6, n_embd=384), vocab=50257, block=256, batch=8),
@@ -196,13 +196,9 @@ def print_summary(results: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    p = parser(__doc__, SHAPES, DTYPES)
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per side")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement")
-    p.add_argument("--quick", action="store_true", help="fewer rounds")
-    p.add_argument("--no-save", action="store_true", help="do not write bench/results.json")
     args = p.parse_args(argv)
     rounds = 1 if args.quick else args.rounds
     print(f"training throughput: median of {rounds} timed round(s) per side, after warm-up steps")

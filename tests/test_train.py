@@ -9,7 +9,8 @@ from tinygpt import checkpoint, config, data
 from tinygpt.device import MaybeCompiled
 from tinygpt.errors import TinyGPTError
 from tinygpt.model import GPT
-from tinygpt.train import lr_at, make_optimizer, planned_steps, train
+from tinygpt.optim import make_optimizer
+from tinygpt.train import lr_at, planned_steps, train
 
 
 def tiny_config(**train_overrides):
@@ -73,8 +74,9 @@ def test_training_lowers_the_loss_and_records_metrics(text_file, tmp_path):
     assert checkpoint.find(tmp_path, "best").name == "best" and checkpoint.find(tmp_path, "last").name == "last"
 
 
-def test_resume_is_bit_identical(text_file, tmp_path):
-    cfg = tiny_config(max_iters=8)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # muon: two optimizers' states saved and restored
+def test_resume_is_bit_identical(text_file, tmp_path, optimizer):
+    cfg = tiny_config(max_iters=8, optimizer=optimizer)
     cfg.model.dropout = 0.1  # dropout makes the result depend on the restored RNG state too
     straight = tmp_path / "straight"
     train(cfg, straight, prepared(text_file, cfg, straight), log=lambda m: None)
@@ -139,3 +141,23 @@ def test_compile_failure_falls_back_to_eager_with_a_notice(monkeypatch):
     assert notes == ["note: torch.compile failed (no C++ compiler found); continuing without it"]
     forward(idx)
     assert len(notes) == 1  # said once
+
+
+@pytest.mark.parametrize("budget, expected", [(0.01, (1, 2, 16)), (1e6, (2, 2, 32))])
+def test_auto_size_picks_the_largest_shape_the_budget_can_feed(text_file, tmp_path, monkeypatch, budget, expected):
+    import tinygpt.train as train_mod
+    monkeypatch.setattr(train_mod, "SIZE_LADDER", ((1, 2, 16), (1, 2, 24), (2, 2, 32)))
+    cfg = tiny_config(time_budget=budget)
+    cfg.model.auto_size = True
+    ds = prepared(text_file, cfg, tmp_path)
+    logged = []
+    seconds = train_mod.choose_size(cfg, ds, torch.device("cpu"), None, logged.append)
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == expected and seconds > 0
+    assert logged[-1] == f"auto size: chose n_layer {expected[0]}, n_head {expected[1]}, n_embd {expected[2]}"
+    # with a tiny budget it stops timing at the first shape that is too big: the larger ones are never built
+    assert sum("would see" in m for m in logged) == (1 if budget < 1 else 3)
+
+
+def test_auto_size_needs_a_time_budget():
+    with pytest.raises(config.UsageError, match="time_budget"):
+        config.resolve(flags={"model.auto_size": True})

@@ -180,12 +180,14 @@ class Loaded:
         return torch.load(self.path / "trainer.pt", map_location="cpu", weights_only=True)
 
 
-def load(ckpt: Path, device: str | torch.device = "cpu") -> Loaded:
+def load(ckpt: Path, device: str | torch.device = "cpu", into: GPT | None = None) -> Loaded:
+    """Verify and load a checkpoint. With `into`, the weights go into that model (which must have the
+    checkpoint's shapes) instead of a new one: resuming a large model then holds one copy, not two."""
     verify(ckpt)
     try:
         cfg = config_mod.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
         tokenizer = load_tokenizer(ckpt / "tokenizer")
-        model = GPT(cfg.model)
+        model = GPT(cfg.model) if into is None else into
         load_model(model, str(ckpt / "model.safetensors"), device=str(device))
     except (SafetensorError, RuntimeError, yaml.YAMLError) as e:
         raise TinyGPTError(f"checkpoint {ckpt} cannot be loaded: {str(e).splitlines()[0]}") from None

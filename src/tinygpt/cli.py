@@ -112,10 +112,10 @@ def cmd_train(argv: list[str]) -> int:
         config.apply_overrides(cfg, flags, "command line")
         config.validate(cfg)
         # Repeating the original command with --resume is fine; changing the model or data is not.
-        changed = [k for k in flags if not k.startswith(("train.", "sample."))
+        changed = [k for k in flags if (not k.startswith(("train.", "sample.")) or k == "train.optimizer")
                    and saved[k.split(".")[0]][k.split(".")[1]] != cfg.to_dict()[k.split(".")[0]][k.split(".")[1]]]
         if changed or args.preset or args.config:
-            raise UsageError("on --resume only train.* and sample.* settings may change; "
+            raise UsageError("on --resume only train.* (but not train.optimizer) and sample.* settings may change; "
                              f"start a new run to change {', '.join(changed) or 'the preset or config file'}")
         train(cfg, run_dir, data.load_prepared(run_dir / "data"), resume_from=ckpt, log=log)
         return 0

@@ -65,6 +65,9 @@ class ModelConfig:
     """Normalise queries and keys per head before attention (stabilises training at higher learning rates)."""
     zero_init_proj: bool = False
     """Initialise the projections that write into the residual stream to zero, so each block starts as identity."""
+    auto_size: bool = False
+    """With train.time_budget: replace n_layer, n_embd and n_head by the size that learns most in the budget on
+    this machine, chosen from a ladder of shapes by timing a few steps of each (the README says how)."""
 
 
 @dataclass
@@ -120,8 +123,11 @@ class TrainConfig:
     over the last decay_fraction of training; Hu et al. 2024)."""
     decay_fraction: float = 0.2
     """wsd: share of training spent decaying."""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """adamw for every parameter, or muon: Muon (orthogonalised momentum; Jordan et al. 2024) for the weight
+    matrices inside the blocks and AdamW for embeddings, head, norms and biases, at the same lr and schedule."""
     weight_decay: float = 0.1
-    """AdamW weight decay (applied to matrices only, not to norms, biases or embeddings)."""
+    """Weight decay (applied to matrices only, not to norms, biases or embeddings)."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.99
@@ -459,6 +465,8 @@ def validate(cfg: Config) -> None:
             raise UsageError(f"{key} must not be negative, got {value}")
     if s.max_new_tokens > MAX_NEW_TOKENS:
         raise UsageError(f"sample.max_new_tokens must be at most {MAX_NEW_TOKENS:,}, got {s.max_new_tokens:,}")
+    if m.auto_size and t.time_budget is None:
+        raise UsageError("model.auto_size needs train.time_budget: the size is chosen for a time budget")
     if m.n_embd % m.n_head:
         raise UsageError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
     if m.pos == "rope" and (m.n_embd // m.n_head) % 2:

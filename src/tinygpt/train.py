@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -18,13 +19,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tinygpt import checkpoint
+from tinygpt import checkpoint, config
 from tinygpt.config import Config, TrainConfig
 from tinygpt.data import Dataset, EpochSampler, check_length, windows
 from tinygpt.device import MaybeCompiled, autocast, autocast_dtype, peak_flops, resolve_device
 from tinygpt.errors import Interrupted, TinyGPTError
 from tinygpt.evaluate import split_loss
 from tinygpt.model import GPT
+from tinygpt.optim import make_optimizer
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
@@ -80,18 +82,63 @@ class BudgetPlanner:
         return None
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices only: decaying norms, biases and embeddings
-    pulls them towards zero for no regularisation benefit (the GPT-3 and nanoGPT recipe, minus embeddings)."""
-    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
-    no_decay = [p for p in params if p.dim() < 2 or id(p) in embeddings]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel exists for CUDA and, since PyTorch 2.4, the CPU: one pass over each tensor instead of
-    # foreach's ~8 (measured on 2 CPU cores: 20 ms against 110 ms a step for 30M parameters).
-    extra = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
+def forward_backward(forward: Callable, data: Dataset, sampler: EpochSampler, cfg: Config, device: torch.device,
+                     dtype: torch.dtype | None) -> torch.Tensor:
+    """Gradients of one optimizer step (train.grad_accum micro-batches) in .grad; returns the last micro-batch's loss."""
+    for _ in range(cfg.train.grad_accum):
+        x, y, seg = windows(data.train, sampler.next_starts(), cfg.model.block_size)
+        with autocast(device, dtype):
+            _, loss = forward(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                              segments=None if seg is None else seg.to(device, non_blocking=True))
+        (loss / cfg.train.grad_accum).backward()
+    return loss
+
+
+# The (n_layer, n_head, n_embd) shapes model.auto_size picks from, smallest first (heads of 32, then 64 wide).
+SIZE_LADDER = ((4, 2, 64), (4, 3, 96), (4, 4, 128), (4, 6, 192), (6, 8, 256), (6, 6, 384), (8, 8, 512), (12, 12, 768))
+# Training tokens per block parameter that auto_size wants the budget to afford; see choose_size.
+TOKENS_PER_PARAM = 1.2
+
+
+def choose_size(cfg: Config, data: Dataset, device: torch.device, dtype: torch.dtype | None,
+                log: Callable[[str], None]) -> float:
+    """model.auto_size: set cfg.model's n_layer, n_head and n_embd to the largest SIZE_LADDER shape whose
+    measured speed lets the time budget feed it TOKENS_PER_PARAM tokens per block parameter (the smallest
+    if none can); returns the seconds spent measuring, which count against the budget.
+
+    Why a tokens-per-parameter rule: in a fixed time a bigger model learns more per token but sees fewer
+    tokens, and the best trade sits at a roughly constant ratio (Hoffmann et al. 2022 found ~20 for large
+    models trained to convergence). For short CPU budgets the ratio was measured here instead: on
+    char-level Tiny Shakespeare with 120 s on 2 cores, 4 x 128 (1.8M tokens, 2.3 per parameter) reached
+    val 1.63 where 4 x 192 (1.0M tokens, 0.58 per parameter) reached 1.74. Speeds are measured rather than
+    estimated from FLOPs because small models on CPUs are far from their FLOP bound."""
+    start = time.perf_counter()
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.block_size
+    chosen = SIZE_LADDER[0]
+    for n_layer, n_head, n_embd in SIZE_LADDER:
+        trial = dataclasses.replace(cfg.model, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+        model = GPT(trial).to(device)
+        optimizer = make_optimizer(model, cfg.train, device)
+        sampler = EpochSampler(len(data.train.tokens), trial.block_size, cfg.train.batch_size, cfg.train.seed,
+                               data.packed)
+        times = []
+        for _ in range(3):  # the first step allocates the gradients and optimizer state: not timed
+            begin = time.perf_counter()
+            forward_backward(model, data, sampler, dataclasses.replace(cfg, model=trial), device, dtype)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - begin)
+        params = sum(p.numel() for p in model.transformer.h.parameters())
+        left = cfg.train.time_budget - (time.perf_counter() - start)
+        tokens = left / (sum(times[1:]) / 2) * tokens_per_step
+        log(f"auto size: {n_layer} x {n_embd} ({params / 1e6:.2f}M block parameters) would see {tokens / 1e6:.1f}M "
+            f"tokens, {tokens / params:.1f} per parameter")
+        if tokens < TOKENS_PER_PARAM * params:
+            break
+        chosen = (n_layer, n_head, n_embd)
+    cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd = chosen
+    log(f"auto size: chose n_layer {chosen[0]}, n_head {chosen[1]}, n_embd {chosen[2]}")
+    return time.perf_counter() - start
 
 
 def _rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -182,16 +229,20 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
     random.seed(t.seed)
     np.random.seed(t.seed)
 
+    sizing_s = 0.0
+    if cfg.model.auto_size and resume_from is None:
+        sizing_s = choose_size(cfg, data, device, dtype, log)
+        config.save(cfg, run_dir / "config.yaml")  # the shape it chose is the run's shape
+        torch.manual_seed(t.seed)  # the model's initialisation must not depend on how many shapes were timed
     model = GPT(cfg.model).to(device)
     model.activation_checkpointing = t.activation_checkpointing
     forward = MaybeCompiled(model, t.compile, log)
     peak = peak_flops(device)
     optimizer = make_optimizer(model, t, device)
     sampler = EpochSampler(len(data.train.tokens), cfg.model.block_size, t.batch_size, t.seed, data.packed)
-    progress = Progress()
+    progress = Progress(elapsed_s=sizing_s)  # the time spent choosing a size counts against the budget
     if resume_from is not None:
-        loaded = checkpoint.load(resume_from, device)
-        model.load_state_dict(loaded.model.state_dict())
+        loaded = checkpoint.load(resume_from, device, into=model)
         trainer = loaded.trainer_state()
         optimizer.load_state_dict(trainer["optimizer"])
         progress = Progress(**loaded.state["progress"])
@@ -231,12 +282,7 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
             lr = lr_at(progress.step, t, progress.total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for _ in range(t.grad_accum):
-                x, y, seg = windows(data.train, sampler.next_starts(), cfg.model.block_size)
-                with autocast(device, dtype):
-                    _, loss = forward(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                                      segments=None if seg is None else seg.to(device, non_blocking=True))
-                (loss / t.grad_accum).backward()
+            loss = forward_backward(forward, data, sampler, cfg, device, dtype)
             # clip_grad_norm_ also returns the norm, so one check catches a NaN/inf anywhere in the gradients
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
             if not bool(torch.isfinite(norm + loss.detach())):
