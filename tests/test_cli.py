@@ -48,8 +48,8 @@ def test_resume_continues_to_a_longer_schedule(trained, capsys):
     assert steps[-1] == 9
     code, _, err = run(capsys, "train", "--out", trained, "--resume", "--model.n_layer", 3)
     assert code == 2 and "settings may change" in err and "model.n_layer" in err
-    code, _, err = run(capsys, "train", "--out", trained, "--resume", "--train.optimizer", "muon")
-    assert code == 2 and "train.optimizer" in err  # the saved optimizer state is AdamW's
+    code, _, err = run(capsys, "train", "--out", trained, "--resume", "--train.optimizer", "adamw")
+    assert code == 2 and "train.optimizer" in err  # the saved optimizer state is Muon + AdamW
 
 
 def test_existing_run_directory_is_never_overwritten_silently(trained, text_file, capsys):
