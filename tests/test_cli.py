@@ -168,3 +168,20 @@ def test_chat_refuses_a_run_trained_on_plain_text(trained, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
     code, out, err = run(capsys, "chat", "--run", trained)
     assert code == 1 and "trained on plain text" in err and out == ""
+
+
+def test_auto_size_writes_the_chosen_shape_into_the_run(text_file, tmp_path, capsys, monkeypatch):
+    import yaml
+
+    import tinygpt.train as train_mod
+    monkeypatch.setattr(train_mod, "SIZE_LADDER", ((1, 2, 16), (1, 2, 24)))
+    monkeypatch.setattr(train_mod, "TOKENS_PER_PARAM", 0.0)  # any budget affords the largest shape
+    out = tmp_path / "auto"
+    code, _, err = run(capsys, "train", "--data", text_file, "--out", out, "--tokenizer", "char",
+                       *tiny_flags(**{"train.time_budget": 2, "model.auto_size": "true"}))
+    assert code == 0, err
+    assert "auto size: chose n_layer 1, n_head 2, n_embd 24" in err
+    for saved in (out / "config.yaml", out / "checkpoints" / "last" / "config.yaml"):
+        assert yaml.safe_load(saved.read_text())["model"]["n_embd"] == 24
+    code, out_text, err = run(capsys, "sample", "--run", out, "--prompt", "The", "--max-new-tokens", 5)
+    assert code == 0, err

@@ -237,3 +237,17 @@ def test_packed_segments_are_processed_as_if_alone(variant):
         logits, _ = model(packed, segments=segments)
         alone = torch.cat([model(a)[0], model(b)[0]], dim=1)
     assert torch.allclose(logits, alone, atol=1e-5)
+
+
+def test_one_token_steps_through_onednn_give_the_same_greedy_tokens():
+    from tinygpt.generate import OneDNNLinears, onednn_linear_works
+    if not onednn_linear_works():
+        pytest.skip("this PyTorch build has no oneDNN linear op")
+    torch.manual_seed(0)
+    # 256 x 1024 weights (c_fc, c_proj, the head) are exactly the size the decode loop hands to oneDNN
+    model = perturbed(GPT(tiny(n_layer=1, n_head=4, n_embd=256, vocab_size=1024)))
+    routed = {name for name, m in model.named_modules() if m in OneDNNLinears(model).forwards}
+    assert routed == {"transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj", "lm_head"}
+    prompt = torch.randint(0, 1024, (1, 4))
+    assert torch.equal(model.generate(prompt, 24, temperature=0), greedy_without_cache(model, prompt, 24))
+    assert "forward" not in vars(model.lm_head)  # the model is left as it was

@@ -137,8 +137,9 @@ def choose_size(cfg: Config, data: Dataset, device: torch.device, dtype: torch.d
             break
         chosen = (n_layer, n_head, n_embd)
     cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd = chosen
-    log(f"auto size: chose n_layer {chosen[0]}, n_head {chosen[1]}, n_embd {chosen[2]}")
-    return time.perf_counter() - start
+    spent = time.perf_counter() - start
+    log(f"auto size: chose n_layer {chosen[0]}, n_head {chosen[1]}, n_embd {chosen[2]} ({spent:.1f} s spent timing)")
+    return spent
 
 
 def _rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
