@@ -5,9 +5,10 @@ log-softmax of the same size, and in backward a gradient of the same size again:
 a batch of 8 x 256 tokens over GPT-2's 50,257 ids. On a 2-core CPU those passes over memory (and
 the page faults of allocating them afresh every step) took ~0.7 s of a 3.5 s training step while
 the matmuls themselves ran at peak. Here the logits exist one chunk of rows at a time (51 MB for
-256 rows of that vocabulary): the chunk's softmax is turned into its
-gradient in place and multiplied out at once, so backward only has to scale the gradients forward already made (the approach of Liger
-Kernel's fused linear cross-entropy, arXiv:2410.10989). The matmul work is the same as before.
+256 rows of that vocabulary): the chunk's softmax is turned into its gradient in place and
+multiplied out at once, so backward only has to scale the gradients forward already made (the
+approach of Liger Kernel's fused linear cross-entropy, arXiv:2410.10989). The matmul work is the
+same as before.
 """
 
 from __future__ import annotations
