@@ -23,12 +23,11 @@ if str(REPO / "src") not in sys.path:
 
 import torch  # noqa: E402  (after the path set-up above, like every tinygpt import in the benchmarks)
 
+from tinygpt.device import cpu_has_native_bf16  # noqa: E402  (the trainer's own test, so both agree)
+
 RESULTS = REPO / "bench" / "results.json"
 # Shared data sits next to the checkout (../shared/data), as the README's example commands assume.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-# CPU flags that mean bf16 matmuls run in hardware; without them PyTorch emulates bf16 and it is
-# about 100x slower than float32, so a bf16 figure would only measure the emulation.
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 # ---------------------------------------------------------------- machine facts
@@ -50,12 +49,9 @@ def cpu_info() -> tuple[str, set[str]]:
     return model or platform.processor() or platform.machine(), flags
 
 
-def cpu_has_native_bf16() -> bool:
-    return any(flag in cpu_info()[1] for flag in NATIVE_BF16_FLAGS)
-
-
 def bf16_skip_reason(device: torch.device) -> str | None:
-    """Why bf16 is not benchmarked on this device, or None when it is."""
+    """Why bf16 is not benchmarked on this device, or None when it is. Without native bf16 a CPU emulates
+    it, about 100x slower than float32, so a bf16 figure would only measure the emulation."""
     if device.type == "cuda":
         return None if torch.cuda.is_bf16_supported() else "no bf16 on this GPU"
     return None if cpu_has_native_bf16() else "no native bf16 on this CPU"
@@ -72,7 +68,7 @@ def machine_info() -> dict[str, Any]:
         "cpu": model,
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "native_bf16_cpu": any(flag in flags for flag in NATIVE_BF16_FLAGS),
+        "native_bf16_cpu": cpu_has_native_bf16(),
         "simd": sorted(f for f in flags if f.startswith(("avx", "amx"))),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -87,6 +83,25 @@ def machine_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def run_cases(shapes: Sequence[str], dtypes: Sequence[str], measure: Callable[[str, str, torch.device], dict[str, Any]],
+              describe: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
+    """measure(shape, dtype, device) for every device, dtype and shape, printing describe(result) as each
+    finishes; a dtype the device would only emulate is recorded as skipped, with the reason."""
+    results: list[dict[str, Any]] = []
+    for device in bench_devices():
+        for dtype_name in dtypes:
+            skip = bf16_skip_reason(device) if dtype_name == "bfloat16" else None
+            if skip:
+                print(f"{device.type} bf16: skipped ({skip})")
+                results.append(dict(device=device.type, dtype=dtype_name, skipped=skip))
+                continue
+            for shape in shapes:
+                r = measure(shape, dtype_name, device)
+                print(f"{device.type} {shape} {dtype_name}: {describe(r)}{load_warning(r['other_load'])}", flush=True)
+                results.append(r)
+    return results
 
 
 # ---------------------------------------------------------------- timing

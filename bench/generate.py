@@ -20,13 +20,11 @@ import torch
 # common first: it puts this checkout's src/ on the import path for tinygpt
 from common import (
     OtherLoad,
-    bench_devices,
-    bf16_skip_reason,
-    load_warning,
     median,
     parser,
     print_table,
     ratio,
+    run_cases,
     save_results,
     timed,
 )
@@ -96,23 +94,14 @@ def bench_case(shape: str, dtype_name: str, device: torch.device, repeats: int) 
                 other_load=load.share)
 
 
+def describe(r: dict[str, Any]) -> str:
+    match = "" if r["tokens_match"] is None else f", same tokens: {'yes' if r['tokens_match'] else 'NO'}"
+    return (f"tinygpt {r['tinygpt_tok_s']:.1f} tok/s, transformers {r['hf_tok_s']:.1f} tok/s, "
+            f"ratio {r['ratio']:.2f}x{match}")
+
+
 def run(shapes: list[str], dtypes: list[str], repeats: int) -> list[dict[str, Any]]:
-    results: list[dict[str, Any]] = []
-    for device in bench_devices():
-        for dtype_name in dtypes:
-            skip = bf16_skip_reason(device) if dtype_name == "bfloat16" else None
-            if skip:
-                print(f"{device.type} bf16: skipped ({skip})")
-                results.append(dict(device=device.type, dtype=dtype_name, skipped=skip))
-                continue
-            for shape in shapes:
-                r = bench_case(shape, dtype_name, device, repeats)
-                match = "" if r["tokens_match"] is None else f", same tokens: {'yes' if r['tokens_match'] else 'NO'}"
-                print(f"{device.type} {shape} {dtype_name}: tinygpt {r['tinygpt_tok_s']:.1f} tok/s, "
-                      f"transformers {r['hf_tok_s']:.1f} tok/s, ratio {r['ratio']:.2f}x{match}"
-                      f"{load_warning(r['other_load'])}", flush=True)
-                results.append(r)
-    return results
+    return run_cases(shapes, dtypes, lambda shape, dtype, device: bench_case(shape, dtype, device, repeats), describe)
 
 
 def print_summary(results: list[dict[str, Any]]) -> None:

@@ -24,13 +24,11 @@ import torch
 # common first: it puts this checkout's src/ on the import path for tinygpt
 from common import (
     OtherLoad,
-    bench_devices,
-    bf16_skip_reason,
-    load_warning,
     median,
     parser,
     print_table,
     ratio,
+    run_cases,
     save_results,
     synchronize,
     timed,
@@ -162,26 +160,18 @@ def bench_case(shape: str, dtype_name: str, device: torch.device, rounds: int, c
     return result
 
 
+def describe(r: dict[str, Any]) -> str:
+    compiled = ""
+    if r["compiled_tok_s"] is not None:
+        compiled = (f"; compiled {r['compiled_tok_s']:,.0f} tok/s ({r['compiled_ratio']:.2f}x, "
+                    f"compile {r['compile_s']:.0f} s)")
+    return (f"tinygpt {r['tinygpt_tok_s']:,.0f} tok/s, transformers {r['hf_tok_s']:,.0f} tok/s, "
+            f"ratio {r['ratio']:.2f}x{compiled}")
+
+
 def run(shapes: list[str], dtypes: list[str], rounds: int, compile_model: bool) -> list[dict[str, Any]]:
-    results: list[dict[str, Any]] = []
-    for device in bench_devices():
-        for dtype_name in dtypes:
-            skip = bf16_skip_reason(device) if dtype_name == "bfloat16" else None
-            if skip:
-                print(f"{device.type} bf16: skipped ({skip})")
-                results.append(dict(device=device.type, dtype=dtype_name, skipped=skip))
-                continue
-            for shape in shapes:
-                r = bench_case(shape, dtype_name, device, rounds, compile_model)
-                compiled = ""
-                if r["compiled_tok_s"] is not None:
-                    compiled = (f"; compiled {r['compiled_tok_s']:,.0f} tok/s ({r['compiled_ratio']:.2f}x, "
-                                f"compile {r['compile_s']:.0f} s)")
-                print(f"{device.type} {shape} {dtype_name}: tinygpt {r['tinygpt_tok_s']:,.0f} tok/s, transformers "
-                      f"{r['hf_tok_s']:,.0f} tok/s, ratio {r['ratio']:.2f}x{compiled}{load_warning(r['other_load'])}",
-                      flush=True)
-                results.append(r)
-    return results
+    return run_cases(shapes, dtypes,
+                     lambda shape, dtype, device: bench_case(shape, dtype, device, rounds, compile_model), describe)
 
 
 def print_summary(results: list[dict[str, Any]]) -> None:

@@ -112,8 +112,9 @@ def cmd_train(argv: list[str]) -> int:
         config.apply_overrides(cfg, flags, "command line")
         config.validate(cfg)
         # Repeating the original command with --resume is fine; changing the model or data is not.
+        now = cfg.to_dict()
         changed = [k for k in flags if (not k.startswith(("train.", "sample.")) or k == "train.optimizer")
-                   and saved[k.split(".")[0]][k.split(".")[1]] != cfg.to_dict()[k.split(".")[0]][k.split(".")[1]]]
+                   and saved[k.split(".")[0]][k.split(".")[1]] != now[k.split(".")[0]][k.split(".")[1]]]
         if changed or args.preset or args.config:
             raise UsageError("on --resume only train.* (but not train.optimizer) and sample.* settings may change; "
                              f"start a new run to change {', '.join(changed) or 'the preset or config file'}")

@@ -46,6 +46,8 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
+        device = self.param_groups[0]["params"][0].device  # make_optimizer gives it one model's parameters
+        ns_dtype = torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -56,8 +58,7 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 nesterov = p.grad.lerp(buf, group["momentum"])
-                fast_bf16 = p.device.type == "cuda" or cpu_has_native_bf16()
-                update = orthogonalize(nesterov, torch.bfloat16 if fast_bf16 else torch.float32)
+                update = orthogonalize(nesterov, ns_dtype)
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))
 

@@ -117,6 +117,7 @@ def choose_size(cfg: Config, data: Dataset, device: torch.device, dtype: torch.d
     chosen = SIZE_LADDER[0]
     for n_layer, n_head, n_embd in SIZE_LADDER:
         trial = dataclasses.replace(cfg.model, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+        trial_cfg = dataclasses.replace(cfg, model=trial)
         model = GPT(trial).to(device)
         optimizer = make_optimizer(model, cfg.train, device)
         sampler = EpochSampler(len(data.train.tokens), trial.block_size, cfg.train.batch_size, cfg.train.seed,
@@ -124,7 +125,7 @@ def choose_size(cfg: Config, data: Dataset, device: torch.device, dtype: torch.d
         times = []
         for _ in range(3):  # the first step allocates the gradients and optimizer state: not timed
             begin = time.perf_counter()
-            forward_backward(model, data, sampler, dataclasses.replace(cfg, model=trial), device, dtype)
+            forward_backward(model, data, sampler, trial_cfg, device, dtype)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - begin)
