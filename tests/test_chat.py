@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from tinygpt import data
-from tinygpt.chat import TEMPLATES, ChatSession, console, fit_history
-from tinygpt.config import DataConfig, ModelConfig
-from tinygpt.dialogs import Message
+from tinygpt.config import DataConfig, ModelConfig, SampleConfig
+from tinygpt.data import batches, prepare
+from tinygpt.data.dialogs import Message
+from tinygpt.data.templates import TEMPLATES
+from tinygpt.infer.chat import ChatSession, console, fit_history
 from tinygpt.model import GPT
 from tinygpt.tokenizer import build_tokenizer
 
@@ -50,12 +51,12 @@ def test_long_conversations_split_between_exchanges_and_pack_without_crossing_ro
     conv = [S("be brief")] + [U("what is 2 plus 3?"), A("5")] * 6
     full, _ = template.render(tok, conv)
     window = len(full) // 2
-    pieces, cut = data.conversation_pieces(tok, template, conv, "assistant", window)
+    pieces, cut = prepare.conversation_pieces(tok, template, conv, "assistant", window)
     assert cut == 0 and len(pieces) >= 2
     for ids, _ in pieces:
         text = tok.decode(ids)
         assert len(ids) <= window and text.startswith("<|endoftext|><|system|>be brief<|end|><|user|>")
-    ids, mask, segs = data.pack(pieces + pieces[:1], window, tok.eot_id)
+    ids, mask, segs = prepare.pack(pieces + pieces[:1], window, tok.eot_id)
     rows = ids.reshape(-1, window)
     assert all(tok.decode(r.tolist()).startswith("<|endoftext|><|system|>") for r in rows)  # rows start pieces
     assert (segs.reshape(-1, window)[:, 0] == 0).all() and len(segs) == len(ids)
@@ -65,7 +66,7 @@ def test_long_conversations_split_between_exchanges_and_pack_without_crossing_ro
 def test_a_single_overlong_exchange_is_cut_and_counted():
     template = TEMPLATES["default"]
     tok = tok_for(template)
-    pieces, cut = data.conversation_pieces(tok, template, [U("hello there " * 20), A("5")], "assistant", 30)
+    pieces, cut = prepare.conversation_pieces(tok, template, [U("hello there " * 20), A("5")], "assistant", 30)
     assert cut == 1 and len(pieces[0][0]) == 30
 
 
@@ -86,7 +87,7 @@ def test_console_loop_through_stdin():
     tok = tok_for(template)
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=tok.vocab_size))
-    session = ChatSession(model, tok, template, max_new_tokens=8, system="be brief")
+    session = ChatSession(model, tok, template, SampleConfig(max_new_tokens=8, temperature=0.0, top_k=None), system="be brief")
     out = io.StringIO()
     console(session, ["hello there\n", "\n", "/help\n", "what is 2 plus 3?\n", "/reset\n", "hi \u2603\n", "quit\n",
                       "never read\n"], out=out, interactive=False)
@@ -98,10 +99,10 @@ def test_console_loop_through_stdin():
 
 def test_prepare_dialogs_masks_and_keeps_held_out_conversations(tmp_path):
     convs = [[U(f"what is {i} plus 1?"), A(f"{i + 1}")] for i in range(20)]
-    ds = data.prepare_dialogs(DataConfig(tokenizer="char"), convs, "test", block_size=31, log=lambda m: None)
+    ds = prepare.prepare_dialogs(DataConfig(tokenizer="char"), convs, "test", block_size=31, log=lambda m: None)
     assert ds.packed and len(ds.train.tokens) % 32 == 0 and ds.train.mask is not None
     assert ds.conversations("val") == convs[-2:] and len(ds.conversations("train")) == 18
-    x, y, seg = data.windows(ds.train, np.array([0]), 31)
+    x, y, seg = batches.windows(ds.train, np.array([0]), 31)
     assert seg is not None and seg[0, 0] == 0 and seg[0].max() > 0  # several conversations share the row
     targets = ds.tokenizer.decode([t for t in y[0].tolist() if t >= 0])
     assert "plus" not in targets and "<|end|>" in targets

@@ -73,7 +73,7 @@ def test_a_planted_pickle_is_refused_not_executed(saved, monkeypatch):
     monkeypatch.chdir(run)
     (dest / "trainer.pt").write_bytes(pickle.dumps({"optimizer": Exploit()}))
     # Even with the manifest bypassed, loading the trainer state must not run the payload.
-    loaded = checkpoint.Loaded(dest, None, None, None, {})
+    loaded = checkpoint.Checkpoint(dest, None, None, None, {})
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         loaded.trainer_state()
     assert not (run / "pwned").exists()

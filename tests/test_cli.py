@@ -173,7 +173,7 @@ def test_chat_refuses_a_run_trained_on_plain_text(trained, capsys, monkeypatch):
 def test_auto_size_writes_the_chosen_shape_into_the_run(text_file, tmp_path, capsys, monkeypatch):
     import yaml
 
-    import tinygpt.train as train_mod
+    import tinygpt.train.schedule as train_mod
     monkeypatch.setattr(train_mod, "SIZE_LADDER", ((1, 2, 16), (1, 2, 24)))
     monkeypatch.setattr(train_mod, "TOKENS_PER_PARAM", 0.0)  # any budget affords the largest shape
     out = tmp_path / "auto"

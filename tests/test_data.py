@@ -1,28 +1,28 @@
 import numpy as np
 import pytest
 
-from tinygpt import data
 from tinygpt.config import DataConfig
+from tinygpt.data import batches, files, prepare
 from tinygpt.errors import TinyGPTError
 from tinygpt.tokenizer import build_tokenizer
 
 
 def test_read_corpus_refuses_bad_files(tmp_path):
     with pytest.raises(TinyGPTError, match="does not exist"):
-        data.read_corpus(tmp_path / "missing.txt")
+        files.read_corpus(tmp_path / "missing.txt")
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(TinyGPTError, match="is empty"):
-        data.read_corpus(tmp_path / "empty.txt")
+        files.read_corpus(tmp_path / "empty.txt")
     (tmp_path / "bin.txt").write_bytes(b"abc\x00\x01\x02")
     with pytest.raises(TinyGPTError, match="binary file \\(NUL byte at offset 3\\)"):
-        data.read_corpus(tmp_path / "bin.txt")
+        files.read_corpus(tmp_path / "bin.txt")
     (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))
     with pytest.raises(TinyGPTError, match="not valid UTF-8 \\(bad byte at offset 3\\)"):
-        data.read_corpus(tmp_path / "latin1.txt")
+        files.read_corpus(tmp_path / "latin1.txt")
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "image.png").write_bytes(b"\x89PNG")
     with pytest.raises(TinyGPTError, match="has no text files"):
-        data.read_corpus(tmp_path / "folder")
+        files.read_corpus(tmp_path / "folder")
 
 
 def test_folder_reads_text_files_in_name_order(tmp_path):
@@ -31,26 +31,26 @@ def test_folder_reads_text_files_in_name_order(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "c.txt").write_text("third")
     (tmp_path / ".hidden.txt").write_text("skipped")
-    assert data.read_corpus(tmp_path) == ["first", "second", "third"]
+    assert files.read_corpus(tmp_path) == ["first", "second", "third"]
 
 
 def test_split_takes_the_tail_as_val():
-    assert data.split_documents(["abcdefghij"], 0.1) == (["abcdefghi"], ["j"])
-    train, val = data.split_documents(["aaaa", "bbbb", "cc"], 0.3)  # 10 chars, cut at 7
+    assert prepare.split_documents(["abcdefghij"], 0.1) == (["abcdefghi"], ["j"])
+    train, val = prepare.split_documents(["aaaa", "bbbb", "cc"], 0.3)  # 10 chars, cut at 7
     assert train == ["aaaa", "bbb"] and val == ["b", "cc"]
 
 
 def test_documents_are_joined_by_end_of_text():
     tok = build_tokenizer("char", ["ab"])
-    ids = data.encode_documents(tok, ["ab", "ba"])
+    ids = prepare.encode_documents(tok, ["ab", "ba"])
     assert ids.dtype == np.uint16
     assert ids.tolist() == [0, 1, tok.eot_id, 1, 0]
 
 
 def test_prepare_writes_memmaps_and_reuses_the_cache(text_file, tmp_path, monkeypatch):
     cfg = DataConfig(tokenizer="char")
-    docs = data.read_corpus(text_file)
-    ds = data.prepare(cfg, docs, str(text_file), log=lambda m: None)
+    docs = files.read_corpus(text_file)
+    ds = prepare.prepare_text(cfg, docs, str(text_file), log=lambda m: None)
     assert isinstance(ds.train.tokens, np.memmap) and ds.train.tokens.dtype == np.uint16 and ds.train.mask is None
     text = docs[0]
     cut = int(len(text) * 0.9)
@@ -59,23 +59,23 @@ def test_prepare_writes_memmaps_and_reuses_the_cache(text_file, tmp_path, monkey
 
     def no_retokenizing(*a, **k):
         raise AssertionError("tokenized again despite the cache")
-    monkeypatch.setattr(data, "build_tokenizer", no_retokenizing)
+    monkeypatch.setattr(prepare, "build_tokenizer", no_retokenizing)
     messages = []
-    again = data.prepare(cfg, docs, str(text_file), log=messages.append)
+    again = prepare.prepare_text(cfg, docs, str(text_file), log=messages.append)
     assert "reusing" in messages[0] and np.array_equal(again.train.tokens, ds.train.tokens)
-    own = data.copy_to(again, tmp_path / "run" / "data")
+    own = prepare.copy_to(again, tmp_path / "run" / "data")
     assert (tmp_path / "run" / "data" / "train.bin").exists() and np.array_equal(own.val.tokens, ds.val.tokens)
 
 
 def test_short_corpus_is_refused(tmp_path):
     cfg = DataConfig(tokenizer="char")
-    ds = data.prepare(cfg, ["just a few words here"], "tiny.txt", log=lambda m: None)
+    ds = prepare.prepare_text(cfg, ["just a few words here"], "tiny.txt", log=lambda m: None)
     with pytest.raises(TinyGPTError, match="shorter than one training window"):
-        data.check_length(ds, block_size=64)
+        prepare.check_length(ds, block_size=64)
 
 
 def test_sampler_visits_each_window_once_per_epoch_and_resumes():
-    sampler = data.EpochSampler(n_tokens=1000, block_size=10, batch_size=7, seed=3)
+    sampler = batches.EpochSampler(n_tokens=1000, block_size=10, batch_size=7, seed=3)
     per_epoch = sampler.windows_per_epoch
     seen = np.concatenate([sampler.next_starts() for _ in range(per_epoch // 7)])
     assert len(set(seen.tolist())) == len(seen)  # without replacement
@@ -83,24 +83,24 @@ def test_sampler_visits_each_window_once_per_epoch_and_resumes():
     state = sampler.state_dict()
     expected = [sampler.next_starts() for _ in range(30)]  # crosses into later epochs
     assert sampler.epoch >= 2
-    again = data.EpochSampler(n_tokens=1000, block_size=10, batch_size=7, seed=3)
+    again = batches.EpochSampler(n_tokens=1000, block_size=10, batch_size=7, seed=3)
     again.load_state_dict(state)
     assert all(np.array_equal(a, b) for a, b in zip(expected, [again.next_starts() for _ in range(30)]))
-    other_seed = data.EpochSampler(n_tokens=1000, block_size=10, batch_size=7, seed=4)
-    assert not np.array_equal(other_seed.next_starts(), data.EpochSampler(1000, 10, 7, 3).next_starts())
+    other_seed = batches.EpochSampler(n_tokens=1000, block_size=10, batch_size=7, seed=4)
+    assert not np.array_equal(other_seed.next_starts(), batches.EpochSampler(1000, 10, 7, 3).next_starts())
 
 
 def test_windows_are_shifted_targets():
     tokens = np.arange(100, dtype=np.uint16)
-    x, y, seg = data.windows(data.Split(tokens), np.array([0, 50]), 8)
+    x, y, seg = batches.windows(batches.Split(tokens), np.array([0, 50]), 8)
     assert seg is None
     assert x[1].tolist() == list(range(50, 58)) and y[1].tolist() == list(range(51, 59))
     mask = (np.arange(100) % 2).astype(np.uint8)  # only odd tokens are targets
-    _, y, _ = data.windows(data.Split(tokens, mask), np.array([10]), 4)
+    _, y, _ = batches.windows(batches.Split(tokens, mask), np.array([10]), 4)
     assert y[0].tolist() == [11, -1, 13, -1]
 
 
 def test_eval_windows_cover_the_split_or_spread_evenly():
-    assert data.eval_starts(101, 10).tolist() == list(range(0, 100, 10))
-    picks = data.eval_starts(1001, 10, max_windows=3)
+    assert batches.eval_starts(101, 10).tolist() == list(range(0, 100, 10))
+    picks = batches.eval_starts(1001, 10, max_windows=3)
     assert picks.tolist() == [0, 490, 990]

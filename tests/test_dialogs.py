@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tinygpt.dialogs import Message, chatterbot_english, detect_format, read_dialogs, write_dialogs
+from tinygpt.data.dialogs import Message, chatterbot_english, detect_format, read_dialogs, write_dialogs
 from tinygpt.errors import TinyGPTError, UsageError
 
 

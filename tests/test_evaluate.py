@@ -10,8 +10,8 @@ from conftest import tiny_flags
 from tinygpt import evaluate
 from tinygpt.cli import main
 from tinygpt.config import ModelConfig
-from tinygpt.data import Split
-from tinygpt.dialogs import Message
+from tinygpt.data.batches import Split
+from tinygpt.data.dialogs import Message
 from tinygpt.model import GPT
 from tinygpt.tokenizer import build_tokenizer
 
@@ -21,7 +21,7 @@ def test_bits_per_byte_counts_utf8_bytes_and_skips_specials():
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=tok.vocab_size))
     ids = np.array(tok.encode("ab\u00e9a") + [tok.eot_id] + tok.encode("bab\u00e9"), dtype=np.uint16)
-    s = evaluate.split_loss(model, Split(ids), 4, torch.device("cpu"), tokenizer=tok)
+    s = evaluate.loss_over(model, Split(ids), 4, torch.device("cpu"), tokenizer=tok)
     assert s.targets == 8  # two windows of 4 targets
     # targets: "b\u00e9a<eot>" and "bab\u00e9": the EOT counts no bytes, each é two
     assert s.bytes == len("b\u00e9a".encode()) + len("bab\u00e9".encode())

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from tinygpt.config import ModelConfig
-from tinygpt.generate import sample_token, stream_tokens
-from tinygpt.model import GPT, adaptive_cutoffs, load_hf_gpt2_state_dict
+from tinygpt.config import ModelConfig, SampleConfig
+from tinygpt.export.hf import load_hf_gpt2_state_dict
+from tinygpt.infer.generate import generate_ids, sample_token, stream_tokens
+from tinygpt.model import GPT, adaptive_cutoffs
 
 
 def tiny(**kw) -> ModelConfig:
@@ -51,7 +52,7 @@ def test_kv_cache_greedy_equals_full_forward(variant):
     torch.manual_seed(0)
     model = perturbed(GPT(tiny(**variant)))
     prompt = torch.randint(0, 50, (2, 5))
-    assert torch.equal(model.generate(prompt, 20, temperature=0), greedy_without_cache(model, prompt, 20))
+    assert torch.equal(generate_ids(model, prompt, SampleConfig(max_new_tokens=20, temperature=0)), greedy_without_cache(model, prompt, 20))
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "einsum"])
@@ -75,8 +76,8 @@ def test_einsum_attention_equals_sdpa(variant):
     with torch.no_grad():
         assert torch.allclose(sdpa(idx)[0], einsum(idx)[0], atol=1e-5)
     prompt = idx[:, :4]
-    assert torch.equal(sdpa.generate(prompt, 20, temperature=0), einsum.generate(prompt, 20, temperature=0))
-    uncached = [list(stream_tokens(m, prompt, 20, temperature=0, use_cache=False)) for m in (sdpa, einsum)]
+    assert torch.equal(generate_ids(sdpa, prompt, SampleConfig(max_new_tokens=20, temperature=0)), generate_ids(einsum, prompt, SampleConfig(max_new_tokens=20, temperature=0)))
+    uncached = [list(stream_tokens(m, prompt, SampleConfig(max_new_tokens=20, temperature=0), use_cache=False)) for m in (sdpa, einsum)]
     assert all(torch.equal(a, b) for a, b in zip(*uncached))
 
 
@@ -181,7 +182,7 @@ def test_activation_checkpointing_gives_the_same_gradients(dropout):
 def test_generation_past_the_context_window_keeps_going():
     torch.manual_seed(0)
     model = GPT(tiny(block_size=8))
-    out = model.generate(torch.zeros(1, 12, dtype=torch.long), 30, temperature=1.0, top_k=5)
+    out = generate_ids(model, torch.zeros(1, 12, dtype=torch.long), SampleConfig(max_new_tokens=30, temperature=1.0, top_k=5))
     assert out.shape == (1, 42)
 
 
@@ -240,7 +241,7 @@ def test_packed_segments_are_processed_as_if_alone(variant):
 
 
 def test_one_token_steps_through_onednn_give_the_same_greedy_tokens():
-    from tinygpt.generate import OneDNNLinears, onednn_linear_works
+    from tinygpt.infer.generate import OneDNNLinears, onednn_linear_works
     if not onednn_linear_works():
         pytest.skip("this PyTorch build has no oneDNN linear op")
     torch.manual_seed(0)
@@ -249,5 +250,5 @@ def test_one_token_steps_through_onednn_give_the_same_greedy_tokens():
     routed = {name for name, m in model.named_modules() if m in OneDNNLinears(model).forwards}
     assert routed == {"transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj", "lm_head"}
     prompt = torch.randint(0, 1024, (1, 4))
-    assert torch.equal(model.generate(prompt, 24, temperature=0), greedy_without_cache(model, prompt, 24))
+    assert torch.equal(generate_ids(model, prompt, SampleConfig(max_new_tokens=24, temperature=0)), greedy_without_cache(model, prompt, 24))
     assert "forward" not in vars(model.lm_head)  # the model is left as it was

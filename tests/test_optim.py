@@ -3,7 +3,7 @@ import torch
 
 from tinygpt import config
 from tinygpt.model import GPT
-from tinygpt.optim import Muon, Optimizers, make_optimizer, orthogonalize
+from tinygpt.train.optim import Muon, Optimizers, make_optimizer, orthogonalize
 
 
 def tiny_model():

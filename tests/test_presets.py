@@ -6,9 +6,13 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
-from tinygpt import checkpoint, config, data
-from tinygpt.chat import TEMPLATES, ChatSession
-from tinygpt.train import train
+from tinygpt import checkpoint, config
+from tinygpt.config import SampleConfig
+from tinygpt.data import prepare
+from tinygpt.data.templates import TEMPLATES
+from tinygpt.infer.chat import ChatSession
+from tinygpt.infer.generate import generate_ids
+from tinygpt.train.loop import train
 
 SCALED_DOWN = {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32,
                "model.mlp_hidden": "none", "data.vocab_size": 400, "train.epochs": "none", "train.max_iters": 4,
@@ -35,10 +39,10 @@ def test_preset_trains_reloads_and_samples(name, tmp_path, text_file, dialog_fil
         monkeypatch.setenv("TINYGPT_GPT2_RANKS", str(SHARED_DATA / "gpt2.tiktoken"))
     chat = cfg.data.chat_template != "default"  # the presets of chat systems get dialog data
     cfg.data.path = str(dialog_file if chat else text_file)
-    ds = data.load(cfg, log=lambda m: None)
+    ds = prepare.prepare(cfg, log=lambda m: None)
     cfg.model.vocab_size = ds.tokenizer.vocab_size
     run = tmp_path / "run"
-    final = train(cfg, run, data.copy_to(ds, run / "data"), log=lambda m: None)
+    final = train(cfg, run, prepare.copy_to(ds, run / "data"), log=lambda m: None)
     assert final["step"] == 4 and final["val_loss"] < 20
 
     loaded = checkpoint.load(checkpoint.find(run, "last"))
@@ -47,10 +51,10 @@ def test_preset_trains_reloads_and_samples(name, tmp_path, text_file, dialog_fil
     if chat:
         template = TEMPLATES[cfg.data.chat_template]
         assert set(template.specials) <= set(loaded.tokenizer.special_tokens)
-        reply = ChatSession(loaded.model, loaded.tokenizer, template, max_new_tokens=5, temperature=1.0).reply("hi")
+        reply = ChatSession(loaded.model, loaded.tokenizer, template, SampleConfig(max_new_tokens=5, temperature=1.0, top_k=None)).reply("hi")
         assert isinstance(reply, str)
     else:
-        out = loaded.model.generate(torch.tensor([loaded.tokenizer.encode("The ")]), 5, temperature=1.0, top_k=10)
+        out = generate_ids(loaded.model, torch.tensor([loaded.tokenizer.encode("The ")]), SampleConfig(max_new_tokens=5, temperature=1.0, top_k=10))
         assert out.shape == (1, len(loaded.tokenizer.encode("The ")) + 5)
 
 

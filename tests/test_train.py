@@ -5,12 +5,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tinygpt import checkpoint, config, data
-from tinygpt.device import MaybeCompiled
+from tinygpt import checkpoint, config
+from tinygpt.data import files, prepare
 from tinygpt.errors import TinyGPTError
 from tinygpt.model import GPT
-from tinygpt.optim import make_optimizer
-from tinygpt.train import lr_at, planned_steps, train
+from tinygpt.train.loop import train
+from tinygpt.train.optim import make_optimizer
+from tinygpt.train.schedule import lr_at, planned_steps
+from tinygpt.train.step import MaybeCompiled
 
 
 def tiny_config(**train_overrides):
@@ -22,9 +24,9 @@ def tiny_config(**train_overrides):
 
 
 def prepared(text_file, cfg, run_dir):
-    ds = data.prepare(cfg.data, data.read_corpus(text_file), str(text_file), log=lambda m: None)
+    ds = prepare.prepare_text(cfg.data, files.read_corpus(text_file), str(text_file), log=lambda m: None)
     cfg.model.vocab_size = ds.tokenizer.vocab_size
-    return data.copy_to(ds, run_dir / "data")
+    return prepare.copy_to(ds, run_dir / "data")
 
 
 def weights(path):
@@ -145,7 +147,7 @@ def test_compile_failure_falls_back_to_eager_with_a_notice(monkeypatch):
 
 @pytest.mark.parametrize("budget, expected", [(0.01, (1, 2, 16)), (1e6, (2, 2, 32))])
 def test_auto_size_picks_the_largest_shape_the_budget_can_feed(text_file, tmp_path, monkeypatch, budget, expected):
-    import tinygpt.train as train_mod
+    import tinygpt.train.schedule as train_mod
     monkeypatch.setattr(train_mod, "SIZE_LADDER", ((1, 2, 16), (1, 2, 24), (2, 2, 32)))
     cfg = tiny_config(time_budget=budget)
     cfg.model.auto_size = True

@@ -64,33 +64,51 @@ def save(dest: Path, model: GPT, cfg: Config, tokenizer: Tokenizer,
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint should be as readable as the run directory
     try:
-        save_model(model, str(tmp / "model.safetensors"))  # drops the tied lm_head copy; load_model restores it
-        config_mod.save(cfg, tmp / "config.yaml")
-        tokenizer.save(tmp / "tokenizer")
-        if trainer is not None:
-            torch.save(trainer, tmp / "trainer.pt")
-        (tmp / "state.json").write_text(json.dumps(state or {}, indent=2))
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        for p in [*files, tmp / "manifest.json", *(d for d in tmp.rglob("*") if d.is_dir()), tmp]:
-            _fsync(p)
-        old = dest.parent / f".old-{dest.name}"
-        if old.exists():
-            shutil.rmtree(old)
-        if dest.exists():
-            dest.rename(old)
-        tmp.rename(dest)
-        _fsync(dest.parent)
-        shutil.rmtree(old, ignore_errors=True)
-        # The pointer moves only once the checkpoint it names is complete and in place.
-        pointer = dest.parent / f".{LATEST}.tmp"
-        pointer.write_text(dest.name + "\n")
-        _fsync(pointer)
-        pointer.replace(dest.parent / LATEST)
+        _write_files(tmp, model, cfg, tokenizer, trainer, state)
+        _swap_into_place(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_files(folder: Path, model: GPT, cfg: Config, tokenizer: Tokenizer,
+                 trainer: dict[str, Any] | None, state: dict[str, Any] | None) -> None:
+    """The checkpoint's files and their manifest, fsynced. A full disk surfaces from torch.save as a
+    RuntimeError ("unexpected pos ...") and from safetensors as a SafetensorError, neither an OSError:
+    both become one TinyGPTError here, so the user sees one line instead of a traceback."""
+    try:
+        save_model(model, str(folder / "model.safetensors"))  # drops the tied lm_head copy; load_model restores it
+        config_mod.save(cfg, folder / "config.yaml")
+        tokenizer.save(folder / "tokenizer")
+        if trainer is not None:
+            torch.save(trainer, folder / "trainer.pt")
+    except (RuntimeError, SafetensorError) as e:
+        raise TinyGPTError(f"could not write checkpoint {folder.parent.name}/{folder.name} in {folder.parent} "
+                           f"({str(e).splitlines()[0][:200]}); the disk may be full: free some disk space or choose "
+                           "another --out (the previous checkpoint is kept)") from None
+    (folder / "state.json").write_text(json.dumps(state or {}, indent=2))
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    manifest = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    for p in [*files, folder / "manifest.json", *(d for d in folder.rglob("*") if d.is_dir()), folder]:
+        _fsync(p)
+
+
+def _swap_into_place(tmp: Path, dest: Path) -> None:
+    """Rename the finished tmp to dest, keeping the previous dest (as .old-NAME) until then; move `latest` last."""
+    old = dest.parent / f".old-{dest.name}"
+    if old.exists():
+        shutil.rmtree(old)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    _fsync(dest.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    # The pointer moves only once the checkpoint it names is complete and in place.
+    pointer = dest.parent / f".{LATEST}.tmp"
+    pointer.write_text(dest.name + "\n")
+    _fsync(pointer)
+    pointer.replace(dest.parent / LATEST)
 
 
 def weights_hash(ckpt: Path) -> str:
@@ -150,9 +168,9 @@ def find(run_dir: Path, which: str = "best", warn=None) -> Path:
     return found[0]
 
 
-def newest(run_dir: Path, warn=None) -> Path:
-    """What --resume continues from: the checkpoint named by the `latest` pointer if it is valid,
-    else the valid checkpoint with the most training steps."""
+def newest(run_dir: Path, warn=None) -> Path | None:
+    """What --resume continues from, verified: the checkpoint named by the `latest` pointer if it is valid,
+    else the valid checkpoint with the most training steps; None when there is none."""
     pointer = Path(run_dir) / CHECKPOINTS / LATEST
     if pointer.is_file():
         named = pointer.parent / pointer.read_text().strip()
@@ -163,27 +181,43 @@ def newest(run_dir: Path, warn=None) -> Path:
             if warn:
                 warn(f"warning: the latest checkpoint is unusable ({e}); looking for an older one")
     found = valid_checkpoints(run_dir, warn=warn)
-    if not found:
-        raise TinyGPTError(f"nothing to resume: no valid checkpoint in {run_dir}; start a new run instead")
-    return max(found, key=lambda c: json.loads((c / "state.json").read_text()).get("progress", {}).get("step", 0))
+    return max(found, key=steps_of, default=None)
+
+
+def steps_of(ckpt: Path) -> int:
+    """The training step a checkpoint was written at."""
+    return json.loads((ckpt / "state.json").read_text()).get("progress", {}).get("step", 0)
 
 
 @dataclass
-class Loaded:
+class Checkpoint:
+    """A loaded checkpoint: the model (on its device), its config and tokenizer, and the training state."""
+
     path: Path
     model: GPT
     config: Config
     tokenizer: Tokenizer
     state: dict[str, Any]
 
+    @property
+    def run_dir(self) -> Path:
+        """The run directory the checkpoint belongs to (RUN/checkpoints/NAME)."""
+        return self.path.parent.parent
+
+    @property
+    def step(self) -> int | None:
+        return self.state.get("progress", {}).get("step")
+
     def trainer_state(self) -> dict[str, Any]:
         return torch.load(self.path / "trainer.pt", map_location="cpu", weights_only=True)
 
 
-def load(ckpt: Path, device: str | torch.device = "cpu", into: GPT | None = None) -> Loaded:
-    """Verify and load a checkpoint. With `into`, the weights go into that model (which must have the
-    checkpoint's shapes) instead of a new one: resuming a large model then holds one copy, not two."""
-    verify(ckpt)
+def load(ckpt: Path, device: str | torch.device = "cpu", into: GPT | None = None, verified: bool = False) -> Checkpoint:
+    """Load a checkpoint, verifying it against its manifest unless the caller just did (`verified`). With
+    `into`, the weights go into that model (which must have the checkpoint's shapes) instead of a new one:
+    resuming a large model then holds one copy, not two."""
+    if not verified:
+        verify(ckpt)
     try:
         cfg = config_mod.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
         tokenizer = load_tokenizer(ckpt / "tokenizer")
@@ -195,4 +229,4 @@ def load(ckpt: Path, device: str | torch.device = "cpu", into: GPT | None = None
         raise TinyGPTError(f"checkpoint {ckpt}: tokenizer has {tokenizer.vocab_size} ids but the model only "
                            f"{model.config.vocab_size}; the checkpoint's files do not belong together")
     state = json.loads((ckpt / "state.json").read_text())
-    return Loaded(ckpt, model.to(device), cfg, tokenizer, state)
+    return Checkpoint(ckpt, model.to(device), cfg, tokenizer, state)

@@ -61,22 +61,3 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-
-
-class MaybeCompiled:
-    """Call a torch.compile'd model, falling back to the eager one (with a one-line notice) if compiling
-    fails, which happens at the first call rather than at torch.compile()."""
-
-    def __init__(self, model: torch.nn.Module, enabled: bool, log):
-        self.model, self.log = model, log
-        self.fn = torch.compile(model) if enabled else model
-
-    def __call__(self, *args, **kwargs):
-        try:
-            return self.fn(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - any compiler failure means: run eagerly
-            if self.fn is self.model:
-                raise
-            self.log(f"note: torch.compile failed ({str(e).splitlines()[0][:120]}); continuing without it")
-            self.fn = self.model
-            return self.fn(*args, **kwargs)

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from tinygpt import corpus
-from tinygpt.chat import TEMPLATES, ChatSession
-from tinygpt.data import Split, batched, eval_starts, windows
+from tinygpt.checkpoint import Checkpoint
+from tinygpt.config import SampleConfig
+from tinygpt.data import corpus
+from tinygpt.data.batches import Split, batched, eval_starts, windows
+from tinygpt.data.dialogs import Conversation, Message
+from tinygpt.data.prepare import load_prepared, prepare
+from tinygpt.data.templates import TEMPLATES
 from tinygpt.device import autocast
-from tinygpt.dialogs import Conversation, Message
-from tinygpt.model import GPT
+from tinygpt.infer.chat import ChatSession
+from tinygpt.model import GPT, eval_mode
 from tinygpt.tokenizer import Tokenizer
 
 
@@ -35,28 +41,26 @@ class LossSum:
 
 
 @torch.no_grad()
-def split_loss(model: GPT, split: Split, batch_size: int, device: torch.device, dtype: torch.dtype | None = None,
+def loss_over(model: GPT, split: Split, batch_size: int, device: torch.device, dtype: torch.dtype | None = None,
                max_windows: int | None = None, packed: bool = False, tokenizer: Tokenizer | None = None) -> LossSum:
     """Summed next-token loss over deterministic windows of a split (all of them when max_windows is None).
     With a tokenizer, also the UTF-8 bytes of the target text, for bits per byte (special tokens count 0)."""
-    was_training = model.training
-    model.eval()
     block_size = model.config.block_size
     specials = set(tokenizer.special_tokens.values()) if tokenizer else set()
     out = LossSum()
-    for starts in batched(eval_starts(len(split.tokens), block_size, max_windows, packed), batch_size):
-        x, y, seg = windows(split, starts, block_size)
-        n = int((y >= 0).sum())
-        if not n:
-            continue
-        with autocast(device, dtype):
-            _, loss = model(x.to(device), y.to(device), segments=None if seg is None else seg.to(device))
-        out.nats += loss.item() * n
-        out.targets += n
-        if tokenizer is not None:
-            for row in y.tolist():
-                out.bytes += len(tokenizer.decode([t for t in row if t >= 0 and t not in specials]).encode())
-    model.train(was_training)
+    with eval_mode(model):
+        for starts in batched(eval_starts(len(split.tokens), block_size, max_windows, packed), batch_size):
+            x, y, seg = windows(split, starts, block_size)
+            n = int((y >= 0).sum())
+            if not n:
+                continue
+            with autocast(device, dtype):
+                _, loss = model(x.to(device), y.to(device), segments=None if seg is None else seg.to(device))
+            out.nats += loss.item() * n
+            out.targets += n
+            if tokenizer is not None:
+                for row in y.tolist():
+                    out.bytes += len(tokenizer.decode([t for t in row if t >= 0 and t not in specials]).encode())
     return out
 
 
@@ -120,8 +124,8 @@ def chat_metrics(model: GPT, tokenizer: Tokenizer, template_name: str, train_con
                  val_convs: Sequence[Conversation], builtin: bool, limit: int = 200) -> dict[str, float]:
     """BLEU on held-out conversations; for the built-in corpus also exact-match accuracy on training
     prompts and on each skill, seen and held out."""
-    session = ChatSession(model, tokenizer, TEMPLATES[template_name], max_new_tokens=model.config.block_size // 2,
-                          temperature=0.0)
+    greedy = SampleConfig(max_new_tokens=model.config.block_size // 2, temperature=0.0, top_k=None)
+    session = ChatSession(model, tokenizer, TEMPLATES[template_name], greedy)
     out = bleu(session, val_convs, limit)
     if builtin:
         chatterbot = set(corpus.chatterbot_prompts())
@@ -134,3 +138,27 @@ def chat_metrics(model: GPT, tokenizer: Tokenizer, template_name: str, train_con
                 if items:
                     out[f"skill_{skill}_{'heldout' if held_out else 'seen'}"] = exact_match(session, items[:limit])
     return out
+
+
+def evaluate_run(ckpt: Checkpoint, data_path: str | None = None, batch_size: int = 16, limit: int = 200,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """What `tinygpt eval` reports: loss, perplexity and bits per byte on the run's val split (or on all of
+    data_path, encoded with the run's tokenizer); for chat runs also BLEU and, on the built-in corpus, skills."""
+    tok = ckpt.tokenizer
+    device = next(ckpt.model.parameters()).device
+    if data_path:
+        cfg = dataclasses.replace(ckpt.config, data=dataclasses.replace(ckpt.config.data, path=data_path, format="auto"))
+        ds = prepare(cfg, log=log, tokenizer=tok)
+        splits, convs = [ds.train, ds.val], ds.conversations("train") + ds.conversations("val")
+    else:
+        ds = load_prepared(ckpt.run_dir / "data")
+        splits, convs = [ds.val], ds.conversations("val")
+    total = LossSum()
+    for split in splits:
+        total += loss_over(ckpt.model, split, batch_size, device, packed=ds.packed, tokenizer=tok)
+    result: dict[str, Any] = {"run": str(ckpt.run_dir), "checkpoint": str(ckpt.path), "step": ckpt.step,
+                              **loss_metrics(total)}
+    if ds.packed:
+        result.update(chat_metrics(ckpt.model, tok, ckpt.config.data.chat_template, ds.conversations("train"),
+                                   convs, builtin=ds.meta.get("builtin", False) and not data_path, limit=limit))
+    return result

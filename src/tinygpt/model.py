@@ -9,8 +9,9 @@ and head modules).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -20,15 +21,21 @@ from torch.utils.checkpoint import checkpoint
 from tinygpt.config import ModelConfig
 from tinygpt.loss import linear_cross_entropy
 
-if TYPE_CHECKING:
-    from collections.abc import Iterator
-
-
 # ---------------------------------------------------------------- pieces chosen by name
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm computed in float32 and returned in its input's dtype. Under bf16 autocast the input can be
+    bf16 (the QK-norm's queries and keys come straight from a linear layer) while the weight is float32;
+    torch then falls back to exactly this computation, but warns on every call ("Mismatch dtype between
+    input and weight"). Doing it explicitly gives the same values (checked bit for bit) without the warning."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight, self.eps).to(x.dtype)
+
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.n_embd, eps=1e-5)
+        return RMSNorm(cfg.n_embd, eps=1e-5)
     return nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)  # GPT-2's epsilon
 
 
@@ -173,8 +180,8 @@ class CausalSelfAttention(nn.Module):
         # QK-norm (OLMo-2, Gemma): RMS-normalising each head's queries and keys bounds the attention
         # logits, which keeps training stable at higher learning rates.
         head_size = cfg.n_embd // cfg.n_head
-        self.q_norm = nn.RMSNorm(head_size, eps=1e-5) if cfg.qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_size, eps=1e-5) if cfg.qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(head_size, eps=1e-5) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_size, eps=1e-5) if cfg.qk_norm else nn.Identity()
         self.attend = ATTENTION[cfg.attn]
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
@@ -391,32 +398,13 @@ class GPT(nn.Module):
         p = self.transformer.wte.weight
         return KVCache(self.config, batch_size, p.device, p.dtype)
 
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Append max_new_tokens sampled tokens to idx (B, T) and return the whole sequence (nanoGPT's API)."""
-        from tinygpt.generate import stream_tokens
 
-        new = list(stream_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, generator=generator))
-        return torch.cat([idx, *(t[:, None] for t in new)], dim=1)
-
-    def stream(self, idx: torch.Tensor, *args, **kwargs) -> Iterator[torch.Tensor]:
-        from tinygpt.generate import stream_tokens
-
-        return stream_tokens(self, idx, *args, **kwargs)
-
-
-def load_hf_gpt2_state_dict(model: GPT, hf_state: dict[str, torch.Tensor]) -> None:
-    """Load a Hugging Face GPT2LMHeadModel state dict. HF stores its linear layers as Conv1D,
-    whose weights are the transpose of nn.Linear's; the names are otherwise the same."""
-    transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    ours = model.state_dict()
-    converted = {}
-    for name, tensor in hf_state.items():
-        if name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers, not weights
-            continue
-        if name not in ours:
-            raise KeyError(f"unexpected key in GPT-2 state dict: {name}")
-        converted[name] = tensor.t() if name.endswith(transposed) else tensor
-    model.load_state_dict(converted, strict=True)
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode (no dropout) for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

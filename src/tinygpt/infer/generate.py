@@ -1,4 +1,7 @@
-"""Decoding: token sampling, the KV-cached decode loop, and text streaming.
+"""Decoding: token sampling, the KV-cached decode loop, text streaming and generate().
+
+Every entry point takes one SampleConfig (max_new_tokens, temperature, top_k, top_p), so a caller,
+the chat session or a server request fills in one object instead of passing loose arguments.
 
 Batch-1 decoding on a CPU is bound by memory bandwidth: every new token reads every weight once.
 Two things keep the loop close to that bound (bench/generate.py measures them):
@@ -12,16 +15,18 @@ Two things keep the loop close to that bound (bench/generate.py measures them):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from tinygpt.model import GPT
-    from tinygpt.tokenizer import Tokenizer
+from tinygpt.checkpoint import Checkpoint
+from tinygpt.config import SampleConfig, sample_settings
+from tinygpt.model import GPT, eval_mode
+from tinygpt.tokenizer import Tokenizer
 
 
 def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -134,51 +139,45 @@ def _single_row_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor
     return F.linear(x, module.weight, module.bias)
 
 
-def stream_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                  top_k: int | None = None, top_p: float | None = None, stop_ids: Sequence[int] = (),
+def stream_tokens(model: GPT, idx: torch.Tensor, sampling: SampleConfig, stop_ids: Sequence[int] = (),
                   generator: torch.Generator | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
-    """Yield one (B,) tensor of new tokens per step, stopping early once every row has emitted a stop id.
+    """Yield one (B,) tensor of new tokens per step (at most sampling.max_new_tokens), stopping early once
+    every row has emitted a stop id.
 
     Context policy: only the most recent block_size tokens are seen. With the cache, when it
     fills up it is rebuilt from the most recent block_size/2 tokens, so the cost of re-reading
     the context is paid once per block_size/2 new tokens rather than on every token.
     """
-    block = model.config.block_size
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            history = TokenHistory(idx, block)
-            cache = model.new_cache(idx.size(0)) if use_cache else None
-            logits = model.next_logits(history.last(block), cache)
-            # Checking for stop ids reads a flag back from the device; without stop ids there is nothing to check.
-            stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=idx.device) if stop_ids else None
-            done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-            one_token_step = OneDNNLinears(model)
-            for step in range(max_new_tokens):
-                tok = sample_token(logits, temperature, top_k, top_p, generator)
-                yield tok
-                if step == max_new_tokens - 1:
+    block, steps = model.config.block_size, sampling.max_new_tokens
+    with eval_mode(model), torch.no_grad():
+        history = TokenHistory(idx, block)
+        cache = model.new_cache(idx.size(0)) if use_cache else None
+        logits = model.next_logits(history.last(block), cache)
+        # Checking for stop ids reads a flag back from the device; without stop ids there is nothing to check.
+        stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=idx.device) if stop_ids else None
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        one_token_step = OneDNNLinears(model)
+        for step in range(steps):
+            tok = sample_token(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
+            yield tok
+            if step == steps - 1:
+                return
+            if stop is not None:
+                done |= torch.isin(tok, stop)
+                if bool(done.all()):
                     return
-                if stop is not None:
-                    done |= torch.isin(tok, stop)
-                    if bool(done.all()):
-                        return
-                history.append(tok)
-                if cache is None:
-                    logits = model.next_logits(history.last(block), None)
-                elif cache.pos < block:
-                    with one_token_step:
-                        logits = model.next_logits(tok[:, None], cache)
-                else:
-                    cache.pos = 0
-                    logits = model.next_logits(history.last(block // 2), cache)
-    finally:
-        model.train(was_training)
+            history.append(tok)
+            if cache is None:
+                logits = model.next_logits(history.last(block), None)
+            elif cache.pos < block:
+                with one_token_step:
+                    logits = model.next_logits(tok[:, None], cache)
+            else:
+                cache.pos = 0
+                logits = model.next_logits(history.last(block // 2), cache)
 
 
-def stream_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new_tokens: int,
-                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+def stream_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], sampling: SampleConfig,
                 generator: torch.Generator | None = None, stop_ids: Sequence[int] | None = None) -> Iterator[str]:
     """Yield the text of a single sample piece by piece, stopping before a stop id (default: end-of-text)."""
     stops = set(stop_ids) if stop_ids is not None else {tokenizer.eot_id}
@@ -186,8 +185,7 @@ def stream_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     ids: list[int] = []
     shown = ""
-    for tok in stream_tokens(model, idx, max_new_tokens, temperature, top_k, top_p,
-                             stop_ids=sorted(stops), generator=generator):
+    for tok in stream_tokens(model, idx, sampling, stop_ids=sorted(stops), generator=generator):
         t = int(tok[0])
         if t in stops:
             return
@@ -198,3 +196,35 @@ def stream_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], max_new
             continue
         yield text[len(shown):]
         shown = text
+
+
+def generate_ids(model: GPT, idx: torch.Tensor, sampling: SampleConfig,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """idx (B, T) followed by sampling.max_new_tokens sampled tokens (nanoGPT's generate)."""
+    new = list(stream_tokens(model, idx, sampling, generator=generator))
+    return torch.cat([idx, *(t[:, None] for t in new)], dim=1)
+
+
+def seeded_generator(model: torch.nn.Module, seed: int | None) -> torch.Generator:
+    """A generator on the model's device, seeded with `seed` (or a fresh random seed)."""
+    g = torch.Generator(device=next(model.parameters()).device)
+    g.manual_seed(seed if seed is not None else torch.seed())
+    return g
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """A prompt's ids (special tokens written out count as such); an empty prompt starts from end-of-text."""
+    return tokenizer.encode(prompt, allow_special=True) if prompt else [tokenizer.eot_id]
+
+
+def generate(run: Checkpoint, prompt: str = "", sampling: SampleConfig | None = None, seed: int | None = None,
+             **settings: Any) -> str:
+    """The text a loaded run writes after `prompt` (without the prompt), up to end-of-text.
+
+    Sampling settings default to the run's own (its config's sample section); `sampling` replaces them,
+    and keyword settings (max_new_tokens=20, temperature=0, top_k, top_p) change single fields."""
+    chosen = dataclasses.replace(sampling or run.config.sample)
+    sample_settings(chosen, settings)
+    pieces = stream_text(run.model, run.tokenizer, prompt_ids(run.tokenizer, prompt), chosen,
+                         seeded_generator(run.model, seed))
+    return "".join(pieces)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from tinygpt.data.files import read_text_file, visible_files
 from tinygpt.errors import TinyGPTError, UsageError
 
 Role = Literal["system", "user", "assistant"]
@@ -59,9 +60,7 @@ def detect_format(path: str | Path) -> str:
 def _dialog_files(root: Path) -> Iterator[tuple[Path, str]]:
     """(file, format) for the dialog files below root, sorted by path, hidden ones skipped.
     Lazy, so that detection can stop at the first one without sniffing every .txt file."""
-    files = sorted(f for f in root.rglob("*") if f.is_file()
-                   and not any(part.startswith(".") for part in f.relative_to(root).parts))
-    for f in files:
+    for f in visible_files(root):
         fmt = detect_format(f)
         if fmt != "text":
             yield f, fmt
@@ -71,8 +70,8 @@ def _dialog_files(root: Path) -> Iterator[tuple[Path, str]]:
 
 def read_dialogs(path: str | Path, fmt: str = "auto") -> list[Conversation]:
     """The conversations in a dialog file, a folder of them, or (fmt "hf") a Hugging Face dataset,
-    given as a folder saved with save_to_disk or as a hub name."""
-    if fmt not in ("auto", *DIALOG_FORMATS):
+    given as a folder saved with save_to_disk or as a hub name. fmt may be what detect_format found."""
+    if fmt not in ("auto", "dialogs-folder", *DIALOG_FORMATS):
         raise UsageError(f"unknown dialog format {fmt!r}; use auto or one of {', '.join(DIALOG_FORMATS)}")
     if fmt == "hf":
         return _read_hf(path)
@@ -116,8 +115,6 @@ def write_dialogs(path: str | Path, convs: Iterable[Conversation]) -> None:
 
 
 def _read_file(path: Path, fmt: str) -> list[Conversation]:
-    from tinygpt.data import read_text_file  # imported here: tinygpt.data imports this module
-
     text = read_text_file(path)
     parse = {"jsonl": _jsonl, "chatterbot": _chatterbot, "dailydialog": _dailydialog}[fmt]
     return _kept(parse(text, str(path)), str(path))

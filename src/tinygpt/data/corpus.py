@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from tinygpt.dialogs import Conversation, Message, chatterbot_english
+from tinygpt.data.dialogs import Conversation, Message, chatterbot_english
 
 CAPITALS = {
     "France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin", "Japan": "Tokyo",

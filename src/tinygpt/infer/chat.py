@@ -1,9 +1,4 @@
-"""Chat: templates that turn conversations into tokens and loss masks, and the console loop.
-
-A template wraps each message in a role prefix and suffix. The markers are special tokens,
-registered in every tokenizer kind, so text a user types can never forge a turn: message
-content is always encoded with ``allow_special=False``.
-"""
+"""Chat: a multi-turn session with a trained model (its history fitted to the context), and the console loop."""
 
 from __future__ import annotations
 
@@ -14,73 +9,15 @@ from typing import TextIO
 
 import torch
 
-from tinygpt.dialogs import Message
+from tinygpt.config import SampleConfig
+from tinygpt.data.dialogs import Message
+from tinygpt.data.templates import ChatTemplate
 from tinygpt.errors import TinyGPTError
-from tinygpt.tokenizer import EOT, Tokenizer
+from tinygpt.infer.generate import stream_text
+from tinygpt.tokenizer import Tokenizer
 
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    name: str
-    roles: dict[str, tuple[str, str]]  # role -> (prefix, suffix) around the message content
-    specials: tuple[str, ...]  # marker strings registered as special tokens
-    begin: str = ""  # before a conversation
-    end: str = ""  # after a conversation
-    description: str = ""
-
-    @property
-    def stop_strings(self) -> list[str]:
-        """Markers that end an assistant reply: its suffix's specials, the start of a user turn, the end."""
-        around = self.roles["assistant"][1] + self.roles["user"][0] + self.end
-        return [s for s in self.specials if s in around] + [EOT]
-
-    def render(self, tok: Tokenizer, conv: Sequence[Message], loss_on: str = "assistant",
-               open_reply: bool = False) -> tuple[list[int], list[int]]:
-        """Token ids and a 0/1 mask marking the tokens to learn: assistant content and the suffix that
-        closes it (so the model learns to stop), or everything with loss_on='all'. open_reply appends
-        an assistant prefix for the model to continue."""
-        ids: list[int] = []
-        mask: list[int] = []
-
-        def add(text: str, learn: bool, markup: bool = True) -> None:
-            new = tok.encode(text, allow_special=markup)
-            ids.extend(new)
-            mask.extend([int(learn)] * len(new))
-
-        add(self.begin, loss_on == "all")
-        for m in conv:
-            learn = loss_on == "all" or m.role == "assistant"
-            prefix, suffix = self.roles[m.role]
-            add(prefix, loss_on == "all")
-            add(m.content, learn, markup=False)
-            add(suffix, learn)
-        if open_reply:
-            add(self.roles["assistant"][0], False)
-        else:
-            add(self.end, loss_on == "all")
-        return ids, mask
-
-
-TEMPLATES = {
-    t.name: t for t in [
-        ChatTemplate(
-            "default",
-            roles={"system": ("<|system|>", "<|end|>"), "user": ("<|user|>", "<|end|>"),
-                   "assistant": ("<|assistant|>", "<|end|>")},
-            specials=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), begin=EOT,
-            description="<|endoftext|><|user|>hi<|end|><|assistant|>hello<|end|>"),
-        ChatTemplate(
-            "litegpt",
-            roles={"system": ("<system>: ", " "), "user": ("<user>: ", " "), "assistant": ("<assistant>: ", " ")},
-            specials=("<BOS>", "<EOS>", "<system>:", "<user>:", "<assistant>:"), begin="<BOS> ", end="<EOS>",
-            description="LiteGPT's format: <BOS> <user>: hi <assistant>: hello <EOS>"),
-        ChatTemplate(
-            "tinygpt",
-            roles={"system": ("System: ", " <sep> "), "user": ("User: ", " <sep> "), "assistant": ("Bot: ", " </s> ")},
-            specials=("<s>", "<sep>", "</s>"), begin="<s> ",
-            description="TinyGPT's format: <s> User: hi <sep> Bot: hello </s>"),
-    ]
-}
+# What chat samples with unless told otherwise: greedy replies suit small models best.
+CHAT_SAMPLING = {"max_new_tokens": 128, "temperature": 0.0}
 
 
 def fit_history(tok: Tokenizer, template: ChatTemplate, history: Sequence[Message], budget: int) -> list[int]:
@@ -104,10 +41,7 @@ class ChatSession:
     model: torch.nn.Module
     tokenizer: Tokenizer
     template: ChatTemplate
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
+    sampling: SampleConfig = field(default_factory=lambda: SampleConfig(**CHAT_SAMPLING, top_k=None))
     system: str | None = None
     generator: torch.Generator | None = None
     history: list[Message] = field(default_factory=list)
@@ -120,16 +54,13 @@ class ChatSession:
 
     def reply(self, text: str, on_piece: Callable[[str], None] = lambda s: None) -> str:
         """Add a user turn, stream the assistant's reply through on_piece, and return it."""
-        from tinygpt.generate import stream_text
-
         self.history.append(Message("user", text))
         block = self.model.config.block_size
-        reserve = min(self.max_new_tokens, block // 2)  # leave room for the reply in the window
+        reserve = min(self.sampling.max_new_tokens, block // 2)  # leave room for the reply in the window
         prompt = fit_history(self.tokenizer, self.template, self.history, block - reserve)
         stops = [self.tokenizer.special_tokens[s] for s in self.template.stop_strings]
         pieces = []
-        for piece in stream_text(self.model, self.tokenizer, prompt, self.max_new_tokens, self.temperature,
-                                 self.top_k, self.top_p, generator=self.generator, stop_ids=stops):
+        for piece in stream_text(self.model, self.tokenizer, prompt, self.sampling, self.generator, stops):
             pieces.append(piece)
             on_piece(piece)
         answer = "".join(pieces).strip()

@@ -1,4 +1,4 @@
-"""From text on disk to training batches.
+"""From text or conversations on disk to prepared token files.
 
 The corpus is tokenized once into flat token files (uint16 when the vocabulary
 fits, else uint32) that training reads through numpy memory maps. Token files
@@ -14,58 +14,23 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from tinygpt.chat import TEMPLATES, ChatTemplate
 from tinygpt.config import Config, DataConfig
-from tinygpt.corpus import builtin_conversations
-from tinygpt.dialogs import Conversation, Message, detect_format, read_dialogs, write_dialogs
+from tinygpt.data.batches import Split
+from tinygpt.data.corpus import builtin_conversations
+from tinygpt.data.dialogs import Conversation, Message, detect_format, read_dialogs, write_dialogs
+from tinygpt.data.files import read_corpus
+from tinygpt.data.templates import TEMPLATES, ChatTemplate
 from tinygpt.errors import TinyGPTError
 from tinygpt.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 
-TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
 BUILTIN = "the built-in chat corpus"
 CACHE_VERSION = 2  # bump when the token-file layout or the splitting rule changes
-
-
-# ---------------------------------------------------------------- reading text
-
-def read_text_file(path: Path) -> str:
-    """A UTF-8 text file's content. Refuses binary files and invalid UTF-8 with the byte offset,
-    rather than guessing an encoding and training on mojibake."""
-    raw = path.read_bytes()
-    nul = raw.find(b"\x00")
-    if nul >= 0:
-        raise TinyGPTError(f"{path} looks like a binary file (NUL byte at offset {nul}); give a UTF-8 text file")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise TinyGPTError(f"{path} is not valid UTF-8 (bad byte at offset {e.start}); "
-                           "convert it, e.g. `iconv -f latin1 -t utf-8`") from None
-    return text
-
-
-def read_corpus(path: str | Path) -> list[str]:
-    """The documents of a text file (one document) or of a folder of text files (one each, sorted by name)."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise TinyGPTError(f"data path {p} does not exist")
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
-                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
-        if not files:
-            raise TinyGPTError(f"folder {p} has no text files ({', '.join(TEXT_SUFFIXES)})")
-    else:
-        files = [p]
-    docs = [t for t in (read_text_file(f) for f in files) if t.strip()]
-    if not docs:
-        raise TinyGPTError(f"{p} is empty: there is no text to train on")
-    return docs
 
 
 def split_documents(docs: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
@@ -95,17 +60,15 @@ def encode_documents(tok: Tokenizer, docs: Sequence[str]) -> np.ndarray:
         if i:
             ids.append(tok.eot_id)
         ids.extend(tok.encode(d))
-    return np.asarray(ids, dtype=np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
+    return np.asarray(ids, dtype=token_dtype(tok.vocab_size))
+
+
+def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
+    """The smallest unsigned type that holds every id: token files are read once per epoch, so half the bytes count."""
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
 # ---------------------------------------------------------------- the prepared dataset
-
-@dataclass
-class Split:
-    tokens: np.ndarray  # memory-mapped token ids
-    mask: np.ndarray | None = None  # dialog data: 1 where the token is a training target
-    segments: np.ndarray | None = None  # dialog data: which packed piece of its row each token belongs to
-
 
 @dataclass
 class Dataset:
@@ -178,7 +141,7 @@ def _train_tokenizer(cfg: DataConfig, texts: list[str], specials: Sequence[str])
                            gpt2_ranks=cfg.gpt2_ranks, sp_model_type=cfg.sp_model_type)
 
 
-def prepare(cfg: DataConfig, docs: Sequence[str], source: str, special_tokens: Sequence[str] = (),
+def prepare_text(cfg: DataConfig, docs: Sequence[str], source: str, special_tokens: Sequence[str] = (),
             log=print, tokenizer: Tokenizer | None = None) -> Dataset:
     """Tokenize text documents (train = all but the tail, val = the tail) into the cache and load them."""
     train_docs, val_docs = split_documents(docs, cfg.val_fraction)
@@ -286,7 +249,7 @@ def prepare_dialogs(cfg: DataConfig, convs: Sequence[Conversation], source: str,
                 pieces += p
                 cut += n
             ids, mask, segments = pack(pieces, window, tok.eot_id)
-            ids = ids.astype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
+            ids = ids.astype(token_dtype(tok.vocab_size))
             ids.tofile(folder / f"{name}.bin")
             mask.tofile(folder / f"{name}_mask.bin")
             segments.tofile(folder / f"{name}_segments.bin")
@@ -321,7 +284,7 @@ def copy_to(ds: Dataset, dest: Path) -> Dataset:
 
 # ---------------------------------------------------------------- batches
 
-def load(cfg: Config, log=print, tokenizer: Tokenizer | None = None) -> Dataset:
+def prepare(cfg: Config, log=print, tokenizer: Tokenizer | None = None) -> Dataset:
     """The prepared dataset for a config: text or dialogs from cfg.data.path, or the built-in chat corpus.
     With `tokenizer`, encode with it instead of building one (to evaluate a trained run on new data)."""
     d = cfg.data
@@ -329,8 +292,8 @@ def load(cfg: Config, log=print, tokenizer: Tokenizer | None = None) -> Dataset:
         return prepare_dialogs(d, builtin_conversations(seed=0), BUILTIN, cfg.model.block_size, log, tokenizer)
     fmt = detect_format(d.path) if d.format == "auto" else d.format
     if fmt == "text":
-        return prepare(d, read_corpus(d.path), str(d.path), log=log, tokenizer=tokenizer)
-    return prepare_dialogs(d, read_dialogs(d.path, d.format), str(d.path), cfg.model.block_size, log, tokenizer)
+        return prepare_text(d, read_corpus(d.path), str(d.path), log=log, tokenizer=tokenizer)
+    return prepare_dialogs(d, read_dialogs(d.path, fmt), str(d.path), cfg.model.block_size, log, tokenizer)
 
 
 def check_length(ds: Dataset, block_size: int) -> None:
@@ -339,76 +302,3 @@ def check_length(ds: Dataset, block_size: int) -> None:
             raise TinyGPTError(
                 f"the {name} split has {len(split.tokens)} tokens, shorter than one training window "
                 f"({block_size + 1}); give more text or lower --model.block_size")
-
-
-def windows(split: Split, starts: np.ndarray,
-            block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Inputs, next-token targets and segment numbers (or None for plain text), each
-    (len(starts), block_size), for windows starting at `starts`; targets the mask excludes are -1,
-    which the loss ignores."""
-    index = starts[:, None] + np.arange(block_size + 1)
-    t = torch.from_numpy(split.tokens[index].astype(np.int64))
-    x, y = t[:, :-1], t[:, 1:]
-    if split.mask is not None:
-        y = y.masked_fill(torch.from_numpy(split.mask[index[:, 1:]] == 0), -1)
-    segments = None if split.segments is None else torch.from_numpy(split.segments[index[:, :-1]].astype(np.int64))
-    return x, y, segments
-
-
-class EpochSampler:
-    """Training windows drawn without replacement within an epoch.
-
-    For text, epoch e cuts the token stream into back-to-back windows starting at a random shift
-    (so successive epochs see different boundaries); packed dialog data has fixed rows. The
-    windows are visited in a random order. Shift and order come from (seed, epoch), so the
-    position in the data is just (epoch, index) and resuming needs nothing else.
-    """
-
-    def __init__(self, n_tokens: int, block_size: int, batch_size: int, seed: int, packed: bool = False):
-        self.n_tokens, self.block_size, self.batch_size, self.seed = n_tokens, block_size, batch_size, seed
-        self.packed = packed
-        self.epoch, self.index = 0, 0
-        self._order = self._epoch_starts(0)
-
-    def _epoch_starts(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch])
-        if self.packed:
-            return (self.block_size + 1) * rng.permutation(self.n_tokens // (self.block_size + 1))
-        shift = int(rng.integers(self.block_size)) if self.n_tokens > 2 * self.block_size + 1 else 0
-        n = (self.n_tokens - 1 - shift) // self.block_size
-        return shift + self.block_size * rng.permutation(n)
-
-    @property
-    def windows_per_epoch(self) -> int:
-        return len(self._order)
-
-    def next_starts(self) -> np.ndarray:
-        """Start offsets of the next batch; an epoch's last partial batch is dropped."""
-        if self.index + self.batch_size > len(self._order):
-            self.epoch, self.index = self.epoch + 1, 0
-            self._order = self._epoch_starts(self.epoch)
-        starts = self._order[self.index: self.index + self.batch_size]
-        self.index += self.batch_size
-        return starts
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-        self._order = self._epoch_starts(self.epoch)
-
-
-def eval_starts(n_tokens: int, block_size: int, max_windows: int | None = None, packed: bool = False) -> np.ndarray:
-    """Back-to-back windows over a split (all of them, or max_windows spread evenly): deterministic,
-    so successive evaluations are comparable and consume no training randomness."""
-    stride = block_size + 1 if packed else block_size
-    n = (n_tokens - (0 if packed else 1)) // stride
-    if max_windows is None or max_windows >= n:
-        return np.arange(n) * stride
-    return np.linspace(0, n - 1, max_windows).astype(np.int64) * stride
-
-
-def batched(starts: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    for i in range(0, len(starts), batch_size):
-        yield starts[i: i + batch_size]

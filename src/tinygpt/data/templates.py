@@ -1,0 +1,79 @@
+"""Chat templates: how a conversation becomes tokens and a loss mask.
+
+A template wraps each message in a role prefix and suffix. The markers are special tokens,
+registered in every tokenizer kind, so text a user types can never forge a turn: message
+content is always encoded with ``allow_special=False``. Templates are a data format: data
+preparation, the chat session and the server all read them from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tinygpt.data.dialogs import Message
+from tinygpt.tokenizer import EOT, Tokenizer
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    name: str
+    roles: dict[str, tuple[str, str]]  # role -> (prefix, suffix) around the message content
+    specials: tuple[str, ...]  # marker strings registered as special tokens
+    begin: str = ""  # before a conversation
+    end: str = ""  # after a conversation
+    description: str = ""
+
+    @property
+    def stop_strings(self) -> list[str]:
+        """Markers that end an assistant reply: its suffix's specials, the start of a user turn, the end."""
+        around = self.roles["assistant"][1] + self.roles["user"][0] + self.end
+        return [s for s in self.specials if s in around] + [EOT]
+
+    def render(self, tok: Tokenizer, conv: Sequence[Message], loss_on: str = "assistant",
+               open_reply: bool = False) -> tuple[list[int], list[int]]:
+        """Token ids and a 0/1 mask marking the tokens to learn: assistant content and the suffix that
+        closes it (so the model learns to stop), or everything with loss_on='all'. open_reply appends
+        an assistant prefix for the model to continue."""
+        ids: list[int] = []
+        mask: list[int] = []
+
+        def add(text: str, learn: bool, markup: bool = True) -> None:
+            new = tok.encode(text, allow_special=markup)
+            ids.extend(new)
+            mask.extend([int(learn)] * len(new))
+
+        add(self.begin, loss_on == "all")
+        for m in conv:
+            learn = loss_on == "all" or m.role == "assistant"
+            prefix, suffix = self.roles[m.role]
+            add(prefix, loss_on == "all")
+            add(m.content, learn, markup=False)
+            add(suffix, learn)
+        if open_reply:
+            add(self.roles["assistant"][0], False)
+        else:
+            add(self.end, loss_on == "all")
+        return ids, mask
+
+
+TEMPLATES = {
+    t.name: t for t in [
+        ChatTemplate(
+            "default",
+            roles={"system": ("<|system|>", "<|end|>"), "user": ("<|user|>", "<|end|>"),
+                   "assistant": ("<|assistant|>", "<|end|>")},
+            specials=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), begin=EOT,
+            description="<|endoftext|><|user|>hi<|end|><|assistant|>hello<|end|>"),
+        ChatTemplate(
+            "litegpt",
+            roles={"system": ("<system>: ", " "), "user": ("<user>: ", " "), "assistant": ("<assistant>: ", " ")},
+            specials=("<BOS>", "<EOS>", "<system>:", "<user>:", "<assistant>:"), begin="<BOS> ", end="<EOS>",
+            description="LiteGPT's format: <BOS> <user>: hi <assistant>: hello <EOS>"),
+        ChatTemplate(
+            "tinygpt",
+            roles={"system": ("System: ", " <sep> "), "user": ("User: ", " <sep> "), "assistant": ("Bot: ", " </s> ")},
+            specials=("<s>", "<sep>", "</s>"), begin="<s> ",
+            description="TinyGPT's format: <s> User: hi <sep> Bot: hello </s>"),
+    ]
+}

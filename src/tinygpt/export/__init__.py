@@ -1,0 +1,1 @@
+"""Moving weights between tinygpt and other runtimes (Hugging Face transformers today)."""

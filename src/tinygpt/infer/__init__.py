@@ -1,0 +1,1 @@
+"""Decoding: sampling, the KV-cached decode loop, generate() and the chat session."""

@@ -1,0 +1,151 @@
+"""Run directories: the one place that creates, resumes and opens them.
+
+A run directory holds::
+
+    config.yaml      the resolved config, written once when the run is created
+    data/            the run's own copy of its prepared data (token files and tokenizer)
+    metrics.jsonl    one line per evaluation
+    checkpoints/     best/, last/ and the `latest` pointer (see checkpoint.py)
+
+`create` and `resume` return a Run ready to train; `load` opens a trained run's checkpoint for sample,
+chat, eval and everything that starts from a trained model.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tinygpt import checkpoint, config
+from tinygpt.config import Config
+from tinygpt.data.prepare import Dataset, check_length, copy_to, load_prepared, prepare
+from tinygpt.data.templates import TEMPLATES, ChatTemplate
+from tinygpt.device import autocast_dtype, resolve_device
+from tinygpt.errors import TinyGPTError, UsageError
+from tinygpt.train.loop import train
+from tinygpt.train.schedule import choose_size
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Run:
+    """A run directory ready to train: its config, its prepared data and, when resuming, the verified checkpoint."""
+
+    dir: Path
+    config: Config
+    data: Dataset
+    checkpoint: Path | None = None  # where training continues from; None: step 0
+    sizing_s: float = 0.0  # seconds model.auto_size spent timing shapes, which count against the time budget
+
+    def train(self, log: Log = print) -> dict[str, Any]:
+        """Train to the end of the schedule; returns the final metrics."""
+        return train(self.config, self.dir, self.data, self.checkpoint, log, self.sizing_s)
+
+
+def create(cfg: Config, out: Path | None = None, overwrite: bool = False, log: Log = print) -> Run:
+    """A new run in `out` (default runs/<timestamp>): prepares the data, takes the vocabulary size from the
+    tokenizer, checks the data is long enough, sizes the model when model.auto_size asks, then writes the
+    directory. Everything that can fail on bad input fails before the directory is touched."""
+    run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise UsageError(f"run directory {run_dir} already exists; pass --resume to continue it, "
+                         "--overwrite to replace it, or choose another --out")
+    ds = prepare(cfg, log=log)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = ds.tokenizer.vocab_size
+    elif cfg.model.vocab_size < ds.tokenizer.vocab_size:
+        raise UsageError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
+                         f"{ds.tokenizer.vocab_size} ids; leave it empty to take it from the tokenizer")
+    check_length(ds, cfg.model.block_size)
+    device = resolve_device(cfg.train.device)
+    sizing_s = choose_size(cfg, ds, device, autocast_dtype(cfg.train, device), log) if cfg.model.auto_size else 0.0
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    ds = copy_to(ds, run_dir / "data")
+    config.save(cfg, run_dir / "config.yaml")
+    log(f"run directory: {run_dir}")
+    return Run(run_dir, cfg, ds, sizing_s=sizing_s)
+
+
+def resume(run_dir: Path, flags: dict[str, Any], preset: str | None = None, config_file: str | Path | None = None,
+           log: Log = print) -> Run:
+    """The run in run_dir, continued from its newest valid checkpoint (verified once) with the changes that
+    the command asks for (see resumed_config)."""
+    if not run_dir.is_dir():
+        raise UsageError(f"cannot resume: run directory {run_dir} does not exist")
+    ckpt = checkpoint.newest(run_dir, warn=log)
+    if ckpt is None and not (run_dir / "config.yaml").is_file():
+        raise UsageError(f"cannot resume: {run_dir} holds no checkpoint and no config.yaml (it never got "
+                         "as far as training); start it again with --overwrite")
+    if ckpt is None:
+        log(f"{run_dir} has no checkpoint yet: starting it from step 0 with its saved config")
+    saved = config.from_dict(config.load_yaml((ckpt or run_dir) / "config.yaml"))
+    cfg = resumed_config(saved, flags, preset, config_file, log)
+    return Run(run_dir, cfg, load_prepared(run_dir / "data"), ckpt)
+
+
+def may_change_on_resume(key: str) -> bool:
+    """train.* and sample.* may change when a run is resumed; the model and data may not, nor the optimizer,
+    whose saved state belongs to the one that wrote it."""
+    return key.startswith(("train.", "sample.")) and key != "train.optimizer"
+
+
+def resumed_config(saved: Config, flags: dict[str, Any], preset: str | None = None,
+                   config_file: str | Path | None = None, log: Log = print) -> Config:
+    """The saved config with the changes the command asks for. With --preset or --config the command is
+    resolved as a new run would be and compared with the saved config, so repeating the original command
+    changes nothing; flags alone apply on top of the saved config. A change outside may_change_on_resume
+    is refused, naming each key."""
+    before = flat(saved)
+    if preset or config_file:
+        after = flat(config.resolve(preset, config_file, flags))
+        # what a new run fills in itself: an empty vocab_size becomes the tokenizer's, auto_size picks the shape
+        derived = {k for k in config.SHAPE_KEYS if after["model.auto_size"]}
+        derived |= {"model.vocab_size"} if after["model.vocab_size"] is None else set()
+    else:
+        wanted = config.from_dict(saved.to_dict())
+        config.apply_layer(wanted, flags, "command line")
+        config.validate(wanted)
+        after, derived = flat(wanted), set()
+    changed = [k for k in before if before[k] != after[k] and k not in derived]
+    refused = [k for k in changed if not may_change_on_resume(k)]
+    if refused:
+        raise UsageError("on --resume only train.* (but not train.optimizer) and sample.* settings may change; "
+                         f"start a new run to change {', '.join(refused)}")
+    cfg = config.from_dict(saved.to_dict())
+    config.apply_overrides(cfg, {k: after[k] for k in changed}, "command line")
+    config.validate(cfg)
+    if changed:
+        log("resuming with " + ", ".join(f"{k} {after[k]} (was {before[k]})" for k in changed))
+    return cfg
+
+
+def flat(cfg: Config) -> dict[str, Any]:
+    return {f"{section}.{name}": value for section, fields in cfg.to_dict().items() for name, value in fields.items()}
+
+
+def load(path: str | Path, which: str = "last", device: str = "auto", warn: Log | None = None) -> checkpoint.Checkpoint:
+    """A trained run's model, tokenizer and config: checkpoint `which` (last or best, falling back to the other)
+    of the run directory `path`, or the checkpoint directory `path` itself; verified once, on `device`."""
+    path = Path(path)
+    if (path / "manifest.json").is_file():  # a checkpoint directory
+        checkpoint.verify(path)
+        ckpt = path
+    else:
+        ckpt = checkpoint.find(path, which, warn=warn)
+    return checkpoint.load(ckpt, resolve_device(device), verified=True)
+
+
+def chat_template(ckpt: checkpoint.Checkpoint) -> ChatTemplate:
+    """The chat template the run was trained with; refuses a run trained on plain text."""
+    template = TEMPLATES[ckpt.config.data.chat_template]
+    if not set(template.specials) <= set(ckpt.tokenizer.special_tokens):
+        raise TinyGPTError(f"{ckpt.run_dir} was trained on plain text, not conversations; chat needs a run "
+                           "trained on dialog data (e.g. `tinygpt train` with no --data, or a .jsonl file)")
+    return template

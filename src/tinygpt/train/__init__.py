@@ -1,0 +1,1 @@
+"""Training: the loop, its step, schedule and state, and the optimizers."""

@@ -1,0 +1,69 @@
+"""One optimizer step, the piece that the trainer, auto-sizing and the training benchmark share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tinygpt.config import Config
+from tinygpt.data.batches import EpochSampler, windows
+from tinygpt.data.prepare import Dataset
+from tinygpt.device import autocast
+
+# (inputs, targets, segment numbers or None), each (batch, block_size), on the training device
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # the last micro-batch's loss, still on the device (reading it waits for the device)
+    grad_norm: torch.Tensor  # the global gradient norm before clipping
+    finite: bool  # False: the loss or a gradient was NaN/inf, and the update was skipped
+
+
+def micro_batches(data: Dataset, sampler: EpochSampler, cfg: Config, device: torch.device) -> list[Batch]:
+    """The next train.grad_accum micro-batches of training windows, moved to the device."""
+    def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device, non_blocking=True)
+
+    return [tuple(on_device(t) for t in windows(data.train, sampler.next_starts(), cfg.model.block_size))
+            for _ in range(cfg.train.grad_accum)]  # type: ignore[misc]
+
+
+def train_step(forward: Callable, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Sequence[Batch],
+               grad_clip: float, dtype: torch.dtype | None) -> StepResult:
+    """Forward and backward over the micro-batches (gradients averaged over them), the global gradient norm
+    clipped to grad_clip (0: not clipped), then the update, skipped when the loss or the norm is not finite.
+    `forward` is the model or its compiled form; `model` owns the parameters."""
+    for x, y, segments in batches:
+        with autocast(x.device, dtype):
+            _, loss = forward(x, y, segments=segments)
+        (loss / len(batches)).backward()
+    # clip_grad_norm_ also returns the norm, so one check catches a NaN/inf anywhere in the gradients
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    finite = bool(torch.isfinite(norm + loss.detach()))
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, norm, finite)
+
+
+class MaybeCompiled:
+    """Call a torch.compile'd model, falling back to the eager one (with a one-line notice) if compiling
+    fails, which happens at the first call rather than at torch.compile()."""
+
+    def __init__(self, model: torch.nn.Module, enabled: bool, log):
+        self.model, self.log = model, log
+        self.fn = torch.compile(model) if enabled else model
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return self.fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any compiler failure means: run eagerly
+            if self.fn is self.model:
+                raise
+            self.log(f"note: torch.compile failed ({str(e).splitlines()[0][:120]}); continuing without it")
+            self.fn = self.model
+            return self.fn(*args, **kwargs)
