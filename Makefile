@@ -38,7 +38,8 @@ bench: setup
 	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -29,8 +29,10 @@ from common import (
     timed,
 )
 
-from tinygpt.config import ModelConfig
-from tinygpt.model import GPT, load_hf_gpt2_state_dict
+from tinygpt.config import ModelConfig, SampleConfig
+from tinygpt.export.hf import load_hf_gpt2_state_dict
+from tinygpt.infer.generate import generate_ids
+from tinygpt.model import GPT
 
 # GPT-2 small, and a 10M-parameter model (not counting its 19M-parameter embedding) on the same vocabulary.
 SHAPES: dict[str, dict[str, int]] = {
@@ -62,7 +64,7 @@ def build_models(shape: str, dtype: torch.dtype, device: torch.device, seed: int
 
 
 def tinygpt_decode(model: GPT, prompt: torch.Tensor) -> torch.Tensor:
-    return model.generate(prompt, NEW_TOKENS, temperature=0)[:, prompt.size(1):]
+    return generate_ids(model, prompt, SampleConfig(max_new_tokens=NEW_TOKENS, temperature=0))[:, prompt.size(1):]
 
 
 def hf_decode(model: Any, prompt: torch.Tensor) -> torch.Tensor:

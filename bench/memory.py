@@ -54,7 +54,7 @@ def child(checkpointing: bool) -> dict[str, Any]:
 
     from tinygpt.config import ModelConfig, TrainConfig
     from tinygpt.model import GPT
-    from tinygpt.optim import make_optimizer
+    from tinygpt.train.optim import make_optimizer
 
     torch.manual_seed(0)
     device = torch.device("cpu")

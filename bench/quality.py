@@ -3,10 +3,11 @@
 It runs the real command line, so everything a user gets is measured (data preparation, the
 time-budget planner, evaluations, checkpoints):
 
-    python -m tinygpt.cli train --data ../shared/data/tinyshakespeare.txt --tokenizer char \\
+    python -m tinygpt train --data ../shared/data/tinyshakespeare.txt --tokenizer char \\
         --train.time_budget 120 --out <tmp> --overwrite [extra args]
 
-and reports the final whole-validation-split loss (the metrics.jsonl line with "final": true)
+(a time budget with no model-size flag sizes the model to the budget; `-- --model.auto_size false` keeps
+the preset's size) and reports the final whole-validation-split loss (the metrics.jsonl line with "final": true)
 and the wall time of the command. Extra arguments pass through to `tinygpt train`:
 
     python bench/quality.py --preset cpu-tiny
@@ -48,7 +49,7 @@ def run(budget: float, extra: list[str]) -> dict[str, Any] | None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])))
     with tempfile.TemporaryDirectory(prefix="tinygpt-quality-") as tmp:
         run_dir = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "tinygpt.cli", "train", "--data", str(DATA), "--tokenizer", "char",
+        cmd = [sys.executable, "-m", "tinygpt", "train", "--data", str(DATA), "--tokenizer", "char",
                "--train.time_budget", f"{budget:g}", "--out", str(run_dir), "--overwrite", *extra]
         print("$ " + " ".join(cmd[1:]), flush=True)
         start = time.perf_counter()

@@ -2,7 +2,7 @@
 
     python bench/run_all.py              # everything (about 9 minutes on 2 CPU cores)
     python bench/run_all.py --quick      # one timed repetition each (the quality runs still take 120 s each)
-    python bench/run_all.py --skip quality quality-auto memory
+    python bench/run_all.py --skip quality quality-preset-size memory
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import train
 
 BENCHMARKS: dict[str, Callable[[list[str]], Any]] = {
     "generate": generate.main, "train": train.main, "memory": memory.main, "quality": quality.main,
-    # The same command with the model's size fitted to the budget (train.py's choose_size).
-    "quality-auto": lambda args: quality.main([*args, "--model.auto_size", "true"]),
+    # The same command keeping the preset's size (a time budget alone sizes the model: train/schedule.py's choose_size).
+    "quality-preset-size": lambda args: quality.main([*args, "--model.auto_size", "false"]),
 }
 
 
@@ -73,7 +73,7 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str
             rows.append((f"train {r['shape']} fp32 compiled (cpu)", f"{r['compiled_tok_s']:,.0f} tok/s",
                          f"{r['hf_tok_s']:,.0f} tok/s", f"{r['compiled_ratio']:.2f}x",
                          f"compile {r['compile_s']:.0f} s", ""))
-    for key, label in (("quality", "quality: val loss in 120 s"), ("quality-auto", "quality, auto_size: val loss")):
+    for key, label in (("quality", "quality: val loss in 120 s"), ("quality-preset-size", "quality, preset's size: val loss")):
         q = res.get(key)
         if q is None:
             rows.append((label, "-", "", "", "<= 1.65", "not run or skipped"))

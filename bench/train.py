@@ -2,7 +2,7 @@
 
 Both sides train the same GPT-2-shaped model (tinygpt loads the transformers model's initial
 weights) on the same random batches. tinygpt's step is the trainer's: forward with targets,
-backward, clip_grad_norm_(1.0), the finiteness check, AdamW from tinygpt.optim.make_optimizer
+backward, clip_grad_norm_(1.0), the finiteness check, AdamW from tinygpt.train.optim.make_optimizer
 (foreach, weight decay on matrices only), zero_grad(set_to_none=True). The peer is what a
 transformers user writes: GPT2LMHeadModel(labels=...), torch.optim.AdamW with its defaults,
 the same clipping and learning rate. After warm-up steps the two are timed in alternating
@@ -35,8 +35,11 @@ from common import (
 )
 
 from tinygpt.config import ModelConfig, TrainConfig
-from tinygpt.model import GPT, load_hf_gpt2_state_dict
-from tinygpt.optim import make_optimizer
+from tinygpt.device import autocast
+from tinygpt.export.hf import load_hf_gpt2_state_dict
+from tinygpt.model import GPT
+from tinygpt.train.optim import make_optimizer
+from tinygpt.train.step import train_step
 
 SHAPES: dict[str, dict[str, Any]] = {
     "10M": dict(dims=dict(n_layer=6, n_head=6, n_embd=384), vocab=50257, block=256, batch=8),
@@ -68,25 +71,18 @@ def build_models(shape: str, device: torch.device, seed: int = 0) -> tuple[GPT, 
 
 
 def amp(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    # Mixed precision as the trainer runs it: float32 weights and optimizer, bf16 autocast compute.
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    # Mixed precision as the trainer runs it (tinygpt.device.autocast): float32 weights and optimizer, bf16 compute.
+    return autocast(device, dtype)
 
 
 def tinygpt_step_fn(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> Step:
-    """One step exactly as tinygpt.train does it (without the schedule and logging around it)."""
+    """The trainer's own step (tinygpt.train.step.train_step), on one micro-batch without segments."""
     cfg = TrainConfig()
     base = model._orig_mod if hasattr(model, "_orig_mod") else model  # the optimizer wants the real parameters
     optimizer = make_optimizer(base, cfg, device)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with amp(device, dtype):
-            _, loss = model(x, y)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(base.parameters(), cfg.grad_clip)
-        if bool(torch.isfinite(norm + loss.detach())):  # the trainer's NaN guard, a sync it pays every step
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+        return train_step(model, base, optimizer, [(x, y, None)], cfg.grad_clip, dtype).loss
 
     return step
 

@@ -1,6 +1,8 @@
 import hashlib
 import io
 import json
+import os
+import subprocess
 
 import pytest
 
@@ -185,3 +187,63 @@ def test_auto_size_writes_the_chosen_shape_into_the_run(text_file, tmp_path, cap
         assert yaml.safe_load(saved.read_text())["model"]["n_embd"] == 24
     code, out_text, err = run(capsys, "sample", "--run", out, "--prompt", "The", "--max-new-tokens", 5)
     assert code == 0, err
+
+
+def full_disk_errors():
+    from safetensors import SafetensorError
+    # What the writers raise when the disk fills up (seen on a full tmpfs): neither is an OSError.
+    return [("tinygpt.checkpoint.save_model", SafetensorError("Error while serializing: I/O error: No space left on "
+                                                              "device (os error 28)")),
+            ("tinygpt.checkpoint.torch.save", RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                                                           "576 vs 534"))]
+
+
+# Defect: a full disk while writing a checkpoint ended in a traceback from torch's or safetensors' writer.
+@pytest.mark.parametrize("writer, error", full_disk_errors(), ids=["safetensors", "torch.save"])
+def test_full_disk_inside_the_checkpoint_writers_is_one_line(trained, capsys, monkeypatch, writer, error):
+    before = snapshot(trained / "checkpoints")
+
+    def disk_full(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(writer, disk_full)
+    code, _, err = run(capsys, "train", "--out", trained, "--resume", "--train.max_iters", 9)
+    assert code == 1 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("error: could not write checkpoint") and "free some disk space" in err
+    assert snapshot(trained / "checkpoints") == before
+    monkeypatch.undo()
+    assert run(capsys, "sample", "--run", trained, "--max-new-tokens", 3)[0] == 0  # the earlier checkpoint still loads
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs (mounting needs root; skipped where it is not allowed)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip() or done.returncode}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_really_full_disk_while_checkpointing(text_file, small_disk, capsys):
+    out = small_disk / "run"
+    flags = tiny_flags(**{"model.n_embd": 64, "model.n_head": 2})
+    code, _, err = run(capsys, "train", "--data", text_file, "--out", out, "--tokenizer", "char", *flags)
+    assert code == 0, err
+    before = snapshot(out / "checkpoints")
+    filler = small_disk / "filler"
+    with open(filler, "wb", buffering=0) as f:  # fill the disk, then give back a little: room for metrics only
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    os.truncate(filler, max(0, filler.stat().st_size - 16 * 4096))
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--train.max_iters", 9)
+    assert code == 1 and "Traceback" not in err, err
+    assert [line for line in err.splitlines() if line.startswith("error")] == [err.splitlines()[-1]]
+    assert "could not write checkpoint" in err and "free some disk space" in err
+    filler.unlink()
+    assert snapshot(out / "checkpoints") == before
+    assert run(capsys, "sample", "--run", out, "--max-new-tokens", 3)[0] == 0

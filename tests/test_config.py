@@ -64,3 +64,34 @@ def test_optional_fields_accept_empty_and_saved_config_round_trips(tmp_path):
 def test_every_field_has_help_text():
     missing = [key for key, _, _, doc in config.iter_fields() if not doc]
     assert not missing
+
+
+# Defect: `--train.max_iters 20` on a preset that trains by epochs was silently ignored.
+@pytest.mark.parametrize("preset", ["tinygpt", "litegpt", "microgpt"])
+def test_a_training_length_flag_replaces_the_presets_length(preset):
+    assert config.resolve(preset).train.epochs is not None  # these presets train by epochs
+    cfg = config.resolve(preset, flags={"train.max_iters": "20"})
+    assert cfg.train.max_iters == 20 and cfg.train.epochs is None and cfg.train.time_budget is None
+    cfg = config.resolve(preset, flags={"train.time_budget": "30"})
+    assert cfg.train.time_budget == 30 and cfg.train.epochs is None
+
+
+def test_a_config_file_length_is_replaced_by_a_flag_and_one_layer_keeps_its_precedence(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochs: 2\n")
+    assert config.resolve("cpu-tiny", f).train.epochs == 2
+    assert config.resolve("cpu-tiny", f, {"train.max_iters": 7}).train.epochs is None
+    both = config.resolve("cpu-tiny", flags={"train.max_iters": 7, "train.time_budget": 5, "model.n_layer": 2})
+    assert both.train.time_budget == 5  # within one layer the time budget wins, as documented
+
+
+# Defect: a time budget alone kept the preset's model size, although sizing to the budget learns more.
+def test_a_time_budget_without_a_size_sizes_the_model_to_it(tmp_path):
+    assert config.resolve(flags={"train.time_budget": 120}).model.auto_size is True
+    assert config.resolve("cpu-tiny", flags={"train.time_budget": 120}).model.auto_size is True
+    assert config.resolve(flags={"train.time_budget": 120, "model.auto_size": "false"}).model.auto_size is False
+    assert config.resolve(flags={"train.time_budget": 120, "model.n_embd": 96, "model.n_head": 3}).model.auto_size is False
+    f = tmp_path / "size.yaml"
+    f.write_text("model:\n  n_layer: 2\n")
+    assert config.resolve(None, f, {"train.time_budget": 120}).model.auto_size is False  # a size in the file counts
+    assert config.resolve().model.auto_size is False  # no budget, no sizing

@@ -51,10 +51,12 @@ def test_preset_trains_reloads_and_samples(name, tmp_path, text_file, dialog_fil
     if chat:
         template = TEMPLATES[cfg.data.chat_template]
         assert set(template.specials) <= set(loaded.tokenizer.special_tokens)
-        reply = ChatSession(loaded.model, loaded.tokenizer, template, SampleConfig(max_new_tokens=5, temperature=1.0, top_k=None)).reply("hi")
+        sampling = SampleConfig(max_new_tokens=5, temperature=1.0, top_k=None)
+        reply = ChatSession(loaded.model, loaded.tokenizer, template, sampling).reply("hi")
         assert isinstance(reply, str)
     else:
-        out = generate_ids(loaded.model, torch.tensor([loaded.tokenizer.encode("The ")]), SampleConfig(max_new_tokens=5, temperature=1.0, top_k=10))
+        prompt = torch.tensor([loaded.tokenizer.encode("The ")])
+        out = generate_ids(loaded.model, prompt, SampleConfig(max_new_tokens=5, temperature=1.0, top_k=10))
         assert out.shape == (1, len(loaded.tokenizer.encode("The ")) + 5)
 
 

@@ -64,7 +64,11 @@ def save(dest: Path, model: GPT, cfg: Config, tokenizer: Tokenizer,
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint should be as readable as the run directory
     try:
-        _write_files(tmp, model, cfg, tokenizer, trainer, state)
+        try:
+            _write_files(tmp, model, cfg, tokenizer, trainer, state)
+        except (RuntimeError, SafetensorError) as e:
+            raise TinyGPTError(f"could not write checkpoint {dest} ({str(e).splitlines()[0][:200]}); the disk may be "
+                               "full: free some disk space or choose another --out (the previous checkpoint is kept)") from None
         _swap_into_place(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -75,17 +79,12 @@ def _write_files(folder: Path, model: GPT, cfg: Config, tokenizer: Tokenizer,
                  trainer: dict[str, Any] | None, state: dict[str, Any] | None) -> None:
     """The checkpoint's files and their manifest, fsynced. A full disk surfaces from torch.save as a
     RuntimeError ("unexpected pos ...") and from safetensors as a SafetensorError, neither an OSError:
-    both become one TinyGPTError here, so the user sees one line instead of a traceback."""
-    try:
-        save_model(model, str(folder / "model.safetensors"))  # drops the tied lm_head copy; load_model restores it
-        config_mod.save(cfg, folder / "config.yaml")
-        tokenizer.save(folder / "tokenizer")
-        if trainer is not None:
-            torch.save(trainer, folder / "trainer.pt")
-    except (RuntimeError, SafetensorError) as e:
-        raise TinyGPTError(f"could not write checkpoint {folder.parent.name}/{folder.name} in {folder.parent} "
-                           f"({str(e).splitlines()[0][:200]}); the disk may be full: free some disk space or choose "
-                           "another --out (the previous checkpoint is kept)") from None
+    save() turns both into one TinyGPTError, so the user sees one line instead of a traceback."""
+    save_model(model, str(folder / "model.safetensors"))  # drops the tied lm_head copy; load_model restores it
+    config_mod.save(cfg, folder / "config.yaml")
+    tokenizer.save(folder / "tokenizer")
+    if trainer is not None:
+        torch.save(trainer, folder / "trainer.pt")
     (folder / "state.json").write_text(json.dumps(state or {}, indent=2))
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     manifest = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
@@ -159,13 +158,15 @@ def valid_checkpoints(run_dir: Path, names: tuple[str, ...] = ("best", "last"), 
 
 
 def find(run_dir: Path, which: str = "best", warn=None) -> Path:
-    """Checkpoint `which` ('best' or 'last'), falling back to the other if it is missing or damaged."""
+    """Checkpoint `which` ('best' or 'last'), verified, falling back to the other if it is missing or damaged
+    (the other is only read when it is needed)."""
     if not Path(run_dir).is_dir():
         raise TinyGPTError(f"run directory {run_dir} does not exist")
-    found = valid_checkpoints(run_dir, (which, "last" if which == "best" else "best"), warn)
-    if not found:
-        raise TinyGPTError(f"no usable checkpoint in {run_dir}; train one with `tinygpt train --out {run_dir}`")
-    return found[0]
+    for name in (which, "last" if which == "best" else "best"):
+        found = valid_checkpoints(run_dir, (name,), warn)
+        if found:
+            return found[0]
+    raise TinyGPTError(f"no usable checkpoint in {run_dir}; train one with `tinygpt train --out {run_dir}`")
 
 
 def newest(run_dir: Path, warn=None) -> Path | None:
