@@ -333,14 +333,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UsageError(f"config file {p} is not valid YAML{yaml_line(e)}: {str(e).splitlines()[0]}") from None
+        line = yaml_error_line(e)
+        where = f" (line {line})" if line else ""
+        raise UsageError(f"config file {p} is not valid YAML{where}: {str(e).splitlines()[0]}") from None
     return data or {}
 
 
-def yaml_line(e: Exception) -> str:
-    """' (line N)' for a YAML error that knows where it happened, else ''."""
+def yaml_error_line(e: Exception) -> int | None:
+    """The 1-based line a YAML error points at, when it knows."""
     mark = getattr(e, "problem_mark", None)
-    return f" (line {mark.line + 1})" if mark is not None else ""
+    return mark.line + 1 if mark is not None else None
 
 
 def resolve(preset: str | None = None, config_file: str | Path | None = None,

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from tinygpt.config import yaml_error_line
 from tinygpt.data.files import read_text_file, visible_files
 from tinygpt.errors import TinyGPTError, UsageError
 
@@ -173,8 +174,8 @@ def _chatterbot(text: str, where: str) -> Iterator[Conversation]:
         # BaseLoader keeps every scalar as its text: safe_load would turn "yes" into True and "12:30" into 750
         doc = yaml.load(text, Loader=yaml.BaseLoader)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" line {mark.line + 1}" if mark else ""
+        line = yaml_error_line(e)
+        at = f" line {line}" if line else ""
         raise TinyGPTError(f"{where}{at}: invalid YAML ({getattr(e, 'problem', None) or e}); fix the file") from None
     convs = doc.get("conversations") if isinstance(doc, dict) else None
     if not isinstance(convs, list):
