@@ -2,6 +2,9 @@ from pathlib import Path
 
 import pytest
 
+from tinygpt.data.dialogs import Message
+from tinygpt.tokenizer import build_tokenizer
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -27,3 +30,12 @@ def tiny_flags(**extra) -> list[str]:
              "train.max_iters": 6, "train.batch_size": 4, "train.eval_interval": 3, "train.eval_iters": 2,
              "train.checkpoint_interval": 3, "train.warmup_iters": 2, **extra}
     return [a for k, v in flags.items() for a in (f"--{k}", str(v))]
+
+
+# Conversations and tokenizers for the chat-template, packing and chat-session tests.
+U, A, S = (lambda t: Message("user", t)), (lambda t: Message("assistant", t)), (lambda t: Message("system", t))
+TEXTS = ["hello there", "hi! how are you?", "what is 2 plus 3?", "5", "be brief"]
+
+
+def tok_for(template, kind="char"):
+    return build_tokenizer(kind, TEXTS + ["User: Bot: System: <user>: <assistant>: <system>: "], special_tokens=template.specials)
