@@ -122,10 +122,10 @@ def run_parser(prog: str, description: str) -> ArgumentParser:
 
 
 def add_sampling_flags(p: ArgumentParser, temperature_help: str) -> None:
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", default=argparse.SUPPRESS, help="tokens per reply/sample")
-    p.add_argument("--temperature", dest="temperature", default=argparse.SUPPRESS, help=temperature_help)
-    p.add_argument("--top-k", dest="top_k", default=argparse.SUPPRESS, help="keep the k most likely tokens")
-    p.add_argument("--top-p", dest="top_p", default=argparse.SUPPRESS, help="nucleus sampling mass")
+    p.add_argument("--max-new-tokens", default=argparse.SUPPRESS, help="tokens per reply/sample")
+    p.add_argument("--temperature", default=argparse.SUPPRESS, help=temperature_help)
+    p.add_argument("--top-k", default=argparse.SUPPRESS, help="keep the k most likely tokens")
+    p.add_argument("--top-p", default=argparse.SUPPRESS, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
 
 

@@ -25,11 +25,12 @@ class StepResult:
 
 def micro_batches(data: Dataset, sampler: EpochSampler, cfg: Config, device: torch.device) -> list[Batch]:
     """The next train.grad_accum micro-batches of training windows, moved to the device."""
-    def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(device, non_blocking=True)
-
-    return [tuple(on_device(t) for t in windows(data.train, sampler.next_starts(), cfg.model.block_size))
-            for _ in range(cfg.train.grad_accum)]  # type: ignore[misc]
+    batches: list[Batch] = []
+    for _ in range(cfg.train.grad_accum):
+        x, y, segments = windows(data.train, sampler.next_starts(), cfg.model.block_size)
+        batches.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                        None if segments is None else segments.to(device, non_blocking=True)))
+    return batches
 
 
 def train_step(forward: Callable, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Sequence[Batch],
