@@ -62,6 +62,9 @@ def train_parser(defaults: config.Config, preset: str | None) -> ArgumentParser:
                    help="text file or folder of text files (same as --data.path); omit for the built-in corpus")
     p.add_argument("--tokenizer", dest="data.tokenizer", default=argparse.SUPPRESS,
                    choices=["char", "gpt2", "bpe", "sentencepiece"], help="same as --data.tokenizer")
+    p.add_argument("--init-from", dest="train.init_from", default=argparse.SUPPRESS, metavar="SOURCE",
+                   help="start from these weights: a tinygpt run, or a local Hugging Face GPT-2 folder "
+                   "(same as --train.init_from)")
     p.add_argument("--out", type=Path, help="run directory (default: runs/<timestamp>)")
     p.add_argument("--preset", choices=list(presets.PRESETS), help="start from a named recipe (listed below)")
     p.add_argument("--config", metavar="FILE", help="YAML file with sections model/data/train/sample")

@@ -152,6 +152,10 @@ class TrainConfig:
     """Skip an optimizer step whose loss or gradient is NaN/inf instead of stopping the run."""
     seed: int = 1337
     """Seeds model init, data order and dropout."""
+    init_from: str | None = None
+    """Start from these weights instead of a random init: a tinygpt run directory (or checkpoint folder), or a
+    local Hugging Face GPT-2 folder. The architecture (every model.* setting but dropout) and the tokenizer
+    come from it; conversations add their chat markers to the tokenizer as new rows."""
     device: str = "auto"
     """'auto' (cuda if present, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"

@@ -20,6 +20,7 @@ from tinygpt.data.dialogs import Conversation, Message
 from tinygpt.data.prepare import load_prepared, prepare
 from tinygpt.data.templates import TEMPLATES
 from tinygpt.device import autocast
+from tinygpt.errors import TinyGPTError
 from tinygpt.infer.chat import ChatSession
 from tinygpt.model import GPT, eval_mode
 from tinygpt.tokenizer import Tokenizer
@@ -149,6 +150,9 @@ def evaluate_run(ckpt: Checkpoint, data_path: str | None = None, batch_size: int
     if data_path:
         cfg = dataclasses.replace(ckpt.config, data=dataclasses.replace(ckpt.config.data, path=data_path, format="auto"))
         ds = prepare(cfg, log=log, tokenizer=tok)
+        if ds.tokenizer.vocab_size > tok.vocab_size:
+            raise TinyGPTError(f"{ckpt.run_dir} was trained on plain text: its tokenizer lacks the chat markers "
+                               f"that the conversations in {data_path} need; evaluate it on text")
         splits, convs = [ds.train, ds.val], ds.conversations("train") + ds.conversations("val")
     else:
         ds = load_prepared(ckpt.run_dir / "data")

@@ -13,6 +13,7 @@ chat, eval and everything that starts from a trained model.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from tinygpt.data.prepare import Dataset, check_length, copy_to, load_prepared, 
 from tinygpt.data.templates import TEMPLATES, ChatTemplate
 from tinygpt.device import autocast_dtype, resolve_device
 from tinygpt.errors import TinyGPTError, UsageError
+from tinygpt.init_from import Source, grow_vocab, open_source
+from tinygpt.tokenizer import GPT2Tokenizer
 from tinygpt.train.loop import train
 from tinygpt.train.schedule import choose_size
 
@@ -41,10 +44,31 @@ class Run:
     data: Dataset
     checkpoint: Path | None = None  # where training continues from; None: step 0
     sizing_s: float = 0.0  # seconds model.auto_size spent timing shapes, which count against the time budget
+    source: Source | None = None  # the weights step 0 starts from (train.init_from), grown to the tokenizer
 
     def train(self, log: Log = print) -> dict[str, Any]:
         """Train to the end of the schedule; returns the final metrics."""
-        return train(self.config, self.dir, self.data, self.checkpoint, log, self.sizing_s)
+        if self.checkpoint is None and self.config.train.init_from and self.source is None:
+            self.source = grow_vocab(open_init_source(self.config), self.data.tokenizer)  # resumed before step 1
+        state = self.source.state if self.source else None
+        return train(self.config, self.dir, self.data, self.checkpoint, log, self.sizing_s, state)
+
+
+def open_init_source(cfg: Config) -> Source:
+    """train.init_from's weights; a Hugging Face folder without a vocabulary gets the standard GPT-2 one."""
+    return open_source(cfg.train.init_from, lambda: GPT2Tokenizer.build(cfg.data.gpt2_ranks, []))
+
+
+def start_from(cfg: Config, log: Log) -> Source:
+    """Open train.init_from and make cfg describe it: its architecture (keeping the command's dropout) and
+    its tokenizer kind."""
+    source = open_init_source(cfg)
+    cfg.model = dataclasses.replace(source.model, dropout=cfg.model.dropout, auto_size=False)
+    cfg.data.tokenizer = source.tokenizer.kind  # type: ignore[assignment]
+    m = cfg.model
+    log(f"init from {source.description}: its architecture ({m.n_layer} layers, {m.n_embd} wide, {m.n_head} heads, "
+        f"context {m.block_size}) and its {source.tokenizer.kind} tokenizer ({source.tokenizer.vocab_size} ids)")
+    return source
 
 
 def create(cfg: Config, out: Path | None = None, overwrite: bool = False, log: Log = print) -> Run:
@@ -55,7 +79,14 @@ def create(cfg: Config, out: Path | None = None, overwrite: bool = False, log: L
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise UsageError(f"run directory {run_dir} already exists; pass --resume to continue it, "
                          "--overwrite to replace it, or choose another --out")
-    ds = prepare(cfg, log=log)
+    source = start_from(cfg, log) if cfg.train.init_from else None
+    ds = prepare(cfg, log=log, tokenizer=source.tokenizer if source else None)
+    if source:
+        source = grow_vocab(source, ds.tokenizer)
+        if source.model.vocab_size > cfg.model.vocab_size:
+            log(f"init from: {source.model.vocab_size - cfg.model.vocab_size} new token row(s) for "
+                + ", ".join(t for t, i in ds.tokenizer.special_tokens.items() if i >= cfg.model.vocab_size))
+        cfg.model.vocab_size = source.model.vocab_size
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = ds.tokenizer.vocab_size
     elif cfg.model.vocab_size < ds.tokenizer.vocab_size:
@@ -70,7 +101,7 @@ def create(cfg: Config, out: Path | None = None, overwrite: bool = False, log: L
     ds = copy_to(ds, run_dir / "data")
     config.save(cfg, run_dir / "config.yaml")
     log(f"run directory: {run_dir}")
-    return Run(run_dir, cfg, ds, sizing_s=sizing_s)
+    return Run(run_dir, cfg, ds, sizing_s=sizing_s, source=source)
 
 
 def resume(run_dir: Path, flags: dict[str, Any], preset: str | None = None, config_file: str | Path | None = None,
@@ -92,8 +123,8 @@ def resume(run_dir: Path, flags: dict[str, Any], preset: str | None = None, conf
 
 def may_change_on_resume(key: str) -> bool:
     """train.* and sample.* may change when a run is resumed; the model and data may not, nor the optimizer,
-    whose saved state belongs to the one that wrote it."""
-    return key.startswith(("train.", "sample.")) and key != "train.optimizer"
+    whose saved state belongs to the one that wrote it, nor the weights the run started from."""
+    return key.startswith(("train.", "sample.")) and key not in ("train.optimizer", "train.init_from")
 
 
 def resumed_config(saved: Config, flags: dict[str, Any], preset: str | None = None,
@@ -116,8 +147,8 @@ def resumed_config(saved: Config, flags: dict[str, Any], preset: str | None = No
     changed = [k for k in before if before[k] != after[k] and k not in derived]
     refused = [k for k in changed if not may_change_on_resume(k)]
     if refused:
-        raise UsageError("on --resume only train.* (but not train.optimizer) and sample.* settings may change; "
-                         f"start a new run to change {', '.join(refused)}")
+        raise UsageError("on --resume only train.* (but not train.optimizer or train.init_from) and sample.* "
+                         f"settings may change; start a new run to change {', '.join(refused)}")
     cfg = config.from_dict(saved.to_dict())
     config.apply_overrides(cfg, {k: after[k] for k in changed}, "command line")
     config.validate(cfg)

@@ -10,6 +10,7 @@ ordinary text never becomes the EOT id unless the caller asks for it.
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import io
 import json
@@ -97,6 +98,13 @@ class Tokenizer(ABC):
             out.append(self._decode(run))
         return "".join(out)
 
+    def with_specials(self, extra: Sequence[str]) -> Tokenizer:
+        """This tokenizer with the special tokens in `extra` that it lacks appended after its own, so every
+        existing id keeps its meaning (a model trained with it can grow rows for the new ones)."""
+        grown = copy.copy(self)
+        Tokenizer.__init__(grown, self._base_size, [*self.special_tokens, *extra])
+        return grown
+
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         try:
@@ -166,6 +174,24 @@ class CharTokenizer(Tokenizer):
     @classmethod
     def _restore(cls, directory: Path, config: dict[str, Any], specials: list[str]) -> Tokenizer:
         return cls(str(config["alphabet"]), specials)
+
+
+def byte_level_alphabet() -> list[str]:
+    """GPT-2's byte-level alphabet: entry b is the printable character that stands for byte b in its vocab.json
+    and merges (and in every byte-level BPE, GGUF's included). Printable Latin-1 bytes stand for themselves;
+    the other 68 (controls, space, ...) are moved, in byte order, to the code points from 256 up."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    moved = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(moved)) for b in range(256)]
+
+
+def ranks_from_vocab(vocab: dict[str, int], fix: str) -> dict[bytes, int]:
+    """tiktoken ranks from a Hugging Face GPT-2 vocab.json (byte-level strings -> ids, which are the ranks)."""
+    back = {c: b for b, c in enumerate(byte_level_alphabet())}
+    try:
+        return {bytes(back[c] for c in token): int(i) for token, i in vocab.items()}
+    except (KeyError, TypeError, ValueError):
+        raise TinyGPTError(f"the vocabulary is not GPT-2's byte-level kind; {fix}") from None
 
 
 def _read_ranks(path: Path, fix: str) -> dict[bytes, int]:

@@ -238,7 +238,9 @@ def prepare_dialogs(cfg: DataConfig, convs: Sequence[Conversation], source: str,
     def build(folder: Path) -> dict:
         markup = [part.replace(s, "") for r in template.roles.values() for part in r for s in template.specials]
         texts = [m.content for c in convs for m in c] + markup + [template.begin, template.end]
-        tok = tokenizer or _train_tokenizer(cfg, [t for t in texts if t], template.specials)
+        # A given tokenizer (a run being finetuned or evaluated) may predate the template: add its markers.
+        tok = tokenizer.with_specials(template.specials) if tokenizer else \
+            _train_tokenizer(cfg, [t for t in texts if t], template.specials)
         tok.save(folder / "tokenizer")
         meta: dict = dict(source=source, builtin=source == BUILTIN, packed=True, window=window, chat_template=template.name,
                           loss_on=cfg.loss_on, vocab_size=tok.vocab_size, tokenizer=tok.kind)
@@ -286,7 +288,8 @@ def copy_to(ds: Dataset, dest: Path) -> Dataset:
 
 def prepare(cfg: Config, log=print, tokenizer: Tokenizer | None = None) -> Dataset:
     """The prepared dataset for a config: text or dialogs from cfg.data.path, or the built-in chat corpus.
-    With `tokenizer`, encode with it instead of building one (to evaluate a trained run on new data)."""
+    With `tokenizer`, encode with it instead of building one (to evaluate a trained run on new data, or to
+    finetune it); for conversations it gains the chat template's markers where it lacks them."""
     d = cfg.data
     if d.path is None:
         return prepare_dialogs(d, builtin_conversations(seed=0), BUILTIN, cfg.model.block_size, log, tokenizer)

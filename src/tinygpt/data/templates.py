@@ -8,6 +8,7 @@ preparation, the chat session and the server all read them from here.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,6 +56,23 @@ class ChatTemplate:
         else:
             add(self.end, loss_on == "all")
         return ids, mask
+
+    def jinja(self) -> str:
+        """This template in Jinja, for Hugging Face's `apply_chat_template` and GGUF's tokenizer.chat_template:
+        it renders the text that render() encodes (add_generation_prompt = open_reply). JSON literals are
+        valid Jinja literals, escapes included."""
+        def lit(value: object) -> str:
+            return json.dumps(value)
+        return ("{%- set roles = " + lit({r: list(p) for r, p in self.roles.items()}) + " -%}"
+                "{{- " + lit(self.begin) + " -}}"
+                "{%- for message in messages -%}"
+                "{%- if message['role'] not in roles -%}"
+                "{{- raise_exception('unknown role ' + message['role'] + ': use system, user or assistant') -}}"
+                "{%- endif -%}"
+                "{{- roles[message['role']][0] + message['content'] + roles[message['role']][1] -}}"
+                "{%- endfor -%}"
+                "{%- if add_generation_prompt -%}{{- roles['assistant'][0] -}}"
+                "{%- else -%}{{- " + lit(self.end) + " -}}{%- endif -%}")
 
 
 TEMPLATES = {

@@ -35,12 +35,16 @@ from tinygpt.train.step import MaybeCompiled, StepResult, micro_batches, train_s
 
 
 def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = None,
-          log: Callable[[str], None] = print, elapsed_s: float = 0.0) -> dict[str, Any]:
+          log: Callable[[str], None] = print, elapsed_s: float = 0.0,
+          init_state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Train cfg.model on data, writing checkpoints and metrics.jsonl into run_dir; returns the final metrics.
 
     resume_from is a checkpoint that checkpoint.newest or checkpoint.find returned (they verify it);
-    elapsed_s is time already spent on the run before training (auto-sizing), counted against a budget."""
+    elapsed_s is time already spent on the run before training (auto-sizing), counted against a budget;
+    init_state holds the weights to start from instead of a random init (train.init_from)."""
     trainer = Trainer(cfg, run_dir, data, log)
+    if init_state is not None and resume_from is None:
+        trainer.model.load_state_dict(init_state)
     trainer.start(resume_from, elapsed_s)
     with StopOnSignal() as stop:
         while trainer.progress.step < trainer.progress.total:
