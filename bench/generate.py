@@ -30,7 +30,7 @@ from common import (
 )
 
 from tinygpt.config import ModelConfig, SampleConfig
-from tinygpt.export.hf import load_hf_gpt2_state_dict
+from tinygpt.init_from import gpt2_state_from_hf
 from tinygpt.infer.generate import generate_ids
 from tinygpt.model import GPT
 
@@ -59,7 +59,7 @@ def build_models(shape: str, dtype: torch.dtype, device: torch.device, seed: int
                            n_positions=CONTEXT, vocab_size=VOCAB, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     hf = GPT2LMHeadModel(hf_config).eval()
     ours = GPT(ModelConfig(**dims, block_size=CONTEXT, vocab_size=VOCAB))
-    load_hf_gpt2_state_dict(ours, hf.state_dict())
+    ours.load_state_dict(gpt2_state_from_hf(hf.state_dict()))
     return ours.to(device=device, dtype=dtype).eval(), hf.to(device=device, dtype=dtype)
 
 

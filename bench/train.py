@@ -36,7 +36,7 @@ from common import (
 
 from tinygpt.config import ModelConfig, TrainConfig
 from tinygpt.device import autocast
-from tinygpt.export.hf import load_hf_gpt2_state_dict
+from tinygpt.init_from import gpt2_state_from_hf
 from tinygpt.model import GPT
 from tinygpt.train.optim import make_optimizer
 from tinygpt.train.step import train_step
@@ -66,7 +66,7 @@ def build_models(shape: str, device: torch.device, seed: int = 0) -> tuple[GPT, 
     hf = GPT2LMHeadModel(GPT2Config(**s["dims"], n_positions=s["block"], vocab_size=s["vocab"],
                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
     ours = GPT(ModelConfig(**s["dims"], block_size=s["block"], vocab_size=s["vocab"], dropout=0.0))
-    load_hf_gpt2_state_dict(ours, hf.state_dict())
+    ours.load_state_dict(gpt2_state_from_hf(hf.state_dict()))
     return ours.to(device).train(), hf.to(device).train()
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tinygpt.config import ModelConfig, SampleConfig
-from tinygpt.export.hf import load_hf_gpt2_state_dict
+from tinygpt.init_from import gpt2_state_from_hf
 from tinygpt.infer.generate import generate_ids, sample_token, stream_tokens
 from tinygpt.model import GPT, adaptive_cutoffs
 
@@ -39,7 +39,7 @@ def test_matches_hugging_face_gpt2():
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
     ours = GPT(ModelConfig(n_layer=3, n_head=4, n_embd=64, block_size=48, vocab_size=101)).eval()
-    load_hf_gpt2_state_dict(ours, hf.state_dict())
+    ours.load_state_dict(gpt2_state_from_hf(hf.state_dict()))
     idx = torch.randint(0, 101, (2, 48))
     with torch.no_grad():
         diff = (hf(idx).logits - ours(idx)[0]).abs().max().item()

@@ -21,6 +21,8 @@ from tinygpt.checkpoint import Checkpoint
 from tinygpt.config import sample_settings
 from tinygpt.errors import TinyGPTError, UsageError
 from tinygpt.evaluate import evaluate_run
+from tinygpt.export import gguf as gguf_export
+from tinygpt.export import hf as hf_export
 from tinygpt.infer.chat import CHAT_SAMPLING, ChatSession, console
 from tinygpt.infer.generate import prompt_ids, seeded_generator, stream_text
 
@@ -198,20 +200,51 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
+def cmd_export(argv: list[str]) -> int:
+    p = ArgumentParser(prog="tinygpt export", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Write a trained run in a format other runtimes load, with the same logits:\n"
+                       "  hf    a folder for Hugging Face transformers (AutoModelForCausalLM, AutoTokenizer; no custom code)\n"
+                       "  gguf  one file for llama.cpp and Ollama (FROM ./model.gguf in a Modelfile)",
+                       epilog="examples:\n  tinygpt export --run runs/demo --format hf --out exports/demo-hf\n"
+                       "  tinygpt export --run runs/demo --format gguf --dtype q8_0 --out exports/demo.gguf")
+    p.add_argument("--run", type=Path, required=True, help="run directory written by `tinygpt train`")
+    p.add_argument("--checkpoint", default="last", choices=["best", "last"], help="which checkpoint (default: last)")
+    p.add_argument("--format", required=True, choices=["hf", "gguf"], help="hf folder or gguf file")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where to write (default: RUN/export/hf, or RUN/export/NAME-DTYPE.gguf)")
+    p.add_argument("--dtype", default="f32", choices=list(gguf_export.DTYPES),
+                   help="gguf weights: f32 (exact), f16, or q8_0 (8-bit, about 4x smaller); default f32")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    if args.format == "hf" and args.dtype != "f32":
+        raise UsageError("--dtype applies to --format gguf; the hf folder holds float32 weights")
+    ckpt = tinygpt_run.load(args.run, args.checkpoint, "cpu", warn=log)
+    template = tinygpt_run.trained_template(ckpt)
+    if args.format == "hf":
+        out = hf_export.export_hf(ckpt, args.out or args.run / "export" / "hf", template, args.overwrite)
+    else:
+        default = args.run / "export" / f"{args.run.resolve().name}-{args.dtype}.gguf"
+        out = gguf_export.export_gguf(ckpt, args.out or default, template, args.dtype, args.overwrite, log)
+    log(f"wrote {out} from {ckpt.path} (step {ckpt.step})")
+    return 0
+
+
 # ---------------------------------------------------------------- entry point
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "chat": cmd_chat, "eval": cmd_eval}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "chat": cmd_chat, "eval": cmd_eval, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: tinygpt {train,sample,chat,eval} ...\n\n"
+        print("usage: tinygpt {train,sample,chat,eval,export} ...\n\n"
               "  train    train a GPT on your text or conversations (or the built-in chat corpus)\n"
               "  sample   generate text from a trained run\n"
               "  chat     talk to a run trained on conversations\n"
-              "  eval     loss, perplexity, bits per byte; BLEU and skill accuracy for chat runs\n\n"
+              "  eval     loss, perplexity, bits per byte; BLEU and skill accuracy for chat runs\n"
+              "  export   write a run for Hugging Face transformers (hf) or llama.cpp and Ollama (gguf)\n\n"
               "Run `tinygpt COMMAND --help` for a command's options.\n\n" + EXAMPLES)
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):

@@ -367,7 +367,11 @@ def resolve(preset: str | None = None, config_file: str | Path | None = None,
         given |= apply_layer(cfg, load_yaml(config_file), str(config_file))
     if flags:
         given |= apply_layer(cfg, flags, "command line")
-    if cfg.train.time_budget is not None and not given & {"model.auto_size", *SHAPE_KEYS}:
+    architecture = sorted(k for k in given if k.startswith("model.") and k != "model.dropout")
+    if cfg.train.init_from and architecture:
+        raise UsageError(f"--init-from takes the architecture from its source, so {', '.join(architecture)} cannot "
+                         "be set with it (model.dropout can)")
+    if cfg.train.time_budget is not None and not given & {"model.auto_size", *SHAPE_KEYS} and not cfg.train.init_from:
         cfg.model.auto_size = True
     validate(cfg)
     return cfg

@@ -77,9 +77,10 @@ def hf_gpt2_model_config(folder: Path, hf: dict[str, Any]) -> ModelConfig:
         if not ok:
             raise _hf_refusal(folder, f"its {key} is {hf.get(key)!r} and {why}")
     n_embd, n_head = int(hf.get("n_embd", 768)), int(hf.get("n_head", 12))
-    return ModelConfig(**GPT2_ARCH, n_layer=int(hf.get("n_layer", 12)), n_head=n_head, n_embd=n_embd,
+    arch = dict(GPT2_ARCH, tie_weights=bool(hf.get("tie_word_embeddings", True)))
+    return ModelConfig(**arch, n_layer=int(hf.get("n_layer", 12)), n_head=n_head, n_embd=n_embd,
                        block_size=int(hf.get("n_positions", 1024)), vocab_size=int(hf.get("vocab_size", 50257)),
-                       mlp_hidden=hf.get("n_inner"), tie_weights=bool(hf.get("tie_word_embeddings", True)))
+                       mlp_hidden=hf.get("n_inner"))
 
 
 def hf_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -173,10 +173,16 @@ def load(path: str | Path, which: str = "last", device: str = "auto", warn: Log 
     return checkpoint.load(ckpt, resolve_device(device), verified=True)
 
 
+def trained_template(ckpt: checkpoint.Checkpoint) -> ChatTemplate | None:
+    """The chat template the run was trained with, or None for a run trained on plain text."""
+    template = TEMPLATES[ckpt.config.data.chat_template]
+    return template if set(template.specials) <= set(ckpt.tokenizer.special_tokens) else None
+
+
 def chat_template(ckpt: checkpoint.Checkpoint) -> ChatTemplate:
     """The chat template the run was trained with; refuses a run trained on plain text."""
-    template = TEMPLATES[ckpt.config.data.chat_template]
-    if not set(template.specials) <= set(ckpt.tokenizer.special_tokens):
+    template = trained_template(ckpt)
+    if template is None:
         raise TinyGPTError(f"{ckpt.run_dir} was trained on plain text, not conversations; chat needs a run "
                            "trained on dialog data (e.g. `tinygpt train` with no --data, or a .jsonl file)")
     return template
