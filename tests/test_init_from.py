@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import SHARED_DATA, tiny_flags
+from conftest import SHARED_DATA, tiny_flags
 from tinygpt import config
 from tinygpt import run as tinygpt_run
 from tinygpt.cli import main

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from tinygpt.config import ModelConfig, SampleConfig
-from tinygpt.init_from import gpt2_state_from_hf
 from tinygpt.infer.generate import generate_ids, sample_token, stream_tokens
+from tinygpt.init_from import gpt2_state_from_hf
 from tinygpt.model import GPT, adaptive_cutoffs
 
 

@@ -7,6 +7,7 @@ The architecture is the one llama.cpp computes exactly for this network (export/
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from tinygpt.data.templates import ChatTemplate
 from tinygpt.errors import UsageError
 from tinygpt.export.output import staged
 from tinygpt.export.targets import Family, family_of
-from tinygpt.export.vocab import gguf_vocab, write_vocab
+from tinygpt.export.vocab import GGUFVocab, TokenType, gguf_vocab, write_vocab
 from tinygpt.model import mlp_hidden
 
 DTYPES = ("f32", "f16", "q8_0")
@@ -77,6 +78,14 @@ def gguf_tensors(model: torch.nn.Module, family: Family) -> dict[str, np.ndarray
     return {k: v.contiguous().numpy() for k, v in out.items()}
 
 
+def padded(vocab: GGUFVocab, rows: int) -> GGUFVocab:
+    """llama.cpp wants one token per embedding row; a model wider than its tokenizer (model.vocab_size set
+    above it) gets placeholder tokens of type UNUSED for the rows no text maps to."""
+    extra = [f"<|unused{i}|>" for i in range(rows - len(vocab.tokens))]
+    return dataclasses.replace(vocab, tokens=vocab.tokens + extra,
+                               token_types=vocab.token_types + [int(TokenType.UNUSED)] * len(extra))
+
+
 def add_architecture(writer, family: Family, cfg) -> None:
     """The hyper-parameters llama.cpp reads for the architecture (one epsilon serves every norm, as in tinygpt)."""
     writer.add_context_length(cfg.block_size)
@@ -115,7 +124,7 @@ def add_tensors(writer, tensors: dict[str, np.ndarray], dtype: str, gguf) -> lis
             t = gguf.GGMLQuantizationType.F16
             fell_back.append(name)
         data = gguf.quants.quantize(w, t)
-        writer.add_tensor(name, data, raw_shape=w.shape if t == gguf.GGMLQuantizationType.Q8_0 else None, raw_dtype=t)
+        writer.add_tensor(name, data, raw_dtype=t)  # the writer derives a quantized shape from the bytes
     return fell_back
 
 
@@ -126,7 +135,7 @@ def export_gguf(ckpt: Checkpoint, out: Path, template: ChatTemplate | None, dtyp
         raise UsageError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     gguf = gguf_module()
     family = family_of(ckpt.config.model, "GGUF")
-    vocab = gguf_vocab(ckpt.tokenizer)  # refuses what GGUF cannot represent before anything is written
+    vocab = padded(gguf_vocab(ckpt.tokenizer), ckpt.config.model.vocab_size)  # refusals come before any writing
     tensors = gguf_tensors(ckpt.model, family)
     with staged(out, overwrite, folder=False) as tmp:
         writer = gguf.GGUFWriter(str(tmp), family.gguf_arch)
