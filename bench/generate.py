@@ -30,8 +30,8 @@ from common import (
 )
 
 from tinygpt.config import ModelConfig, SampleConfig
-from tinygpt.init_from import gpt2_state_from_hf
 from tinygpt.infer.generate import generate_ids
+from tinygpt.init_from import gpt2_state_from_hf
 from tinygpt.model import GPT
 
 # GPT-2 small, and a 10M-parameter model (not counting its 19M-parameter embedding) on the same vocabulary.

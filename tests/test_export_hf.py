@@ -22,21 +22,21 @@ GPT2_RANKS = SHARED_DATA / "gpt2.tiktoken"
 
 # Text with what tokenizers get wrong: digits, runs of spaces, newlines and tabs, accents, an emoji.
 SAMPLE = "Hello  world!\n\n  12345 and 3.14\tcafé naïve 🙂 end"
-# preset -> (expected class, extra flags); chat presets train on the built-in conversations
-PRESETS = {
-    "cpu-tiny": ("GPT2LMHeadModel", ["--tokenizer", "char"]),
-    "micropgpt": ("GPT2LMHeadModel", ["--tokenizer", "char"]),
-    "gpt2": ("GPT2LMHeadModel", ["--data.vocab_size", "300"]),
-    "modern": ("ApertusForCausalLM", ["--data.vocab_size", "300"]),
-    "modern-swiglu": ("Qwen3ForCausalLM", ["--data.vocab_size", "300", "--model.mlp", "swiglu"]),
-    "gpt-lite": ("OpenAIGPTLMHeadModel", []),
-    "microgpt": ("GPT2LMHeadModel", ["--data.gpt2_ranks", str(GPT2_RANKS)]),
-    "litegpt": ("GPT2LMHeadModel", ["--data.gpt2_ranks", str(GPT2_RANKS)]),
+# case -> (preset, expected class, extra flags); chat presets train on the built-in conversations
+CASES = {
+    "cpu-tiny": ("cpu-tiny", "GPT2LMHeadModel", ["--tokenizer", "char"]),
+    "micropgpt": ("micropgpt", "GPT2LMHeadModel", ["--tokenizer", "char"]),
+    "gpt2": ("gpt2", "GPT2LMHeadModel", ["--data.vocab_size", "300"]),
+    "gpt2-no-bias": ("gpt2", "GPT2LMHeadModel", ["--data.vocab_size", "300", "--model.bias", "false"]),
+    "modern": ("modern", "ApertusForCausalLM", ["--data.vocab_size", "300"]),
+    "modern-swiglu": ("modern", "Qwen3ForCausalLM", ["--data.vocab_size", "300", "--model.mlp", "swiglu"]),
+    "gpt-lite": ("gpt-lite", "OpenAIGPTLMHeadModel", []),
+    "microgpt": ("microgpt", "GPT2LMHeadModel", ["--data.gpt2_ranks", str(GPT2_RANKS)]),
+    "litegpt": ("litegpt", "GPT2LMHeadModel", ["--data.gpt2_ranks", str(GPT2_RANKS)]),
 }
 
 
-def train_tiny(tmp_path, name: str, text_file, extra: list[str]):
-    preset = name.split("-swiglu")[0]
+def train_tiny(tmp_path, name: str, preset: str, text_file, extra: list[str]):
     data = [] if preset == "litegpt" else ["--data", str(text_file)]
     if preset in ("cpu-tiny", "micropgpt", "gpt-lite"):  # char: the sample's characters must be known
         text_file.write_text(text_file.read_text() + SAMPLE + "\n")
@@ -45,12 +45,12 @@ def train_tiny(tmp_path, name: str, text_file, extra: list[str]):
     return out
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("name", list(CASES))
 def test_hf_export_matches_transformers(tmp_path, text_file, name):
-    hf_class, extra = PRESETS[name]
+    preset, hf_class, extra = CASES[name]
     if "gpt2_ranks" in " ".join(extra) and not GPT2_RANKS.exists():
         pytest.skip(f"{GPT2_RANKS} not found")
-    run = train_tiny(tmp_path, name, text_file, extra)
+    run = train_tiny(tmp_path, name, preset, text_file, extra)
     assert main(["export", "--run", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=False).eval()
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=False)
@@ -115,7 +115,7 @@ def test_export_refusals_write_nothing(tmp_path, text_file, capsys):
     assert "adaptive softmax" in capsys.readouterr().err and not (tmp_path / "a").exists()
     assert main(["export", "--run", str(tmp_path / "missing"), "--format", "hf", "--out", str(tmp_path / "b")]) != 0
     assert "missing" in capsys.readouterr().err and not (tmp_path / "b").exists()
-    good = train_tiny(tmp_path, "gpt2", text_file, ["--data.vocab_size", "300"])
+    good = train_tiny(tmp_path, "gpt2", "gpt2", text_file, ["--data.vocab_size", "300"])
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
     capsys.readouterr()

@@ -18,7 +18,7 @@ from tinygpt.checkpoint import Checkpoint
 from tinygpt.data.templates import ChatTemplate
 from tinygpt.errors import UsageError
 from tinygpt.export.output import staged
-from tinygpt.export.targets import Family, family_of
+from tinygpt.export.targets import Family, family_of, with_zero_biases
 from tinygpt.export.vocab import GGUFVocab, TokenType, gguf_vocab, write_vocab
 from tinygpt.model import mlp_hidden
 
@@ -59,8 +59,7 @@ def gguf_tensors(model: torch.nn.Module, family: Family) -> dict[str, np.ndarray
     cfg = model.config
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     if family.name == "gpt2":
-        for name in [n for n in sd if n.endswith(".weight") and not n.endswith(("wte.weight", "wpe.weight", "lm_head.weight"))]:
-            sd.setdefault(name[: -len("weight")] + "bias", torch.zeros(sd[name].shape[0]))
+        sd = with_zero_biases(sd)
     if cfg.tie_weights and family.name != "apertus":
         sd.pop("lm_head.weight")  # absent output.weight = tied, for gpt2 and qwen3
     out = {}

@@ -19,7 +19,7 @@ from tinygpt.checkpoint import Checkpoint
 from tinygpt.config import ModelConfig
 from tinygpt.data.templates import ChatTemplate
 from tinygpt.export.output import staged
-from tinygpt.export.targets import Family, family_of
+from tinygpt.export.targets import Family, family_of, with_zero_biases
 from tinygpt.export.vocab import hf_tokenizer
 from tinygpt.init_from import GPT2_TRANSPOSED
 from tinygpt.model import mlp_hidden
@@ -67,9 +67,8 @@ def hf_state(model: torch.nn.Module, family: Family) -> dict[str, torch.Tensor]:
     layer is left out: transformers ties it to the embedding on load (and safetensors refuses shared storage)."""
     cfg: ModelConfig = model.config  # type: ignore[assignment]
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    if not cfg.bias and family.name == "gpt2":  # GPT-2 always has biases: zero ones compute the same
-        for name in [n for n in sd if n.endswith(".weight") and not n.endswith(("wte.weight", "wpe.weight", "lm_head.weight"))]:
-            sd[name[: -len("weight")] + "bias"] = torch.zeros(sd[name].shape[0])
+    if family.name == "gpt2":
+        sd = with_zero_biases(sd)
     if family.name == "openai-gpt":  # the sinusoid table is a buffer, not saved in tinygpt's state dict
         sd["transformer.positions_embed.weight"] = model.transformer.wpe.table.float().cpu()
     out = gpt2_state(sd, family) if family.name in ("gpt2", "openai-gpt") else llama_like_state(sd, cfg, family)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from tinygpt.config import ModelConfig
 from tinygpt.errors import TinyGPTError
 
@@ -68,3 +70,12 @@ def family_of(cfg: ModelConfig, runtime: str = "Hugging Face") -> Family:
     raise TinyGPTError(f"cannot export to {runtime}: no architecture there computes this model exactly; the "
                        f"nearest is {nearest.hf_class} ({nearest.name}), which needs "
                        + ", ".join(f"{k}={v!r}" for k, v in nearest.requires.items()) + f", not {', '.join(wrong)}")
+
+
+def with_zero_biases(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A bias-free model's state dict with a zero bias beside every norm and linear weight: GPT-2's formats
+    (transformers' class, llama.cpp's gpt2) require every bias, and zero ones compute the same network."""
+    tables = ("wte.weight", "wpe.weight", "lm_head.weight")  # embeddings and the head never have one
+    biases = {n[: -len("weight")] + "bias": torch.zeros(w.shape[0]) for n, w in sd.items()
+              if n.endswith(".weight") and not n.endswith(tables)}
+    return {**biases, **sd}
