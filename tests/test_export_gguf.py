@@ -28,8 +28,8 @@ def export(tmp_path, text_file, preset: str, *extra: str, dtype: str = "f32"):
     return tinygpt_run.load(run, device="cpu"), out
 
 
-@pytest.mark.parametrize("preset, extra, arch", [("gpt2", (), "gpt2"), ("modern", (), "apertus"),
-                                                 ("modern", ("--model.mlp", "swiglu"), "qwen3")])
+@pytest.mark.parametrize("preset, extra, arch", [("gpt2", (), "gpt2"), ("modern", (), "qwen3"),
+                                                 ("modern", ("--model.mlp", "relu2"), "apertus")])
 def test_gguf_reads_back_with_keys_and_shapes(tmp_path, text_file, preset, extra, arch):
     ckpt, path = export(tmp_path, text_file, preset, *extra)
     reader = gguf.GGUFReader(path)
@@ -55,7 +55,7 @@ def test_gguf_reads_back_with_keys_and_shapes(tmp_path, text_file, preset, extra
         assert "blk.0.attn_qkv.bias" in tensors and "position_embd.weight" in tensors
 
 
-@pytest.mark.parametrize("preset, extra, arch", [("gpt2", (), "gpt2"), ("modern", ("--model.mlp", "swiglu"), "qwen3")])
+@pytest.mark.parametrize("preset, extra, arch", [("gpt2", (), "gpt2"), ("modern", (), "qwen3")])
 def test_transformers_gguf_loader_reproduces_logits(tmp_path, text_file, preset, extra, arch):
     pytest.importorskip("accelerate")
     ckpt, path = export(tmp_path, text_file, preset, *extra)

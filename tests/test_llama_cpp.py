@@ -71,6 +71,15 @@ def test_shakespeare_char_model_in_llama_cpp(tmp_path, capsys):
     check_run(tmp_path, run, "ROMEO:", "KING HENRY:\n  What say'st thou,  good Kate?\n\nROMEO:", capsys)
 
 
+@pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} not found")
+def test_relu2_model_as_apertus_in_llama_cpp(tmp_path, capsys):
+    """The squared-ReLU MLP goes through llama.cpp's apertus (xIELU set to equal relu^2)."""
+    run = tmp_path / "relu2"
+    assert main(["train", "--data", str(SHAKESPEARE), "--tokenizer", "char", "--model.mlp", "relu2", "--out", str(run),
+                 "--train.max_iters", "150", "--train.eval_interval", "150"]) == 0
+    check_run(tmp_path, run, "ROMEO:", "KING HENRY:\n  What say'st thou,  good Kate?", capsys)
+
+
 def test_q8_0_runs_in_llama_cpp(tmp_path, chat_run):
     """q8_0 rounds the weights, so its tokens may drift from float32's; it must load and tokenize the same."""
     path = tmp_path / "demo-q8_0.gguf"

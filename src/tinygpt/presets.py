@@ -26,12 +26,12 @@ SMALL_TRAIN = dict(max_iters=900, batch_size=16, lr=2e-3, warmup_iters=50, weigh
 
 PRESETS: dict[str, Preset] = {
     "modern": Preset(
-        "The default. A 2M-parameter GPT with today's choices: rotary positions, RMSNorm, no biases, squared-ReLU "
+        "The default. A 2M-parameter GPT with today's choices: rotary positions, RMSNorm, no biases, SwiGLU "
         "MLP, QK-norm, zero-initialised output projections, untied head, the Muon optimizer for the blocks' "
         "matrices, a warmup-stable-decay schedule, and a "
         "byte-level BPE tokenizer (2048 ids) trained on your data. See the README for why each is there.",
         {
-            "model": dict(SMALL, bias=False, pos="rope", norm="rmsnorm", norm_placement="pre", mlp="relu2",
+            "model": dict(SMALL, bias=False, pos="rope", norm="rmsnorm", norm_placement="pre", mlp="swiglu",
                           tie_weights=False, head="linear", attn="sdpa", qk_norm=True, zero_init_proj=True),
             "data": dict(tokenizer="bpe", vocab_size=2048),
             "train": dict(SMALL_TRAIN, min_lr=2e-5, schedule="wsd", decay_fraction=0.25, optimizer="muon"),
