@@ -169,6 +169,15 @@ def find(run_dir: Path, which: str = "best", warn=None) -> Path:
     raise TinyGPTError(f"no usable checkpoint in {run_dir}; train one with `tinygpt train --out {run_dir}`")
 
 
+def locate(path: Path, which: str = "last", warn=None) -> Path:
+    """The verified checkpoint that `path` names: the checkpoint folder itself, or checkpoint `which` of the
+    run directory `path` (see find)."""
+    if (path / "manifest.json").is_file():
+        verify(path)
+        return path
+    return find(path, which, warn=warn)
+
+
 def newest(run_dir: Path, warn=None) -> Path | None:
     """What --resume continues from, verified: the checkpoint named by the `latest` pointer if it is valid,
     else the valid checkpoint with the most training steps; None when there is none."""

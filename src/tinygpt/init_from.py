@@ -128,8 +128,8 @@ def from_hf_folder(folder: Path, fallback_tokenizer: Callable[[], Tokenizer]) ->
 
 
 def from_run(path: Path) -> Source:
-    ckpt_dir = path if (path / "manifest.json").is_file() else checkpoint.find(path, "last")
-    ckpt = checkpoint.load(ckpt_dir, "cpu")
+    ckpt_dir = checkpoint.locate(path, "last")
+    ckpt = checkpoint.load(ckpt_dir, "cpu", verified=True)
     return Source(f"{ckpt_dir} (step {ckpt.step})", ckpt.config.model, ckpt.tokenizer, ckpt.model.state_dict())
 
 

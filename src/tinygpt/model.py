@@ -108,10 +108,13 @@ class SinusoidalPositions(nn.Module):
         return self.table[pos]
 
 
+ROPE_BASE = 10000.0  # RoFormer's base, as GPT-NeoX and LLaMA use; the exporters write it out
+
+
 class Rotary(nn.Module):
     """Rotary position embedding (Su et al. 2021): rotates q and k by position instead of adding a table."""
 
-    def __init__(self, cfg: ModelConfig, base: float = 10000.0):
+    def __init__(self, cfg: ModelConfig, base: float = ROPE_BASE):
         super().__init__()
         hs = cfg.n_embd // cfg.n_head
         inv_freq = base ** (-torch.arange(0, hs, 2, dtype=torch.float32) / hs)

@@ -164,12 +164,7 @@ def flat(cfg: Config) -> dict[str, Any]:
 def load(path: str | Path, which: str = "last", device: str = "auto", warn: Log | None = None) -> checkpoint.Checkpoint:
     """A trained run's model, tokenizer and config: checkpoint `which` (last or best, falling back to the other)
     of the run directory `path`, or the checkpoint directory `path` itself; verified once, on `device`."""
-    path = Path(path)
-    if (path / "manifest.json").is_file():  # a checkpoint directory
-        checkpoint.verify(path)
-        ckpt = path
-    else:
-        ckpt = checkpoint.find(path, which, warn=warn)
+    ckpt = checkpoint.locate(Path(path), which, warn=warn)
     return checkpoint.load(ckpt, resolve_device(device), verified=True)
 
 

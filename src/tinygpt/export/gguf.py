@@ -20,10 +20,9 @@ from tinygpt.errors import UsageError
 from tinygpt.export.output import staged
 from tinygpt.export.targets import Family, family_of, with_zero_biases
 from tinygpt.export.vocab import GGUFVocab, TokenType, gguf_vocab, write_vocab
-from tinygpt.model import mlp_hidden
+from tinygpt.model import ROPE_BASE, mlp_hidden
 
 DTYPES = ("f32", "f16", "q8_0")
-ROPE_THETA = 10000.0  # tinygpt's Rotary base
 
 
 def gguf_module():
@@ -97,7 +96,7 @@ def add_architecture(writer, family: Family, cfg) -> None:
         return
     writer.add_head_count_kv(cfg.n_head)
     writer.add_rope_dimension_count(cfg.n_embd // cfg.n_head)
-    writer.add_rope_freq_base(ROPE_THETA)
+    writer.add_rope_freq_base(ROPE_BASE)
     writer.add_layer_norm_rms_eps(1e-5)
     if family.name == "apertus":
         # llama.cpp's apertus computes xIELU, which these constants make relu(x)^2 exactly: softplus(alpha_p) = 1

@@ -22,10 +22,8 @@ from tinygpt.export.output import staged
 from tinygpt.export.targets import Family, family_of, with_zero_biases
 from tinygpt.export.vocab import hf_tokenizer
 from tinygpt.init_from import GPT2_TRANSPOSED
-from tinygpt.model import mlp_hidden
+from tinygpt.model import ROPE_BASE, mlp_hidden
 from tinygpt.tokenizer import EOT, Tokenizer
-
-ROPE_THETA = 10000.0  # tinygpt's Rotary base
 
 
 def gpt2_state(sd: dict[str, torch.Tensor], family: Family) -> dict[str, torch.Tensor]:
@@ -94,7 +92,7 @@ def hf_config(cfg: ModelConfig, family: Family, tok: Tokenizer) -> dict[str, Any
                 num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
                 head_dim=cfg.n_embd // cfg.n_head, max_position_embeddings=cfg.block_size, rms_norm_eps=1e-5,
                 hidden_act="relu2" if family.name == "apertus" else "silu", attention_bias=False, attention_dropout=0.0,
-                rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA}, rope_theta=ROPE_THETA,
+                rope_parameters={"rope_type": "default", "rope_theta": ROPE_BASE}, rope_theta=ROPE_BASE,
                 rope_scaling=None, use_sliding_window=False, pad_token_id=None)
 
 

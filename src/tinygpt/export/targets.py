@@ -42,10 +42,6 @@ FAMILIES = [
            dict(norm_placement="post", head="linear", pos="sinusoidal", norm="layernorm", mlp="relu",
                 qk_norm=False, bias=True, tie_weights=True)),
 ]
-_REASONS = {
-    "head": "the adaptive softmax head gives log-probabilities through clusters of narrower projections, not one "
-            "linear output layer, and no runtime implements it",
-}
 
 
 def _mismatches(cfg: ModelConfig, family: Family) -> list[str]:
@@ -58,7 +54,9 @@ def _mismatches(cfg: ModelConfig, family: Family) -> list[str]:
 def family_of(cfg: ModelConfig, runtime: str = "Hugging Face") -> Family:
     """The family whose network equals this one, or a TinyGPTError naming what stands in the way."""
     if cfg.head == "adaptive":
-        raise TinyGPTError(f"cannot export to {runtime}: {_REASONS['head']}; train with --model.head linear")
+        raise TinyGPTError(f"cannot export to {runtime}: the adaptive softmax head gives log-probabilities through "
+                           "clusters of narrower projections, not one linear output layer, and no runtime implements "
+                           "it; train with --model.head linear")
     by_distance = sorted(FAMILIES, key=lambda f: len(_mismatches(cfg, f)))
     nearest = by_distance[0]
     wrong = _mismatches(cfg, nearest)
