@@ -7,6 +7,7 @@ code (2 for usage errors); ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import sys
@@ -25,6 +26,7 @@ from tinygpt.export import gguf as gguf_export
 from tinygpt.export import hf as hf_export
 from tinygpt.infer.chat import CHAT_SAMPLING, ChatSession, console
 from tinygpt.infer.generate import prompt_ids, seeded_generator, stream_text
+from tinygpt.serve.settings import ServeConfig
 
 EXAMPLES = """examples:
   tinygpt train                                    # built-in corpus, a few minutes on a laptop CPU
@@ -230,21 +232,42 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
+def cmd_serve(argv: list[str]) -> int:
+    p = run_parser("tinygpt serve", "Serve a trained run over the OpenAI API (/v1/completions, /v1/chat/completions, "
+                   "/v1/models), with a chat page at /. Concurrent requests are decoded together in one batch.")
+    docs = config.field_docs(ServeConfig)
+    for f in dataclasses.fields(ServeConfig):
+        kind = str if f.default is None else type(f.default)
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default,
+                       metavar=kind.__name__.upper(), help=f"{docs[f.name]} (default: {f.default})")
+    args = p.parse_args(argv)
+    settings = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
+    settings.validate()
+    try:
+        from tinygpt.serve import app as serve_app  # the web stack is an extra
+    except ImportError as e:
+        raise TinyGPTError(f"tinygpt serve needs {e.name}: pip install 'tinygpt[serve]'") from None
+    serve_app.serve(load_run(args), settings, log)
+    return 0
+
+
 # ---------------------------------------------------------------- entry point
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "chat": cmd_chat, "eval": cmd_eval, "export": cmd_export}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "chat": cmd_chat, "eval": cmd_eval, "export": cmd_export,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: tinygpt {train,sample,chat,eval,export} ...\n\n"
+        print("usage: tinygpt {train,sample,chat,eval,export,serve} ...\n\n"
               "  train    train a GPT on your text or conversations (or the built-in chat corpus)\n"
               "  sample   generate text from a trained run\n"
               "  chat     talk to a run trained on conversations\n"
               "  eval     loss, perplexity, bits per byte; BLEU and skill accuracy for chat runs\n"
-              "  export   write a run for Hugging Face transformers (hf) or llama.cpp and Ollama (gguf)\n\n"
+              "  export   write a run for Hugging Face transformers (hf) or llama.cpp and Ollama (gguf)\n"
+              "  serve    an OpenAI-compatible server with a chat page, batching concurrent requests\n\n"
               "Run `tinygpt COMMAND --help` for a command's options.\n\n" + EXAMPLES)
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):

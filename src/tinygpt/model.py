@@ -133,7 +133,8 @@ class Rotary(nn.Module):
 # ---------------------------------------------------------------- attention and blocks
 
 class KVCache:
-    """Preallocated keys and values for all layers, so decoding a token never reallocates."""
+    """Preallocated keys and values for all layers, so decoding a token never reallocates. Every row is at the
+    same position: a batch of sequences that started together (see SlotCache for rows that do not)."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
         shape = (cfg.n_layer, batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
@@ -141,11 +142,79 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0  # tokens already cached; advanced by GPT.hidden after all layers ran
 
+    def positions(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions (T,) of T new tokens and the keys they may see (see GPT.hidden); refuses to overflow."""
+        return causal_positions(self.pos, T, self.k.size(3), device)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, T: int) -> None:
+        self.pos += T
+
+
+def causal_positions(start: int, T: int, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Positions of T new tokens after `start` cached ones, and their mask: new queries see every cached key and
+    the causal part of the new ones. None where no mask is needed (a fresh sequence, or a single new query)."""
+    if start + T > block:
+        raise ValueError(f"sequence of {start + T} tokens exceeds block_size {block}")
+    pos = torch.arange(start, start + T, device=device)
+    if start > 0 and T > 1:
+        return pos, torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
+    return pos, None
+
+
+class SlotCache(KVCache):
+    """A KV cache whose rows hold unrelated sequences, each at its own length (continuous batching).
+
+    A forward reads and writes the rows in `self.rows`: rows 0..n-1 for a decode step over the n active
+    sequences, or a single row to prefill a sequence that joins. Keeping the active sequences in the first
+    rows (a leaving sequence's row is refilled by the last one, see move) keeps that a slice, so attention
+    reads views of the cache instead of gathering copies of it every layer.
+    """
+
+    def __init__(self, cfg: ModelConfig, slots: int, device: torch.device, dtype: torch.dtype):
+        super().__init__(cfg, slots, device, dtype)
+        self.lengths = [0] * slots  # tokens cached in each row (a list: reading it never syncs a device)
+        self.rows = slice(0, 0)
+        self._written: tuple[torch.Tensor, int] | None = None  # where this forward writes: positions (n, T), keys seen
+
+    def positions(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        starts = self.lengths[self.rows]
+        block = self.k.size(3)
+        if len(starts) == 1:  # one sequence: exactly the plain cache's computation
+            pos, visible = causal_positions(starts[0], T, block, device)
+            self._written = (pos[None], starts[0] + T)
+            return pos, visible
+        if max(starts) + T > block:
+            raise ValueError(f"sequence of {max(starts) + T} tokens exceeds block_size {block}")
+        pos = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)  # (n, T)
+        end = max(starts) + T
+        # Each row's queries see its own keys only: positions up to their own; the rest of the row is stale.
+        visible = torch.arange(end, device=device) <= pos[:, :, None]  # (n, T, end)
+        self._written = (pos, end)
+        return pos, visible[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos, end = self._written
+        rows = torch.arange(self.rows.start, self.rows.stop, device=k.device)[:, None]
+        self.k[layer, rows, :, pos] = k.transpose(1, 2)  # (n, T) index pairs, each taking (n_head, head_size)
+        self.v[layer, rows, :, pos] = v.transpose(1, 2)
+        return self.k[layer, self.rows, :, :end], self.v[layer, self.rows, :, :end]
+
+    def advance(self, T: int) -> None:
+        for r in range(self.rows.start, self.rows.stop):
+            self.lengths[r] += T
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy row src's sequence into row dst (a leaving sequence's row, refilled by the last active one)."""
+        n = self.lengths[src]
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
 
 
 # Both attention functions take q (B, H, T, hs) for new tokens and k, v (B, H, S, hs) for every position
@@ -322,31 +391,27 @@ class GPT(nn.Module):
         return n
 
     @staticmethod
-    def attention_mask(T: int, start: int, segments: torch.Tensor | None,
-                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Positions and visibility for T new tokens after `start` cached ones. With segments (B, T) —
-        packed conversations, numbered within each row — a token sees only earlier tokens of its own
-        segment and positions restart at each segment, so a packed conversation is processed exactly
-        as it would be alone (which is how chat sees it)."""
-        pos = torch.arange(start, start + T, device=device)
-        if segments is not None:
-            same = segments[:, :, None] == segments[:, None, :]
-            first = torch.cat([torch.ones_like(segments[:, :1], dtype=torch.bool), segments[:, 1:] != segments[:, :-1]], 1)
-            seg_start = torch.where(first, pos, 0).cummax(dim=1).values
-            return pos - seg_start, (same & torch.ones(T, T, dtype=torch.bool, device=device).tril())[:, None]
-        if start > 0 and T > 1:  # new queries after a cache may see every cached key and the causal part
-            return pos, torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
-        return pos, None
+    def segment_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions and visibility for packed conversations: segments (B, T) numbers them within each row. A
+        token sees only earlier tokens of its own segment and positions restart at each segment, so a packed
+        conversation is processed exactly as it would be alone (which is how chat sees it)."""
+        T = segments.size(1)
+        pos = torch.arange(T, device=segments.device)
+        same = segments[:, :, None] == segments[:, None, :]
+        first = torch.cat([torch.ones_like(segments[:, :1], dtype=torch.bool), segments[:, 1:] != segments[:, :-1]], 1)
+        seg_start = torch.where(first, pos, 0).cummax(dim=1).values
+        return pos - seg_start, (same & torch.ones(T, T, dtype=torch.bool, device=segments.device).tril())[:, None]
 
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None,
                segments: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, n_embd) for token ids idx (B, T), continuing after `cache` if given;
         segments (B, T) keeps packed sequences apart (see attention_mask)."""
-        start = cache.pos if cache is not None else 0
-        T = idx.size(1)
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        pos, visible = self.attention_mask(T, start, segments, idx.device)
+        if cache is not None:
+            pos, visible = cache.positions(idx.size(1), idx.device)
+        elif segments is not None:
+            pos, visible = self.segment_mask(segments)
+        else:
+            pos, visible = causal_positions(0, idx.size(1), self.config.block_size, idx.device)
         x = self.transformer.wte(idx)
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(pos)
@@ -358,7 +423,7 @@ class GPT(nn.Module):
             else:
                 x = block(x, pos, self.rope, cache, visible)
         if cache is not None:
-            cache.pos += T
+            cache.advance(idx.size(1))
         return self.transformer.ln_f(x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -397,9 +462,10 @@ class GPT(nn.Module):
         self.hidden(idx)
         return [block.attn.last_weights for block in self.transformer.h]
 
-    def new_cache(self, batch_size: int) -> KVCache:
+    def new_cache(self, batch_size: int, slots: bool = False) -> KVCache:
+        """A cache for batch_size rows that decode together; with slots, rows that join and leave (SlotCache)."""
         p = self.transformer.wte.weight
-        return KVCache(self.config, batch_size, p.device, p.dtype)
+        return (SlotCache if slots else KVCache)(self.config, batch_size, p.device, p.dtype)
 
 
 @contextlib.contextmanager

@@ -177,25 +177,70 @@ def stream_tokens(model: GPT, idx: torch.Tensor, sampling: SampleConfig, stop_id
                 logits = model.next_logits(history.last(block // 2), cache)
 
 
+class TextPieces:
+    """The text of a growing list of token ids, released piece by piece as it becomes final.
+
+    Text is held back while it ends inside a UTF-8 character (a byte-level BPE token can end mid-character)
+    or with what could be the start of a stop string; it ends where a stop string begins, which is then
+    never shown. With strip, leading and trailing whitespace is left out (a chat reply's)."""
+
+    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = (), strip: bool = False):
+        self.tokenizer, self.stops, self.strip = tokenizer, [s for s in stop_strings if s], strip
+        self.ids: list[int] = []
+        self.shown = ""
+        self.stopped = False  # a stop string was found: the text is complete
+
+    def push(self, ids: Sequence[int]) -> str:
+        """Add tokens; returns the newly final text (may be empty)."""
+        self.ids.extend(ids)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The rest of the text once generation has ended."""
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.ids)
+        if self.strip:
+            text = text.lstrip()
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            text, final, self.stopped = text[:cut], True, True
+        if final:
+            text = text.rstrip() if self.strip else text
+        else:
+            text = text[:len(text) - self._held(text)]
+        piece = text[len(self.shown):]
+        self.shown += piece
+        return piece
+
+    def _held(self, text: str) -> int:
+        """How many trailing characters may still change: a partial character, a stop string's start, spaces."""
+        if text.endswith("\ufffd"):
+            return len(text) - len(self.shown)
+        held = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        if self.strip:
+            held = max(held, len(text) - len(text.rstrip()))
+        return held
+
+
 def stream_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], sampling: SampleConfig,
                 generator: torch.Generator | None = None, stop_ids: Sequence[int] | None = None) -> Iterator[str]:
     """Yield the text of a single sample piece by piece, stopping before a stop id (default: end-of-text)."""
     stops = set(stop_ids) if stop_ids is not None else {tokenizer.eot_id}
     device = next(model.parameters()).device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    ids: list[int] = []
-    shown = ""
+    text = TextPieces(tokenizer)
     for tok in stream_tokens(model, idx, sampling, stop_ids=sorted(stops), generator=generator):
         t = int(tok[0])
         if t in stops:
-            return
-        ids.append(t)
-        text = tokenizer.decode(ids)
-        # A byte-level BPE token can end inside a UTF-8 character; wait for the rest of it.
-        if text.endswith("\ufffd"):
-            continue
-        yield text[len(shown):]
-        shown = text
+            break
+        if piece := text.push([t]):
+            yield piece
+    if piece := text.finish():
+        yield piece
 
 
 def generate_ids(model: GPT, idx: torch.Tensor, sampling: SampleConfig,

@@ -1,0 +1,130 @@
+"""Continuous batching: many generations stepped through one model together, each in its own cache row.
+
+A decode step on a CPU is bound by reading the weights, and a step over n sequences reads them once, not n
+times, so n concurrent requests cost little more than one. Sequences join (their prompt is prefilled into a
+free row) and leave (at a stop id, at their token limit, or when cancelled) between steps, so nobody waits
+for the longest request of a batch. Each generation keeps its own sampling settings and random generator.
+
+One BatchDecoder is meant to be driven by one thread: it swaps the model's layer implementations around each
+step (OneDNNLinears), so two threads decoding with the same model at once would corrupt each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tinygpt.config import SampleConfig
+from tinygpt.infer.generate import OneDNNLinears, TokenHistory, sample_token
+from tinygpt.model import GPT, SlotCache
+
+
+@dataclass(eq=False)
+class Generation:
+    """One sequence being generated: its prompt and settings, the tokens made so far and why it ended.
+
+    Generations that share a `group` (e.g. the n choices of one request) are sampled in one call with the
+    first one's settings and generator, so together they are reproducible from one seed."""
+
+    prompt: list[int]
+    sampling: SampleConfig
+    stop_ids: frozenset[int] = frozenset()
+    generator: torch.Generator | None = None
+    group: object | None = None
+    tokens: list[int] = field(default_factory=list)  # without the stop id that ended it
+    finish_reason: str | None = None  # "stop": a stop id or a caller's stop; "length": sampling.max_new_tokens
+    cancelled: bool = False  # set from any thread; the decoder drops the generation before its next step
+    row: int = -1  # the cache row while active
+    logits: torch.Tensor | None = None  # (1, vocab) scores for the next token
+    history: TokenHistory | None = None
+
+
+class BatchDecoder:
+    """Steps the active generations (at most `slots`) through `model` together; see the module docstring.
+
+    Context policy, as in stream_tokens: a generation sees its most recent block_size tokens; when its row
+    fills up it is rebuilt from the most recent block_size/2, once per block_size/2 new tokens."""
+
+    def __init__(self, model: GPT, slots: int):
+        self.model = model.eval()  # the decoder owns the model while it lives: no dropout
+        self.cache: SlotCache = model.new_cache(slots, slots=True)  # type: ignore[assignment]
+        self.active: list[Generation] = []
+        self.one_token_step = OneDNNLinears(model)
+
+    @property
+    def free(self) -> int:
+        return len(self.cache.lengths) - len(self.active)
+
+    @torch.no_grad()
+    def add(self, gen: Generation) -> None:
+        """Prefill gen's prompt (at least one token) into a free row; its first token is sampled at the next step."""
+        if not self.free:
+            raise RuntimeError("no free cache row")  # the caller admits only into free rows
+        block = self.model.config.block_size
+        device = self.cache.k.device
+        gen.history = TokenHistory(torch.tensor([gen.prompt], dtype=torch.long, device=device), block)
+        gen.row = len(self.active)
+        self.active.append(gen)
+        gen.logits = self._prefill(gen, gen.history.last(block))
+
+    def _prefill(self, gen: Generation, ids: torch.Tensor) -> torch.Tensor:
+        self.cache.lengths[gen.row] = 0
+        self.cache.rows = slice(gen.row, gen.row + 1)
+        return self.model.next_logits(ids, self.cache)
+
+    def remove(self, gen: Generation) -> None:
+        """Free gen's row; the last active generation moves into it, so the active rows stay 0..n-1."""
+        last = self.active.pop()
+        if last is not gen:
+            self.cache.move(last.row, gen.row)
+            last.row = gen.row
+            self.active[gen.row] = last
+        gen.row, gen.logits, gen.history = -1, None, None
+
+    @torch.no_grad()
+    def step(self) -> list[Generation]:
+        """Drop cancelled generations, sample one token for each active one, and run the model once over those
+        that go on. Returns the generations that ended at this step (no longer active)."""
+        ended = [g for g in self.active if g.cancelled]
+        for g in ended:
+            self.remove(g)
+        self._sample()
+        finished = [g for g in self.active if g.finish_reason is not None]
+        for g in finished:
+            self.remove(g)
+        if self.active:
+            self._forward()
+        return ended + finished
+
+    def _sample(self) -> None:
+        groups: dict[int, list[Generation]] = {}
+        for g in self.active:
+            groups.setdefault(id(g.group if g.group is not None else g), []).append(g)
+        for gens in groups.values():
+            s = gens[0].sampling
+            logits = torch.cat([g.logits for g in gens]) if len(gens) > 1 else gens[0].logits
+            for g, tok in zip(gens, sample_token(logits, s.temperature, s.top_k, s.top_p, gens[0].generator).tolist()):
+                if tok in g.stop_ids:
+                    g.finish_reason = "stop"
+                    continue
+                g.tokens.append(tok)
+                if len(g.tokens) >= g.sampling.max_new_tokens:
+                    g.finish_reason = "length"
+
+    def _forward(self) -> None:
+        block = self.model.config.block_size
+        device = self.cache.k.device
+        newest = torch.tensor([[g.tokens[-1]] for g in self.active], dtype=torch.long, device=device)
+        for g, tok in zip(self.active, newest):
+            g.history.append(tok)
+            if self.cache.lengths[g.row] == block:  # full: keep the newest half, all but the token fed below
+                keep = g.history.last(block // 2)[:, :-1]
+                self.cache.lengths[g.row] = 0
+                if keep.numel():
+                    self._prefill(g, keep)
+        self.cache.rows = slice(0, len(self.active))
+        with self.one_token_step:
+            logits = self.model.next_logits(newest, self.cache)
+        for i, g in enumerate(self.active):
+            g.logits = logits[i:i + 1]
