@@ -1,3 +1,10 @@
+import contextlib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,3 +46,76 @@ TEXTS = ["hello there", "hi! how are you?", "what is 2 plus 3?", "5", "be brief"
 
 def tok_for(template, kind="char"):
     return build_tokenizer(kind, TEXTS + ["User: Bot: System: <user>: <assistant>: <system>: "], special_tokens=template.specials)
+
+
+# ---------------------------------------------------------------- trained runs and a real server, for the serve tests
+
+def train_run(tmp_path_factory, out: Path, *flags: str) -> Path:
+    """`tinygpt train` for a session-wide fixture, which runs before the per-test _private_cache: same cache."""
+    from tinygpt.cli import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TINYGPT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        assert main(["train", "--out", str(out), *flags]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_run(tmp_path_factory) -> Path:
+    """A small model trained for a few seconds on the built-in conversations."""
+    return train_run(tmp_path_factory, tmp_path_factory.mktemp("serve") / "chat", *tiny_flags(**{
+        "model.n_layer": 2, "model.n_embd": 64, "model.block_size": 64, "train.max_iters": 150,
+        "train.batch_size": 8, "train.eval_interval": 150, "train.checkpoint_interval": 150}))
+
+
+@pytest.fixture(scope="session")
+def text_run(tmp_path_factory) -> Path:
+    """A small character-level model trained on plain text."""
+    root = tmp_path_factory.mktemp("serve-text")
+    text = root / "text.txt"
+    text.write_text("".join(f"The {a} {b} sat on mat number {i}.\n" for i, (a, b) in
+                            enumerate(zip(["red", "old", "big", "shy"] * 60, ["cat", "dog", "owl", "fox"] * 60))))
+    return train_run(tmp_path_factory, root / "text", "--data", str(text), "--tokenizer", "char", *tiny_flags(**{
+        "model.n_layer": 2, "model.n_embd": 64, "model.block_size": 64, "train.max_iters": 150,
+        "train.batch_size": 8, "train.eval_interval": 150, "train.checkpoint_interval": 150}))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(run_dir: Path, *extra: str) -> Iterator[str]:
+    """`tinygpt serve` on a free loopback port in a subprocess; yields its base URL, stops it afterwards."""
+    import httpx
+
+    port = free_port()
+    log = tempfile.TemporaryFile("w+")  # not a pipe: a full pipe would block the server
+    proc = subprocess.Popen([sys.executable, "-m", "tinygpt", "serve", "--run", str(run_dir), "--port", str(port), *extra],
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise AssertionError(f"tinygpt serve exited with {proc.returncode}: {log.read()}")
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("tinygpt serve did not answer /health within 60 s")
+            time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

@@ -123,11 +123,12 @@ class Server:
                            if what != "the prompt" else "prompt")
         return ids
 
-    def stop_ids(self) -> set[int]:
+    def stop_ids(self, req: Sampling) -> set[int]:
+        """End-of-text, and for chat the template's end-of-turn tokens; none with ignore_eos."""
         tok = self.ckpt.tokenizer
-        if self.template is None:
-            return {tok.eot_id}
-        return {tok.special_tokens[s] for s in self.template.stop_strings} | {tok.eot_id}
+        if req.ignore_eos:
+            return set()
+        return {tok.eot_id} | {tok.special_tokens[s] for s in (self.template.stop_strings if self.template else ())}
 
 
 class Reply:
@@ -320,7 +321,7 @@ def build_app(server: Server) -> FastAPI:
         req = parse(await read_body(request, server.cfg.max_body), CompletionRequest)
         server.check(req)
         sampling = server.sampling_for(req, {}, req.max_tokens)
-        gens = server.generations(req, server.completion_prompt(req), sampling, server.stop_ids())
+        gens = server.generations(req, server.completion_prompt(req), sampling, server.stop_ids(req))
         return await respond(Reply(server, request, gens, req.stop_strings(), strip=False), req, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -328,7 +329,7 @@ def build_app(server: Server) -> FastAPI:
         req = parse(await read_body(request, server.cfg.max_body), ChatRequest)
         server.check(req)
         sampling = server.sampling_for(req, CHAT_SAMPLING, req.max_completion_tokens or req.max_tokens)
-        gens = server.generations(req, server.chat_prompt(req, sampling), sampling, server.stop_ids())
+        gens = server.generations(req, server.chat_prompt(req, sampling), sampling, server.stop_ids(req))
         return await respond(Reply(server, request, gens, req.stop_strings(), strip=True), req, chat=True)
 
     return app

@@ -59,6 +59,7 @@ class Engine:
         self.running: list[Ticket] = []
         self.wake = threading.Condition()
         self.stopping = False
+        self.generated = 0  # tokens made since start, for /health
         self.thread = threading.Thread(target=self._loop, name="tinygpt-decode", daemon=True)
 
     def start(self) -> None:
@@ -71,17 +72,18 @@ class Engine:
         self.thread.join(timeout=10)
 
     def submit(self, ticket: Ticket) -> None:
-        """Queue a ticket; raises QueueFull when queue_size tickets are already waiting."""
+        """Queue a ticket; raises QueueFull when it would have to wait and queue_size tickets already do."""
         ticket.sent, ticket.ended = [0] * len(ticket.generations), [False] * len(ticket.generations)
         with self.wake:
-            if len(self.queue) >= self.queue_size:
+            rows_left = self.decoder.free - sum(len(t.generations) for t in self.queue)  # read racily: an estimate
+            if rows_left < len(ticket.generations) and len(self.queue) >= self.queue_size:
                 raise QueueFull(f"the server is busy: {len(self.queue)} requests are already waiting; retry later")
             self.queue.append(ticket)
             self.wake.notify()
 
     def load(self) -> dict[str, int]:
         return {"running": sum(len(t.generations) for t in self.running), "queued": len(self.queue),
-                "max_batch": self.max_batch}
+                "max_batch": self.max_batch, "generated_tokens": self.generated}
 
     def _loop(self) -> None:
         while True:
@@ -134,6 +136,7 @@ class Engine:
                     continue
                 new = g.tokens[ticket.sent[i]:]
                 ticket.sent[i] = len(g.tokens)
+                self.generated += len(new)
                 reason = g.finish_reason or ("stop" if g.row < 0 else None)  # ended by a stop, a limit or a cancel
                 ticket.ended[i] = reason is not None
                 if new or reason:

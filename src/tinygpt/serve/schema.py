@@ -42,7 +42,10 @@ class Sampling(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1)  # not in OpenAI's API: an extension (extra_body in the openai client)
+    # Extensions, not in OpenAI's API (the openai client sends them as extra_body): top_k; and ignore_eos, as in
+    # vLLM, which generates through end-of-text to exactly max_tokens (for benchmarks and load tests).
+    top_k: int | None = Field(None, ge=1)
+    ignore_eos: bool = False
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None

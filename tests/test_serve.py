@@ -1,0 +1,203 @@
+"""tinygpt serve: the real server in a subprocess, driven by the official openai client (and httpx for what
+the client hides: raw SSE, status codes, dropped connections)."""
+
+import concurrent.futures
+import io
+import json
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from conftest import serve  # noqa: E402
+from tinygpt.cli import main  # noqa: E402
+
+
+def client(base: str, key: str = "unused") -> "openai.OpenAI":
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def chat_server(chat_run):
+    with serve(chat_run, "--model-name", "demo") as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def text_server(text_run):
+    with serve(text_run) as base:
+        yield base
+
+
+def sample_cli(capsys, run, prompt: str, n: int) -> str:
+    capsys.readouterr()
+    assert main(["sample", "--run", str(run), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", str(n)]) == 0
+    return capsys.readouterr().out.rstrip("\n")[len(prompt):]
+
+
+def chat_cli(capsys, monkeypatch, run, lines: list[str], n: int) -> list[str]:
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert main(["chat", "--run", str(run), "--max-new-tokens", str(n)]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_models_and_health(chat_server, text_server):
+    models = client(chat_server).models.list().data
+    assert [m.id for m in models] == ["demo"] and models[0].model_extra["chat"] is True
+    assert client(text_server).models.list().data[0].model_extra["chat"] is False
+    health = httpx.get(f"{chat_server}/health").json()
+    assert health["status"] == "ok" and health["max_batch"] == 16
+
+
+def test_greedy_completion_is_what_sample_writes(text_server, text_run, capsys):
+    expected = sample_cli(capsys, text_run, "The red", 40)
+    model = client(text_server).models.list().data[0].id
+    whole = client(text_server).completions.create(model=model, prompt="The red", max_tokens=40, temperature=0)
+    assert whole.choices[0].text == expected and whole.choices[0].finish_reason == "length"
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (7, 40)  # the char tokenizer: one per character
+    stream = client(text_server).completions.create(model=model, prompt="The red", max_tokens=40, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == expected
+
+
+def test_greedy_chat_is_what_tinygpt_chat_replies(chat_server, chat_run, capsys, monkeypatch):
+    first, second = chat_cli(capsys, monkeypatch, chat_run, ["hello", "what is 2 plus 3?"], 30)
+    c = client(chat_server)
+    reply = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hello"}], max_tokens=30)
+    assert " ".join(reply.choices[0].message.content.split()) == first  # greedy is chat's default too
+    history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": reply.choices[0].message.content},
+               {"role": "user", "content": "what is 2 plus 3?"}]
+    stream = c.chat.completions.create(model="demo", messages=history, max_tokens=30, stream=True, temperature=0,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert " ".join(text.split()) == second
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+
+
+def test_temperature_zero_is_greedy_and_a_seed_repeats(text_server):
+    c, model = client(text_server), client(text_server).models.list().data[0].id
+    greedy = {c.completions.create(model=model, prompt="The", max_tokens=20, temperature=0).choices[0].text for _ in range(3)}
+    assert len(greedy) == 1
+    seeded = [c.completions.create(model=model, prompt="The", max_tokens=30, temperature=1.5, seed=s, n=3) for s in (1, 1, 2)]
+    texts = [[ch.text for ch in r.choices] for r in seeded]
+    assert texts[0] == texts[1] and texts[0] != texts[2]
+    assert len(set(texts[0])) == 3 and [ch.index for ch in seeded[0].choices] == [0, 1, 2]  # n independent samples
+    assert seeded[0].usage.completion_tokens == 90
+
+
+def test_stop_strings_end_the_text_where_they_begin(text_server):
+    c, model = client(text_server), client(text_server).models.list().data[0].id
+    full = c.completions.create(model=model, prompt="The", max_tokens=40, temperature=0).choices[0].text
+    stop = full[12:14]
+    cut = full[:full.find(stop)]
+    stopped = c.completions.create(model=model, prompt="The", max_tokens=40, temperature=0, stop=[stop, "never"])
+    assert stopped.choices[0].text == cut and stopped.choices[0].finish_reason == "stop"
+    stream = c.completions.create(model=model, prompt="The", max_tokens=40, temperature=0, stop=stop, stream=True)
+    chunks = [ch for ch in stream if ch.choices]
+    assert "".join(ch.choices[0].text for ch in chunks) == cut and chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_sixteen_concurrent_streams_get_their_own_outputs(text_server):
+    c, model = client(text_server), client(text_server).models.list().data[0].id
+
+    def run(seed: int) -> str:
+        stream = c.completions.create(model=model, prompt=f"The {seed}", max_tokens=48, temperature=1.0, seed=seed, stream=True)
+        return "".join(ch.choices[0].text for ch in stream if ch.choices)
+
+    alone = [run(seed) for seed in range(16)]  # one at a time: nothing to batch with
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(run, range(16)))
+    assert together == alone
+    assert len(set(together)) == 16
+
+
+def test_a_client_that_drops_mid_stream_frees_its_row(text_run):
+    with serve(text_run, "--max-batch", "1") as base:
+        body = {"model": "text", "prompt": "The", "max_tokens": 2000, "temperature": 1.0, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+        # the dropped stream's row goes back: the next request (which needs that one row) finishes
+        reply = client(base).completions.create(model="text", prompt="The", max_tokens=10, temperature=0)
+        assert reply.choices[0].finish_reason in ("length", "stop")
+        health = httpx.get(f"{base}/health").json()
+        assert health["running"] == 0 and health["generated_tokens"] < 2000
+
+
+def error_of(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def test_bad_requests_get_their_status_and_openai_errors(chat_server, text_server):
+    url = f"{chat_server}/v1/chat/completions"
+    ok = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+    assert error_of(httpx.post(url, content=b"{not json"), 400)["code"] == "invalid_json"
+    assert error_of(httpx.post(url, json={"model": "demo"}), 400)["param"] == "messages"
+    assert error_of(httpx.post(url, json={**ok, "temperature": -1}), 400)["param"] == "temperature"
+    assert error_of(httpx.post(url, json={**ok, "max_tokens": 10 ** 6}), 400)["param"] == "max_tokens"
+    assert error_of(httpx.post(url, json={**ok, "logprobs": True}), 400)["param"] == "logprobs"
+    assert error_of(httpx.post(url, json={**ok, "model": "gpt-4"}), 404)["code"] == "model_not_found"
+    too_long = {**ok, "messages": [{"role": "user", "content": "hi " * 200}]}
+    assert error_of(httpx.post(url, json=too_long), 400)["code"] == "context_length_exceeded"
+    assert error_of(httpx.post(url, json={**ok, "messages": [{"role": "assistant", "content": "x"}]}), 400)
+    assert error_of(httpx.post(f"{chat_server}/v1/nothing", json=ok), 404)
+    text = {"model": "text", "messages": ok["messages"]}
+    assert error_of(httpx.post(f"{text_server}/v1/chat/completions", json=text), 400)["code"] == "model_not_chat"
+    long_prompt = {"model": "text", "prompt": "The cat " * 20}
+    assert error_of(httpx.post(f"{text_server}/v1/completions", json=long_prompt), 400)["code"] == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError):  # the official client turns them into its exceptions
+        client(chat_server).chat.completions.create(model="nope", messages=ok["messages"])
+
+
+def test_body_limit_queue_limit_and_timeouts(text_run):
+    with serve(text_run, "--max-batch", "1", "--queue-size", "0", "--max-body", "2000", "--timeout", "1.5",
+               "--max-tokens", "100000") as base:
+        url = f"{base}/v1/completions"
+        assert error_of(httpx.post(url, json={"model": "text", "prompt": "x" * 5000}), 413)["code"] == "body_too_large"
+        long = {"model": "text", "prompt": "The", "max_tokens": 100000, "temperature": 1.0, "stream": True,
+                "ignore_eos": True}
+        with httpx.stream("POST", url, json=long, timeout=30) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data:"))
+            # the only row is taken and nothing may wait: refused at once
+            assert error_of(httpx.post(url, json={"model": "text", "prompt": "The"}), 503)["code"] == "server_busy"
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        # 100,000 tokens take far longer than the 1.5 s timeout: the stream ends with one error event, no [DONE]
+        assert "error" in events[-1] and "timed out" in events[-1]["error"]["message"]
+
+
+def test_idle_streams_get_keep_alive_comments(text_run):
+    with serve(text_run, "--max-batch", "1", "--keepalive", "0.2", "--max-tokens", "100000") as base:
+        url = f"{base}/v1/completions"
+        first = {"model": "text", "prompt": "The", "max_tokens": 100000, "temperature": 1.0, "stream": True,
+                "ignore_eos": True}
+        with httpx.stream("POST", url, json=first, timeout=30) as r1:
+            first_lines = r1.iter_lines()  # kept: closing this iterator would close the connection
+            next(line for line in first_lines if line.startswith("data:"))
+            second = {"model": "text", "prompt": "The", "max_tokens": 5, "stream": True}
+            with httpx.stream("POST", url, json=second, timeout=30) as r2:  # waits in the queue for the one row
+                started = time.monotonic()
+                lines = []
+                for line in r2.iter_lines():
+                    lines.append(line)
+                    if line.startswith(":") or time.monotonic() - started > 20:
+                        break
+        assert lines[-1] == ": keep-alive"
+
+
+def test_api_key(text_run):
+    with serve(text_run, "--api-key", "s3cret") as base:
+        for key in ("wrong", None):
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            assert error_of(httpx.get(f"{base}/v1/models", headers=headers), 401)["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            client(base, "wrong").models.list()
+        assert client(base, "s3cret").models.list().data[0].id == "text"
+        assert httpx.get(f"{base}/health").status_code == 200  # health checks need no key
