@@ -131,6 +131,15 @@ def _busy_cpu_seconds() -> float | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def _process_cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of a running process, from /proc (0 where it cannot be read)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15
+
+
 class OtherLoad:
     """Measures how much of the machine other processes used while a benchmark ran.
 
@@ -142,8 +151,9 @@ class OtherLoad:
 
     WARN = 0.10
 
-    def __init__(self) -> None:
+    def __init__(self, pids: Sequence[int] = ()) -> None:
         self.share: float | None = None
+        self.pids = pids  # processes that are part of the benchmark (a server it started): theirs is not others' load
 
     def __enter__(self) -> OtherLoad:
         self._start = (time.perf_counter(), _busy_cpu_seconds(), self._own())
@@ -157,10 +167,9 @@ class OtherLoad:
         others = (busy - busy0) - (own - own0)
         self.share = min(1.0, max(0.0, others / (wall * (os.cpu_count() or 1))))
 
-    @staticmethod
-    def _own() -> float:
+    def _own(self) -> float:
         t = os.times()  # this process and its waited-for children (the memory benchmark's subprocesses)
-        return t.user + t.system + t.children_user + t.children_system
+        return t.user + t.system + t.children_user + t.children_system + sum(map(_process_cpu_seconds, self.pids))
 
 
 def load_warning(share: float | None) -> str:

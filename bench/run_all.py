@@ -1,6 +1,6 @@
 """Run every benchmark, print a summary against the goals, and write bench/results.json.
 
-    python bench/run_all.py              # everything (about 9 minutes on 2 CPU cores)
+    python bench/run_all.py              # everything (about 12 minutes on 2 CPU cores)
     python bench/run_all.py --quick      # one timed repetition each (the quality runs still take 120 s each)
     python bench/run_all.py --skip quality quality-preset-size memory
 """
@@ -19,10 +19,11 @@ import common
 import generate
 import memory
 import quality
+import serve
 import train
 
 BENCHMARKS: dict[str, Callable[[list[str]], Any]] = {
-    "generate": generate.main, "train": train.main, "memory": memory.main, "quality": quality.main,
+    "generate": generate.main, "train": train.main, "memory": memory.main, "serve": serve.main, "quality": quality.main,
     # The same command keeping the preset's size (a time budget alone sizes the model: train/schedule.py's choose_size).
     "quality-preset-size": lambda args: quality.main([*args, "--model.auto_size", "false"]),
 }
@@ -81,6 +82,13 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str
             rows.append((label, "-", "", "", "<= 1.65", f"failed: {q['error']}"))
         else:
             rows.append((label, f"{q['val_loss']:.4f}", "", "", "<= 1.65", "met" if q["goal_met"] else "missed"))
+    for r in res.get("serve") or []:  # the peer is the same server with one client
+        one, sixteen = r["clients"]["1"]["tok_s"], r["clients"]["16"]["tok_s"]
+        rows.append((f"serve {r['shape']}: 16 clients vs 1 (aggregate)", f"{sixteen:,.1f} tok/s", f"1 client: {one:,.1f}",
+                     f"{r['speedup_16']:.2f}x", ">= 4x", "met" if r["speedup_16"] >= 4 else "missed"))
+        mixed = r["mixed"]
+        rows.append((f"serve {r['shape']}: mixed load errors", f"{mixed['errors']} of {mixed['requests']}", "", "",
+                     "0", "met" if mixed["errors"] == 0 else "missed"))
     m = res.get("memory")
     if m is not None:
         # Both figures are tinygpt's: peak RSS with activation checkpointing, and its ratio to the run without.
