@@ -22,3 +22,22 @@ def test_stream_text_waits_for_the_rest_of_a_utf8_character(monkeypatch):
     pieces = list(generate.stream_text(model, tok, [tok.eot_id], SampleConfig(max_new_tokens=len(sequence))))
     assert "".join(pieces) == "\u2603 ok"
     assert all("\ufffd" not in p for p in pieces) and pieces[0].startswith("\u2603")
+
+
+def test_text_pieces_end_where_a_stop_string_begins_and_never_show_part_of_one():
+    tok = build_tokenizer("char", ["abc END xyz, some text"])
+    text = generate.TextPieces(tok, stop_strings=["END", "zz"])
+    shown = [text.push(tok.encode(c)) for c in "abc EN"]
+    assert "".join(shown) == "abc " and not text.stopped  # "EN" may be the start of "END": held back
+    assert text.push(tok.encode("D xyz")) == "" and text.stopped  # the stop string and all after it: never shown
+    assert text.finish() == "" and text.shown == "abc "
+    other = generate.TextPieces(tok, stop_strings=["END"])
+    assert other.push(tok.encode("ab E")) == "ab " and other.push(tok.encode("x")) == "Ex"  # not a stop after all
+    assert other.finish() == ""
+
+
+def test_text_pieces_strip_a_replys_outer_whitespace():
+    tok = build_tokenizer("char", ["  hi there \n"])
+    text = generate.TextPieces(tok, strip=True)
+    pieces = [text.push(tok.encode(c)) for c in "  hi there \n"] + [text.finish()]
+    assert "".join(pieces) == "hi there" and pieces[:3] == ["", "", "h"]

@@ -291,3 +291,33 @@ def test_rmsnorm_under_autocast_equals_torchs_own_fallback():
     assert got.dtype == expected.dtype == torch.bfloat16 and torch.equal(got, expected)
     y = torch.randn(4, 32)
     assert torch.equal(ours(y), theirs(y))  # float32: the same op
+
+
+@pytest.mark.parametrize("variant", [{}, {"pos": "rope", "attn": "einsum"}, {"pos": "sinusoidal"}, {"head": "adaptive"}])
+def test_slot_cache_rows_are_separate_sequences(variant):
+    """Rows of a SlotCache at different lengths, prefilled alone or together and stepped together, give each
+    sequence's own logits; a row moved into another's place goes on as before."""
+    torch.manual_seed(0)
+    model = perturbed(GPT(tiny(**variant))).eval()
+    seqs = [torch.randint(0, 50, (1, n)) for n in (5, 9, 3)]
+    alone = lambda s: model(s)[0][0, -1]  # noqa: E731  (the reference: one full forward pass per sequence)
+    with torch.no_grad():
+        cache = model.new_cache(4, slots=True)
+        cache.rows = slice(0, 1)
+        model.hidden(seqs[0][:, :-1], cache)
+        cache.rows = slice(1, 3)  # two prompts of different lengths in one pass, the shorter padded at the end
+        padded = torch.zeros(2, 8, dtype=torch.long)
+        padded[0], padded[1, :2] = seqs[1][0, :-1], seqs[2][0, :-1]
+        model.hidden(padded, cache)
+        cache.lengths[1:3] = [8, 2]
+        cache.rows = slice(0, 3)
+        step = model.next_logits(torch.cat([s[:, -1:] for s in seqs]), cache)
+        for i, s in enumerate(seqs):
+            assert torch.allclose(step[i], alone(s), atol=1e-5), i
+        assert cache.lengths == [5, 9, 3, 0]
+        cache.move(2, 0)  # row 0's sequence leaves; the last one takes its row
+        cache.rows = slice(0, 2)
+        nxt = torch.tensor([[7], [8]])
+        step = model.next_logits(nxt, cache)
+        assert torch.allclose(step[0], alone(torch.cat([seqs[2], nxt[:1]], 1)), atol=1e-5)
+        assert torch.allclose(step[1], alone(torch.cat([seqs[1], nxt[1:]], 1)), atol=1e-5)

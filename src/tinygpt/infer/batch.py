@@ -57,16 +57,33 @@ class BatchDecoder:
         return len(self.cache.lengths) - len(self.active)
 
     @torch.no_grad()
-    def add(self, gen: Generation) -> None:
-        """Prefill gen's prompt (at least one token) into a free row; its first token is sampled at the next step."""
-        if not self.free:
-            raise RuntimeError("no free cache row")  # the caller admits only into free rows
+    def add(self, gens: list[Generation]) -> None:
+        """Prefill the prompts (at least one token each) into free rows, in one forward pass; their first tokens
+        are sampled at the next step. Prompts of different lengths are padded at the end: a padded position
+        lies past its row's length, so it is never attended to and the row's next tokens overwrite it."""
+        if len(gens) > self.free:
+            raise RuntimeError(f"{len(gens)} generations for {self.free} free cache rows")  # callers check
         block = self.model.config.block_size
         device = self.cache.k.device
-        gen.history = TokenHistory(torch.tensor([gen.prompt], dtype=torch.long, device=device), block)
-        gen.row = len(self.active)
-        self.active.append(gen)
-        gen.logits = self._prefill(gen, gen.history.last(block))
+        first = len(self.active)
+        for row, g in enumerate(gens, start=first):
+            g.history = TokenHistory(torch.tensor([g.prompt], dtype=torch.long, device=device), block)
+            g.row = row
+            self.active.append(g)
+        if len(gens) == 1:  # alone: exactly the single-sequence computation
+            gens[0].logits = self._prefill(gens[0], gens[0].history.last(block))
+            return
+        prompts = [g.history.last(block)[0] for g in gens]
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        ids = torch.nn.utils.rnn.pad_sequence(prompts, batch_first=True)
+        self.cache.rows = slice(first, first + len(gens))
+        for g in gens:
+            self.cache.lengths[g.row] = 0
+        hidden = self.model.hidden(ids, self.cache)
+        logits = self.model.logits(hidden[torch.arange(len(gens), device=device), lengths - 1])
+        for i, g in enumerate(gens):
+            self.cache.lengths[g.row] = len(prompts[i])
+            g.logits = logits[i:i + 1]
 
     def _prefill(self, gen: Generation, ids: torch.Tensor) -> torch.Tensor:
         self.cache.lengths[gen.row] = 0

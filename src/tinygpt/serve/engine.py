@@ -94,10 +94,9 @@ class Engine:
                     return
                 admitted = self._take_admissible()
             try:
-                for ticket in admitted:
-                    for g in ticket.generations:
-                        self.decoder.add(g)
-                    self.running.append(ticket)
+                if admitted:  # every prompt that arrived meanwhile is prefilled in one forward pass
+                    self.decoder.add([g for ticket in admitted for g in ticket.generations])
+                    self.running.extend(admitted)
                 self._expire()
                 self.decoder.step()
             except Exception as e:  # a failed step fails the requests in flight, not the server

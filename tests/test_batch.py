@@ -1,0 +1,79 @@
+"""Continuous batching (tinygpt.infer.batch): generations that join, leave and share steps decode exactly
+as they would alone."""
+
+import torch
+
+from tinygpt.config import ModelConfig, SampleConfig
+from tinygpt.infer.batch import BatchDecoder, Generation
+from tinygpt.infer.generate import seeded_generator, stream_tokens
+from tinygpt.model import GPT
+
+
+def model(**kw) -> GPT:
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "vocab_size": 50, **kw}))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m.eval()
+
+
+def alone(m: GPT, prompt: list[int], sampling: SampleConfig, seed: int | None = None) -> list[int]:
+    gen = seeded_generator(m, seed) if seed is not None else None
+    return [int(t) for t in stream_tokens(m, torch.tensor([prompt]), sampling, generator=gen)]
+
+
+def drain(d: BatchDecoder) -> None:
+    while d.active:
+        d.step()
+
+
+def test_joining_at_different_steps_and_lengths_gives_each_its_greedy_tokens():
+    for kw in ({}, {"pos": "rope", "qk_norm": True}):
+        m = model(**kw)
+        greedy = SampleConfig(max_new_tokens=40, temperature=0, top_k=None)  # 40 > block_size: the context rebuilds
+        prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [3] * 20]  # the last is longer than the context
+        gens = [Generation(p, greedy) for p in prompts]
+        d = BatchDecoder(m, 4)
+        d.add(gens[:1])
+        d.step()
+        d.step()
+        d.add(gens[1:])  # three prompts of different lengths prefilled in one pass
+        drain(d)
+        assert [g.tokens for g in gens] == [alone(m, p, greedy) for p in prompts]
+        assert [g.finish_reason for g in gens] == ["length"] * 4 and d.free == 4
+
+
+def test_each_generation_keeps_its_own_settings_and_seed():
+    m = model()
+    hot = SampleConfig(max_new_tokens=12, temperature=1.5, top_k=None)
+    cold = SampleConfig(max_new_tokens=12, temperature=0, top_k=None)
+    gens = [Generation([1, 2], hot, generator=seeded_generator(m, 7)), Generation([1, 2], cold),
+            Generation([5], hot, generator=seeded_generator(m, 8))]
+    d = BatchDecoder(m, 3)
+    d.add(gens)
+    drain(d)
+    assert gens[0].tokens == alone(m, [1, 2], hot, 7) and gens[2].tokens == alone(m, [5], hot, 8)
+    assert gens[1].tokens == alone(m, [1, 2], cold)
+
+
+def test_stop_ids_cancel_and_rows_come_back():
+    m = model()
+    greedy = SampleConfig(max_new_tokens=30, temperature=0, top_k=None)
+    expected = alone(m, [1, 2, 3], greedy)
+    stopper = Generation([1, 2, 3], greedy, stop_ids=frozenset({expected[4]}))
+    cancelled, other = Generation([4, 5], greedy), Generation([6], greedy)
+    d = BatchDecoder(m, 3)
+    d.add([stopper, cancelled, other])
+    ended = []
+    for step in range(30):
+        if step == 3:
+            cancelled.cancelled = True  # as a server does when its client goes
+        ended += d.step()
+        if not d.active:
+            break
+    first_stop = expected.index(expected[4])
+    assert stopper.tokens == expected[:first_stop] and stopper.finish_reason == "stop"
+    assert len(cancelled.tokens) == 3 and cancelled.finish_reason is None and cancelled in ended
+    assert other.tokens == alone(m, [6], greedy)  # moved between rows as the others left, unaffected
+    assert d.free == 3 and all(g.row == -1 for g in (stopper, cancelled, other))
