@@ -116,7 +116,7 @@ def test_sixteen_concurrent_streams_get_their_own_outputs(text_server):
 
 
 def test_a_client_that_drops_mid_stream_frees_its_row(text_run):
-    with serve(text_run, "--max-batch", "1") as base:
+    with serve(text_run, "--max-batch", "1", "--max-tokens", "100000") as base:
         body = {"model": "text", "prompt": "The", "max_tokens": 2000, "temperature": 1.0, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=30) as r:
             lines = r.iter_lines()
@@ -126,6 +126,32 @@ def test_a_client_that_drops_mid_stream_frees_its_row(text_run):
         assert reply.choices[0].finish_reason in ("length", "stop")
         health = httpx.get(f"{base}/health").json()
         assert health["running"] == 0 and health["generated_tokens"] < 2000
+        # the same for a client that gives up waiting for a whole (non-streamed) reply
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/v1/completions", json={**body, "stream": False, "max_tokens": 100000}, timeout=1)
+        assert client(base).completions.create(model="text", prompt="The", max_tokens=10, temperature=0).choices
+        assert httpx.get(f"{base}/health").json()["generated_tokens"] < 50000
+
+
+def test_a_client_that_drops_mid_stream_does_not_stall_the_others(text_server):
+    c = client(text_server)
+
+    def run(seed: int, drop: bool = False) -> str:
+        body = {"model": "text", "prompt": f"The {seed}", "max_tokens": 300 if drop else 40, "temperature": 1.0,
+                "seed": seed, "stream": True, "ignore_eos": drop}
+        with httpx.stream("POST", f"{text_server}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            if drop:  # read one chunk, then hang up
+                return next(line for line in lines if line.startswith("data:"))
+            return "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines
+                           if line.startswith("data: {") and json.loads(line[6:])["choices"])
+
+    alone = [run(seed) for seed in range(3)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        dropped = pool.submit(run, 99, True)
+        together = list(pool.map(run, range(3)))
+    assert dropped.result() and together == alone
+    assert c.completions.create(model="text", prompt="The", max_tokens=5, temperature=0).choices[0].text
 
 
 def error_of(response: httpx.Response, status: int) -> dict:
@@ -201,3 +227,16 @@ def test_api_key(text_run):
             client(base, "wrong").models.list()
         assert client(base, "s3cret").models.list().data[0].id == "text"
         assert httpx.get(f"{base}/health").status_code == 200  # health checks need no key
+
+
+def test_listening_beyond_loopback_warns_without_a_key(text_run, capsys, monkeypatch):
+    uvicorn = pytest.importorskip("uvicorn")
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    assert main(["serve", "--run", str(text_run), "--host", "0.0.0.0", "--port", "9"]) == 0
+    assert "warning: listening on 0.0.0.0 without --api-key" in capsys.readouterr().err
+    assert main(["serve", "--run", str(text_run), "--host", "0.0.0.0", "--api-key", "k"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert [(c["host"], c["port"]) for c in calls] == [("0.0.0.0", 9), ("0.0.0.0", 8000)]
+    assert main(["serve", "--run", str(text_run), "--max-batch", "0"]) == 2
+    assert "--max-batch must be positive" in capsys.readouterr().err

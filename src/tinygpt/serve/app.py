@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -156,13 +156,18 @@ class Reply:
         """(choice, new text, finish_reason or None) as they come; None on idle ticks (for keep-alives).
         Ends when every choice has finished or the client has gone; a failure raises ApiError."""
         done = [False] * len(self.texts)
+        checked = time.monotonic()
         try:
             while not all(done):
                 try:
-                    u = await asyncio.wait_for(self.updates.get(), POLL_S)
+                    u: Update | None = await asyncio.wait_for(self.updates.get(), POLL_S)
                 except asyncio.TimeoutError:
+                    u = None
+                if time.monotonic() - checked >= POLL_S:  # also while tokens flow: a non-streaming client may leave
+                    checked = time.monotonic()
                     if await self.request.is_disconnected():
                         return
+                if u is None:
                     yield None
                     continue
                 if u.error:
@@ -287,16 +292,16 @@ def build_app(server: Server) -> FastAPI:
     app = FastAPI(title="tinygpt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     add_error_handlers(app)
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next: Any) -> Any:
+    def authenticate(request: Request) -> None:
+        """With --api-key, every /v1 request must carry it. (A dependency, not an HTTP middleware: Starlette's
+        BaseHTTPMiddleware wraps `receive`, which hides a client's disconnect from the handler.)"""
         key = server.cfg.api_key
-        if key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                what = "no API key was given" if not given else "the API key is wrong"
-                return error_response(ApiError(401, f"{what}: send the header 'Authorization: Bearer KEY'",
-                                               "invalid_api_key"))
-        return await call_next(request)
+        given = request.headers.get("authorization", "")
+        if key and not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            what = "no API key was given" if not given else "the API key is wrong"
+            raise ApiError(401, f"{what}: send the header 'Authorization: Bearer KEY'", "invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)])
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -306,17 +311,17 @@ def build_app(server: Server) -> FastAPI:
     async def page() -> str:
         return resources.files("tinygpt.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card(server)]}
 
-    @app.get("/v1/models/{name}")
+    @v1.get("/models/{name}")
     async def model(name: str) -> dict[str, Any]:
         if name != server.name:
             raise ApiError(404, f"the model {name!r} does not exist; this server has {server.name!r}", "model_not_found")
         return model_card(server)
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(request: Request) -> Any:
         req = parse(await read_body(request, server.cfg.max_body), CompletionRequest)
         server.check(req)
@@ -324,7 +329,7 @@ def build_app(server: Server) -> FastAPI:
         gens = server.generations(req, server.completion_prompt(req), sampling, server.stop_ids(req))
         return await respond(Reply(server, request, gens, req.stop_strings(), strip=False), req, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Any:
         req = parse(await read_body(request, server.cfg.max_body), ChatRequest)
         server.check(req)
@@ -332,6 +337,7 @@ def build_app(server: Server) -> FastAPI:
         gens = server.generations(req, server.chat_prompt(req, sampling), sampling, server.stop_ids(req))
         return await respond(Reply(server, request, gens, req.stop_strings(), strip=True), req, chat=True)
 
+    app.include_router(v1)
     return app
 
 
@@ -371,4 +377,4 @@ def serve(ckpt: Checkpoint, cfg: ServeConfig, log: Any = print) -> None:
     base = f"http://{cfg.host}:{cfg.port}"
     log(f"serving {ckpt.run_dir} as model {server.name!r} ({'chat' if server.template else 'text completion'}): "
         f"chat page {base}/ , OpenAI API {base}/v1 (max batch {cfg.max_batch})")
-    uvicorn.run(build_app(server), host=cfg.host, port=cfg.port, log_level="warning")
+    uvicorn.run(build_app(server), host=cfg.host, port=cfg.port, log_level="info")  # info: a line per request
