@@ -34,6 +34,7 @@ EXAMPLES = """examples:
   tinygpt train --data ../shared/data/tinyshakespeare.txt --tokenizer char --preset cpu-tiny --out runs/shakespeare-char
   tinygpt train --out runs/notes --resume --train.max_iters 4000
   tinygpt sample --run runs/shakespeare-char --prompt "ROMEO:" --max-new-tokens 200
+  tinygpt serve --run runs/demo                    # chat page at http://127.0.0.1:8000/, OpenAI API at /v1
 """
 
 
@@ -238,8 +239,9 @@ def cmd_serve(argv: list[str]) -> int:
     docs = config.field_docs(ServeConfig)
     for f in dataclasses.fields(ServeConfig):
         kind = str if f.default is None else type(f.default)
+        shown = "" if "default" in docs[f.name] else f" (default: {'none' if f.default is None else f.default})"
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default,
-                       metavar=kind.__name__.upper(), help=f"{docs[f.name]} (default: {f.default})")
+                       metavar=f.name.split("_")[-1].upper(), help=docs[f.name] + shown)
     args = p.parse_args(argv)
     settings = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
     settings.validate()
