@@ -88,7 +88,7 @@ class Server:
             vocab = self.ckpt.tokenizer.vocab_size
             if any(not 0 <= i < vocab for i in ids):
                 raise ApiError(400, f"prompt token ids must be in 0..{vocab - 1}", "invalid_value", "prompt")
-        return self.fits(ids, self.ckpt.config.model.block_size, "the prompt")
+        return self.fits(ids, self.ckpt.config.model.block_size, "the prompt", "prompt")
 
     def chat_prompt(self, req: ChatRequest, sampling: SampleConfig) -> list[int]:
         """The conversation rendered with the run's template and fitted to the context as `tinygpt chat` does:
@@ -107,7 +107,7 @@ class Server:
         last = [m for m in history[:1] if m.role == "system"] + history[-1:]
         tok = self.ckpt.tokenizer
         self.fits(self.encode(lambda: self.template.render(tok, last, open_reply=True)[0], "messages"), budget,
-                  "the last message (with the system message)")
+                  "the last message (with the system message)", "messages")
         return fit_history(tok, self.template, history, budget)
 
     def encode(self, fn: Any, param: str) -> list[int]:
@@ -116,23 +116,23 @@ class Server:
         except TinyGPTError as e:  # e.g. a character the char tokenizer never saw
             raise ApiError(400, str(e), "invalid_value", param) from None
 
-    def fits(self, ids: list[int], limit: int, what: str) -> list[int]:
+    def fits(self, ids: list[int], limit: int, what: str, param: str) -> list[int]:
         if len(ids) > limit:
             raise ApiError(400, f"{what} has {len(ids)} tokens; this model's context allows {limit} here "
-                           f"(context length {self.ckpt.config.model.block_size})", "context_length_exceeded", "messages"
-                           if what != "the prompt" else "prompt")
+                           f"(context length {self.ckpt.config.model.block_size})", "context_length_exceeded", param)
         return ids
 
-    def stop_ids(self, req: Sampling) -> set[int]:
-        """End-of-text, and for chat the template's end-of-turn tokens; none with ignore_eos."""
+    def stop_ids(self, req: Sampling, chat: bool) -> set[int]:
+        """What ends a generation, as in the CLI: end-of-text for a completion (`tinygpt sample`), the template's
+        end-of-turn tokens for a chat reply (`tinygpt chat`); nothing with ignore_eos."""
         tok = self.ckpt.tokenizer
         if req.ignore_eos:
             return set()
-        return {tok.eot_id} | {tok.special_tokens[s] for s in (self.template.stop_strings if self.template else ())}
+        return {tok.special_tokens[s] for s in self.template.stop_strings} if chat and self.template else {tok.eot_id}
 
 
 class Reply:
-    """A request's tickets in flight: turns the worker's token updates into text pieces per choice."""
+    """A request's ticket in flight: turns the worker's token updates into text pieces, one per choice."""
 
     def __init__(self, server: Server, request: Request, gens: list[Generation], stops: list[str], strip: bool):
         loop = asyncio.get_running_loop()
@@ -326,7 +326,7 @@ def build_app(server: Server) -> FastAPI:
         req = parse(await read_body(request, server.cfg.max_body), CompletionRequest)
         server.check(req)
         sampling = server.sampling_for(req, {}, req.max_tokens)
-        gens = server.generations(req, server.completion_prompt(req), sampling, server.stop_ids(req))
+        gens = server.generations(req, server.completion_prompt(req), sampling, server.stop_ids(req, chat=False))
         return await respond(Reply(server, request, gens, req.stop_strings(), strip=False), req, chat=False)
 
     @v1.post("/chat/completions")
@@ -334,7 +334,7 @@ def build_app(server: Server) -> FastAPI:
         req = parse(await read_body(request, server.cfg.max_body), ChatRequest)
         server.check(req)
         sampling = server.sampling_for(req, CHAT_SAMPLING, req.max_completion_tokens or req.max_tokens)
-        gens = server.generations(req, server.chat_prompt(req, sampling), sampling, server.stop_ids(req))
+        gens = server.generations(req, server.chat_prompt(req, sampling), sampling, server.stop_ids(req, chat=True))
         return await respond(Reply(server, request, gens, req.stop_strings(), strip=True), req, chat=True)
 
     app.include_router(v1)
