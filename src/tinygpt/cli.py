@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,14 @@ from tinygpt import config, presets
 from tinygpt import run as tinygpt_run
 from tinygpt.checkpoint import Checkpoint
 from tinygpt.config import sample_settings
-from tinygpt.errors import TinyGPTError, UsageError
+from tinygpt.errors import Interrupted, TinyGPTError, UsageError
 from tinygpt.evaluate import evaluate_run
 from tinygpt.export import gguf as gguf_export
 from tinygpt.export import hf as hf_export
 from tinygpt.infer.chat import CHAT_SAMPLING, ChatSession, console
 from tinygpt.infer.generate import prompt_ids, seeded_generator, stream_text
 from tinygpt.serve.settings import ServeConfig
+from tinygpt.train import distributed
 
 EXAMPLES = """examples:
   tinygpt train                                    # built-in corpus, a few minutes on a laptop CPU
@@ -107,12 +109,18 @@ def cmd_train(argv: list[str]) -> int:
         raise UsageError("--resume and --overwrite contradict each other; pick one")
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out DIR: the run directory to continue")
-    if args.resume:
-        run = tinygpt_run.resume(args.out, flags, args.preset, args.config, log=log)
-    else:
-        run = tinygpt_run.create(config.resolve(args.preset, args.config, flags), args.out, args.overwrite, log=log)
-    run.train(log=log)
-    log(f"done. Sample with: tinygpt sample --run {run.dir}")
+    d = distributed.init(config.resolve(args.preset, args.config, flags).train)  # torchrun's processes, if any
+    try:
+        if args.resume:
+            run = tinygpt_run.shared(lambda: tinygpt_run.resume(args.out, flags, args.preset, args.config, log=log), d)
+        else:
+            cfg = config.resolve(args.preset, args.config, flags)
+            run = tinygpt_run.shared(lambda: tinygpt_run.create(cfg, args.out, args.overwrite, log=log), d)
+        run.train(log=log if d.main else lambda msg: None, d=d)
+    finally:
+        distributed.shutdown(d)
+    if d.main:
+        log(f"done. Sample with: tinygpt sample --run {run.dir}")
     return 0
 
 
@@ -284,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     except TinyGPTError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        # Under torchrun every process meets the same refusal or stop; rank 0 says it for all of them.
+        if not (isinstance(e, UsageError | Interrupted) and os.environ.get("RANK", "0") != "0"):
+            print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -160,6 +160,11 @@ class TrainConfig:
     """'auto' (cuda if present, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Autocast compute type; auto is bf16 on CUDA, fp32 on CPU."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: ddp keeps a whole copy of the model on every process and averages gradients; fsdp
+    (FSDP2) shards weights, gradients and optimizer state over the processes, for models that do not fit one."""
+    dist_timeout: float = 600.0
+    """Under torchrun: seconds a process waits for the others at a collective before it gives up (a crashed peer)."""
 
 
 @dataclass

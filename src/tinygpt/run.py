@@ -29,6 +29,7 @@ from tinygpt.device import autocast_dtype, resolve_device
 from tinygpt.errors import TinyGPTError, UsageError
 from tinygpt.init_from import Source, grow_vocab, open_source
 from tinygpt.tokenizer import GPT2Tokenizer
+from tinygpt.train.distributed import SINGLE, Dist, for_run
 from tinygpt.train.loop import train
 from tinygpt.train.schedule import choose_size
 
@@ -46,12 +47,39 @@ class Run:
     sizing_s: float = 0.0  # seconds model.auto_size spent timing shapes, which count against the time budget
     source: Source | None = None  # the weights step 0 starts from (train.init_from), grown to the tokenizer
 
-    def train(self, log: Log = print) -> dict[str, Any]:
-        """Train to the end of the schedule; returns the final metrics."""
+    def train(self, log: Log = print, d: Dist = SINGLE) -> dict[str, Any]:
+        """Train to the end of the schedule (as process d of a torchrun job); returns the final metrics."""
         if self.checkpoint is None and self.config.train.init_from and self.source is None:
             self.source = grow_vocab(open_init_source(self.config), self.data.tokenizer)  # resumed before step 1
         state = self.source.state if self.source else None
-        return train(self.config, self.dir, self.data, self.checkpoint, log, self.sizing_s, state)
+        d = for_run(d, self.config.train)
+        return train(self.config, self.dir, self.data, self.checkpoint, log, self.sizing_s, state, d)
+
+
+def shared(make: Callable[[], Run], d: Dist) -> Run:
+    """The run that `make` creates or resumes, on every process of a torchrun job: rank 0 makes it (prepares the
+    data, sizes the model, writes the directory) while the others wait, then they open the same run, so every
+    decision in it is taken once. A failure on rank 0 ends every process."""
+    if not d.active:
+        return make()
+    run, error = None, None
+    if d.main:
+        try:
+            run = make()
+        except TinyGPTError as e:
+            error = e
+    made = d.from_main(None if run is None else {"dir": str(run.dir), "config": run.config.to_dict(),
+                                                 "checkpoint": run.checkpoint and str(run.checkpoint),
+                                                 "sizing_s": run.sizing_s})
+    if error is not None:
+        raise error
+    if made is None:
+        raise TinyGPTError("process 0 could not set up the run; see its message")
+    if d.main:
+        return run
+    ckpt = Path(made["checkpoint"]) if made["checkpoint"] else None
+    return Run(Path(made["dir"]), config.from_dict(made["config"]), load_prepared(Path(made["dir"]) / "data"), ckpt,
+               made["sizing_s"])
 
 
 def open_init_source(cfg: Config) -> Source:
@@ -122,9 +150,9 @@ def resume(run_dir: Path, flags: dict[str, Any], preset: str | None = None, conf
 
 
 def may_change_on_resume(key: str) -> bool:
-    """train.* and sample.* may change when a run is resumed; the model and data may not, nor the optimizer,
-    whose saved state belongs to the one that wrote it, nor the weights the run started from."""
-    return key.startswith(("train.", "sample.")) and key not in ("train.optimizer", "train.init_from")
+    """train.* and sample.* may change when a run is resumed; the model and data may not, nor the optimizer or
+    the parallel mode, whose saved state belongs to the one that wrote it, nor the weights the run started from."""
+    return key.startswith(("train.", "sample.")) and key not in ("train.optimizer", "train.init_from", "train.parallel")
 
 
 def resumed_config(saved: Config, flags: dict[str, Any], preset: str | None = None,
@@ -147,7 +175,7 @@ def resumed_config(saved: Config, flags: dict[str, Any], preset: str | None = No
     changed = [k for k in before if before[k] != after[k] and k not in derived]
     refused = [k for k in changed if not may_change_on_resume(k)]
     if refused:
-        raise UsageError("on --resume only train.* (but not train.optimizer or train.init_from) and sample.* "
+        raise UsageError("on --resume only train.* (but not train.optimizer, train.parallel or train.init_from) and sample.* "
                          f"settings may change; start a new run to change {', '.join(refused)}")
     cfg = config.from_dict(saved.to_dict())
     config.apply_overrides(cfg, {k: after[k] for k in changed}, "command line")

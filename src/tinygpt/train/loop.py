@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -25,9 +26,18 @@ from tinygpt.config import Config
 from tinygpt.data.batches import EpochSampler, Split
 from tinygpt.data.prepare import Dataset
 from tinygpt.device import autocast_dtype, peak_flops, resolve_device
-from tinygpt.errors import Interrupted, TinyGPTError
+from tinygpt.errors import Interrupted, TinyGPTError, UsageError
 from tinygpt.evaluate import loss_over
 from tinygpt.model import GPT
+from tinygpt.train.distributed import (
+    SINGLE,
+    Dist,
+    device_for,
+    load_optimizer_state,
+    peer_failure,
+    whole_state,
+    wrap,
+)
 from tinygpt.train.optim import make_optimizer
 from tinygpt.train.schedule import PROVISIONAL, BudgetPlanner, lr_at, planned_steps
 from tinygpt.train.state import Progress, StopOnSignal, forget_metrics_after, rng_state, set_rng_state
@@ -36,82 +46,116 @@ from tinygpt.train.step import MaybeCompiled, StepResult, micro_batches, train_s
 
 def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = None,
           log: Callable[[str], None] = print, elapsed_s: float = 0.0,
-          init_state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+          init_state: dict[str, torch.Tensor] | None = None, d: Dist = SINGLE) -> dict[str, Any]:
     """Train cfg.model on data, writing checkpoints and metrics.jsonl into run_dir; returns the final metrics.
 
     resume_from is a checkpoint that checkpoint.newest or checkpoint.find returned (they verify it);
     elapsed_s is time already spent on the run before training (auto-sizing), counted against a budget;
-    init_state holds the weights to start from instead of a random init (train.init_from)."""
-    trainer = Trainer(cfg, run_dir, data, log)
+    init_state holds the weights to start from instead of a random init (train.init_from); d is this
+    process's place in a torchrun job (every process calls train; rank 0 alone writes and logs)."""
+    trainer = Trainer(cfg, run_dir, data, log, d)
     if init_state is not None and resume_from is None:
         trainer.model.load_state_dict(init_state)
-    trainer.start(resume_from, elapsed_s)
-    with StopOnSignal() as stop:
-        while trainer.progress.step < trainer.progress.total:
-            trainer.step()
-            last_step = trainer.progress.step >= trainer.progress.total
-            if trainer.progress.step % cfg.train.eval_interval == 0 and not last_step:
-                if not trainer.evaluate_and_keep():
-                    trainer.stopped_early = True
-                    break
-            if trainer.progress.step % cfg.train.checkpoint_interval == 0 and not last_step or stop.signum is not None:
-                trainer.save("last")
-            if stop.signum is not None:
-                trainer.bar.close()
-                raise Interrupted(stop.signum, run_dir / checkpoint.CHECKPOINTS / "last", run_dir)
-    return trainer.finish()
+    try:
+        trainer.start(resume_from, elapsed_s)
+        with StopOnSignal() as stop:
+            while trainer.progress.step < trainer.progress.total:
+                trainer.step()
+                last_step = trainer.progress.step >= trainer.progress.total
+                if trainer.progress.step % cfg.train.eval_interval == 0 and not last_step:
+                    if not trainer.evaluate_and_keep():
+                        trainer.stopped_early = True
+                        break
+                (stopping,) = d.agree(stop.signum is not None)  # a signal reaches the processes at different steps
+                if trainer.progress.step % cfg.train.checkpoint_interval == 0 and not last_step or stopping:
+                    trainer.save("last")
+                if stopping:
+                    trainer.bar.close()
+                    raise Interrupted(stop.signum or signal.SIGTERM, run_dir / checkpoint.CHECKPOINTS / "last", run_dir)
+        return trainer.finish()
+    except (RuntimeError, torch.distributed.DistError) as e:
+        failure = peer_failure(e, d)
+        if failure is None:
+            raise
+        raise failure from None
 
 
 class Trainer:
     """One training session's moving parts: model, optimizer, data order, progress and the files they go to."""
 
-    def __init__(self, cfg: Config, run_dir: Path, data: Dataset, log: Callable[[str], None]):
+    def __init__(self, cfg: Config, run_dir: Path, data: Dataset, log: Callable[[str], None], d: Dist = SINGLE):
         t = cfg.train
-        self.cfg, self.run_dir, self.data, self.log = cfg, run_dir, data, log
-        self.device = resolve_device(t.device)
+        self.cfg, self.run_dir, self.data, self.dist = cfg, run_dir, data, d
+        self.log = log if d.main else (lambda msg: None)
+        self.device = device_for(d, resolve_device(t.device))
         self.dtype = autocast_dtype(t, self.device)
         torch.manual_seed(t.seed)
         random.seed(t.seed)
         np.random.seed(t.seed)
-        self.model = GPT(cfg.model).to(self.device)
+        self.model = GPT(cfg.model).to(self.device)  # the same init on every process
+        if d.rank > 0:  # but each its own dropout masks (rank 0 keeps the single-process stream)
+            torch.manual_seed(t.seed + d.rank)
         self.model.activation_checkpointing = t.activation_checkpointing
-        self.step_model = MaybeCompiled(self.model, t.compile, log)  # the model, or its compiled form
         self.peak = peak_flops(self.device)
-        self.optimizer = make_optimizer(self.model, t, self.device)
         self.sampler = EpochSampler(len(data.train.tokens), cfg.model.block_size, t.batch_size, t.seed, data.packed)
-        self.tokens_per_step = t.batch_size * t.grad_accum * cfg.model.block_size
+        self.tokens_per_step = d.world * t.batch_size * t.grad_accum * cfg.model.block_size
         self.progress = Progress()
         self.stopped_early = False
 
     def start(self, resume_from: Path | None, elapsed_s: float) -> None:
-        """Restore a checkpoint (or start at step 0), plan the length, start the clocks and the progress bar."""
-        if resume_from is not None:
-            self.restore(resume_from)
+        """Restore a checkpoint (or start at step 0), shard or wrap the model for the processes, plan the length,
+        start the clocks and the progress bar."""
+        t, d = self.cfg.train, self.dist
+        saved = self.restore_weights(resume_from) if resume_from is not None else None
+        self.wrapped = wrap(self.model, d)  # after the weights are in: FSDP shards them in place
+        self.step_model = MaybeCompiled(self.wrapped, t.compile, self.log)  # the model, or its compiled form
+        self.optimizer = make_optimizer(self.model, t, self.device)
+        if saved is not None:
+            self.restore_state(resume_from, *saved)
         else:
             self.progress.elapsed_s = elapsed_s
-        t, p = self.cfg.train, self.progress
-        forget_metrics_after(self.run_dir / "metrics.jsonl", p.step)
+        p = self.progress
+        step_windows = d.world * t.grad_accum * t.batch_size
+        if self.sampler.windows_per_epoch < step_windows:
+            raise UsageError(f"a step takes {d.world} process(es) x {t.grad_accum} x {t.batch_size} = {step_windows} "
+                             f"windows, but an epoch has only {self.sampler.windows_per_epoch}: use fewer processes, "
+                             "a smaller train.batch_size or more data")
+        if d.main:
+            forget_metrics_after(self.run_dir / "metrics.jsonl", p.step)
+        procs = f", {d.world} processes ({d.parallel}), global batch {step_windows} windows" if d.active else ""
         self.log(f"model: {self.model.num_params() / 1e6:.2f}M parameters, device {self.device}"
-                 f"{', bf16 autocast' if self.dtype else ''}; data: {len(self.data.train.tokens):,} train / "
+                 f"{', bf16 autocast' if self.dtype else ''}{procs}; data: {len(self.data.train.tokens):,} train / "
                  f"{len(self.data.val.tokens):,} val tokens, {self.sampler.windows_per_epoch:,} windows per epoch")
         if t.time_budget is None:  # from the config, which --resume may have changed
-            p.total = planned_steps(t, self.sampler.windows_per_epoch)
+            p.total = planned_steps(t, self.sampler.windows_per_epoch // d.world)
         elif not p.total:  # a provisional length until the speed is known
             p.total = PROVISIONAL
         self.planner = BudgetPlanner(t.time_budget, p.step > 0) if t.time_budget is not None else None
         self.bar = tqdm(total=p.total, initial=p.step, desc="train", file=sys.stderr, dynamic_ncols=True,
-                        disable=None, unit="step")
+                        disable=None if d.main else True, unit="step")
         self.interval_tokens, self.interval_start = 0, time.perf_counter()
         self.session_start, self.elapsed_before = time.perf_counter(), p.elapsed_s
         self.model.train()
 
-    def restore(self, ckpt: Path) -> None:
+    def restore_weights(self, ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The checkpoint's weights into the (not yet wrapped) model; returns its trainer and state files."""
         loaded = checkpoint.load(ckpt, self.device, into=self.model, verified=True)
-        trainer = loaded.trainer_state()
-        self.optimizer.load_state_dict(trainer["optimizer"])
-        self.progress = Progress(**loaded.state["progress"])
+        return loaded.trainer_state(), loaded.state
+
+    def restore_state(self, ckpt: Path, trainer: dict[str, Any], state: dict[str, Any]) -> None:
+        d = self.dist
+        load_optimizer_state(self.model, self.optimizer, trainer["optimizer"], d)
+        self.progress = Progress(**state["progress"])
         self.sampler.load_state_dict(self.progress.sampler)
-        set_rng_state(trainer["rng"], loaded.state["rng"])
+        saved_ranks = trainer.get("rng_ranks") or [trainer["rng"]]
+        if d.rank < len(saved_ranks):
+            set_rng_state(saved_ranks[d.rank], state["rng"])
+        else:  # more processes than the job that saved: a fresh dropout stream for this one
+            torch.manual_seed(self.cfg.train.seed + d.rank)
+        if self.progress.world != d.world:
+            self.log(f"resuming a job of {self.progress.world} process(es) with {d.world}: the data position carries "
+                     "over (it counts windows of the whole job), the global batch changes with the number of "
+                     "processes, and this is not a bit-exact continuation")
         self.log(f"resuming from {ckpt} at step {self.progress.step}")
 
     def step(self) -> None:
@@ -121,7 +165,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         result = train_step(self.step_model, self.model, self.optimizer,
-                            micro_batches(self.data, self.sampler, self.cfg, self.device), t.grad_clip, self.dtype)
+                            micro_batches(self.data, self.sampler, self.cfg, self.device, self.dist), t.grad_clip,
+                            self.dtype, self.dist)
         if not result.finite:
             self.nonfinite(result)
         p.step += 1
@@ -134,6 +179,7 @@ class Trainer:
             now = time.perf_counter()
             elapsed = self.elapsed_before + now - self.session_start
             new_total = self.planner.update(p.step, elapsed, now, p.step % t.eval_interval == 0)
+            new_total = self.dist.from_main(new_total)  # rank 0's clock plans for every process
             if new_total is not None and new_total != p.total:
                 if p.total >= PROVISIONAL:
                     self.log(f"time budget {t.time_budget:g} s: planning {new_total} steps")
@@ -193,8 +239,12 @@ class Trainer:
         return self.elapsed_before + time.perf_counter() - self.session_start
 
     def loss(self, split: Split, max_windows: int | None) -> float:
-        return loss_over(self.model, split, self.cfg.train.batch_size, self.device, self.dtype, max_windows,
-                         self.data.packed).loss
+        """Mean loss over the windows, each process scoring its share."""
+        d = self.dist
+        s = loss_over(self.model, split, self.cfg.train.batch_size, self.device, self.dtype, max_windows,
+                      self.data.packed, shard=(d.rank, d.world))
+        nats, targets = d.total(s.nats, s.targets)
+        return nats / max(targets, 1)
 
     def metrics(self, train_loss: float, val_loss: float, lr: float, tok_s: float) -> dict[str, Any]:
         p = self.progress
@@ -202,12 +252,27 @@ class Trainer:
                     tokens_seen=p.tokens_seen, tokens_per_s=tok_s, elapsed_s=p.elapsed_s)
 
     def record(self, entry: dict[str, Any]) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        if self.dist.main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
 
     def save(self, name: str) -> None:
-        self.progress.sampler = self.sampler.state_dict()
+        """Every process takes part (its RNG state; FSDP gathers the shards); rank 0 writes the checkpoint."""
+        d = self.dist
+        self.progress.sampler, self.progress.world = self.sampler.state_dict(), d.world
         rng_tensors, rng_plain = rng_state()
-        checkpoint.save(self.run_dir / checkpoint.CHECKPOINTS / name, self.model, self.cfg, self.data.tokenizer,
-                        trainer={"optimizer": self.optimizer.state_dict(), "rng": rng_tensors},
-                        state={"progress": vars(self.progress), "rng": rng_plain})
+        ranks_rng = d.gather(rng_tensors)
+        model, optimizer = whole_state(self.model, self.optimizer, d)
+        error = None
+        if d.main:
+            trainer = {"optimizer": optimizer, "rng": rng_tensors, **({"rng_ranks": ranks_rng} if d.active else {})}
+            try:
+                checkpoint.save(self.run_dir / checkpoint.CHECKPOINTS / name, model, self.cfg, self.data.tokenizer,
+                                trainer=trainer, state={"progress": vars(self.progress), "rng": rng_plain})
+            except TinyGPTError as e:
+                error = e
+        (failed,) = d.agree(error is not None)  # so that the other processes stop too, instead of waiting
+        if error is not None:
+            raise error
+        if failed:
+            raise TinyGPTError("process 0 could not write the checkpoint; see its message")

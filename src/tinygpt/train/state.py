@@ -91,3 +91,4 @@ class Progress:
     best_val: float = float("inf")
     bad_evals: int = 0
     sampler: dict[str, int] = field(default_factory=dict)
+    world: int = 1  # processes of the job that saved it (torchrun)

@@ -11,6 +11,7 @@ from tinygpt.config import Config
 from tinygpt.data.batches import EpochSampler, windows
 from tinygpt.data.prepare import Dataset
 from tinygpt.device import autocast
+from tinygpt.train.distributed import SINGLE, Dist, full_tensor, gradient_sync
 
 # (inputs, targets, segment numbers or None), each (batch, block_size), on the training device
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
@@ -23,32 +24,42 @@ class StepResult:
     finite: bool  # False: the loss or a gradient was NaN/inf, and the update was skipped
 
 
-def micro_batches(data: Dataset, sampler: EpochSampler, cfg: Config, device: torch.device) -> list[Batch]:
-    """The next train.grad_accum micro-batches of training windows, moved to the device."""
+def micro_batches(data: Dataset, sampler: EpochSampler, cfg: Config, device: torch.device,
+                  d: Dist = SINGLE) -> list[Batch]:
+    """This process's train.grad_accum micro-batches of the next step's training windows, on the device.
+
+    Every process draws the whole step's world * grad_accum micro-batches from the same sampler and keeps
+    its own consecutive share, so the shares are disjoint, their union is exactly what one process with
+    world * grad_accum micro-batches would see, and the sampler's position is the same everywhere."""
     batches: list[Batch] = []
-    for _ in range(cfg.train.grad_accum):
-        x, y, segments = windows(data.train, sampler.next_starts(), cfg.model.block_size)
+    for i in range(d.world * cfg.train.grad_accum):
+        starts = sampler.next_starts()
+        if i // cfg.train.grad_accum != d.rank:
+            continue
+        x, y, segments = windows(data.train, starts, cfg.model.block_size)
         batches.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True),
                         None if segments is None else segments.to(device, non_blocking=True)))
     return batches
 
 
 def train_step(forward: Callable, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Sequence[Batch],
-               grad_clip: float, dtype: torch.dtype | None) -> StepResult:
-    """Forward and backward over the micro-batches (gradients averaged over them), the global gradient norm
-    clipped to grad_clip (0: not clipped), then the update, skipped when the loss or the norm is not finite.
-    `forward` is the model or its compiled form; `model` owns the parameters."""
-    for x, y, segments in batches:
-        with autocast(x.device, dtype):
-            _, loss = forward(x, y, segments=segments)
-        (loss / len(batches)).backward()
+               grad_clip: float, dtype: torch.dtype | None, d: Dist = SINGLE) -> StepResult:
+    """Forward and backward over the micro-batches (gradients averaged over them and, under torchrun, over
+    the processes at the last one), the global gradient norm clipped to grad_clip (0: not clipped), then the
+    update, skipped on every process when the loss or the norm is not finite on any.
+    `forward` is the model, its DDP wrapper or their compiled form; `model` owns the parameters."""
+    for i, (x, y, segments) in enumerate(batches):
+        with gradient_sync(forward.model if isinstance(forward, MaybeCompiled) else forward, d, i == len(batches) - 1):
+            with autocast(x.device, dtype):
+                _, loss = forward(x, y, segments=segments)
+            (loss / len(batches)).backward()
     # clip_grad_norm_ also returns the norm, so one check catches a NaN/inf anywhere in the gradients
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-    finite = bool(torch.isfinite(norm + loss.detach()))
-    if finite:
+    norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf")))
+    (bad,) = d.agree(not bool(torch.isfinite(norm + loss.detach())))
+    if not bad:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, norm, finite)
+    return StepResult(loss, norm, not bad)
 
 
 class MaybeCompiled:

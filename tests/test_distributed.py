@@ -1,0 +1,168 @@
+"""Training on several processes (torchrun, gloo on the CPU): the same weights as one process, disjoint data,
+exact resume after SIGKILL, a checkpoint on SIGTERM, clear errors for set-ups that cannot work."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import free_port, tiny_flags
+from tinygpt.config import Config
+from tinygpt.data.batches import EpochSampler, Split
+from tinygpt.data.prepare import Dataset
+from tinygpt.train.distributed import Dist
+from tinygpt.train.step import micro_batches
+
+# float32 so that "equal" can mean 1e-6; adamw so that fsdp can run (it refuses muon, see below); no dropout,
+# whose masks come from each process's own random stream
+FLAGS = tiny_flags(**{"train.max_iters": 8, "train.dtype": "float32", "train.optimizer": "adamw",
+                      "train.eval_interval": 4, "train.checkpoint_interval": 4})
+
+
+def train(out: Path, data: Path, *extra: str, procs: int = 2, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
+    cmd = [sys.executable, *launcher, "-m", "tinygpt", "train", "--data", str(data), "--tokenizer", "char",
+           "--out", str(out), *FLAGS, *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, **popen)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def process_tree(root: int) -> list[int]:
+    """root and all its descendants (torchrun starts its workers in sessions of their own, so killing its
+    process group does not reach them)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, grew = {root}, True
+    while grew:
+        new = {pid for pid, ppid in parents.items() if ppid in tree} - tree
+        tree |= new
+        grew = bool(new)
+    return sorted(tree)
+
+
+def signal_tree(root: int, signum: int) -> None:
+    for pid in process_tree(root):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / "last" / "model.safetensors")
+
+
+def max_difference(a: Path, b: Path) -> float:
+    wa, wb = weights(a), weights(b)
+    assert sorted(wa) == sorted(wb)
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_train_the_weights_of_one_with_two_micro_batches(text_file, tmp_path, parallel):
+    train(tmp_path / "one", text_file, "--train.grad_accum", "2", procs=1)
+    two = train(tmp_path / "two", text_file, "--train.parallel", parallel)
+    assert f"2 processes ({parallel}), global batch 8 windows" in two.stderr
+    diff = max_difference(tmp_path / "one", tmp_path / "two")
+    print(f"{parallel}: max |weight difference| after 8 steps: {diff:.3g}")
+    assert diff <= 1e-6
+    one_metrics = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two_metrics = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in two_metrics] == [4, 8] == [m["step"] for m in one_metrics]  # rank 0 alone wrote it
+    assert two_metrics[-1]["val_loss"] == pytest.approx(one_metrics[-1]["val_loss"], abs=1e-5)  # sharded evaluation
+
+
+def test_the_ranks_see_disjoint_windows_whose_union_is_the_single_run():
+    tokens = torch.arange(10_000).numpy()  # a window's tokens name its start
+    data = Dataset(tokenizer=None, train=Split(tokens), val=Split(tokens), meta={}, folder=Path("."))  # type: ignore[arg-type]
+    cfg = Config()
+    cfg.model.block_size, cfg.train.batch_size = 16, 4
+
+    def seen(rank: int, world: int, accum: int) -> list[torch.Tensor]:
+        cfg.train.grad_accum = accum
+        sampler = EpochSampler(len(tokens), 16, 4, seed=3)
+        return [torch.cat([x for x, _, _ in micro_batches(data, sampler, cfg, torch.device("cpu"), Dist(rank, world))])
+                for _ in range(5)]  # five steps
+
+    single = seen(0, 1, 4)
+    ranks = [seen(r, 2, 2) for r in range(2)]
+    for step in range(5):
+        rows = [tuple(r.tolist()) for r in torch.cat([ranks[0][step], ranks[1][step]])]
+        assert len(set(map(tuple, ranks[0][step].tolist())) & set(map(tuple, ranks[1][step].tolist()))) == 0
+        assert rows == [tuple(r.tolist()) for r in single[step]]
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(text_file, tmp_path):
+    # dropout on: the resumed processes must each get their own random stream back
+    long = ["--train.max_iters", "400", "--train.checkpoint_interval", "40", "--train.eval_interval", "200",
+            "--model.dropout", "0.1"]
+    train(tmp_path / "whole", text_file, *long)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tinygpt", "train",
+           "--data", str(text_file), "--tokenizer", "char", "--out", str(out), *FLAGS, *long]
+    job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    state = out / "checkpoints" / "last" / "state.json"
+    deadline = time.monotonic() + 120
+    while not (state.exists() and json.loads(state.read_text())["progress"]["step"] >= 80):
+        assert job.poll() is None and time.monotonic() < deadline, "the job ended before it could be killed"
+        time.sleep(0.05)
+    signal_tree(job.pid, signal.SIGKILL)  # torchrun and both workers, mid-run
+    job.wait()
+    killed_at = json.loads(state.read_text())["progress"]["step"]
+    assert killed_at < 400
+    resumed = train(out, text_file, *long, "--resume")
+    assert f"at step {killed_at}" in resumed.stderr, resumed.stderr[-3000:]
+    diff = max_difference(tmp_path / "whole", out)
+    print(f"killed at step {killed_at} of 400, resumed: max |weight difference| {diff:.3g}")
+    assert diff == 0.0
+
+
+def test_sigterm_checkpoints_once_and_exits(text_file, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tinygpt", "train",
+           "--data", str(text_file), "--tokenizer", "char", "--out", str(out), *FLAGS, "--train.max_iters", "100000",
+           "--train.checkpoint_interval", "100000", "--train.eval_interval", "100000"]
+    job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(12)  # torch imports, set-up, a few hundred steps
+    os.kill(job.pid, signal.SIGTERM)  # to torchrun, which passes it on to its workers
+    _, err = job.communicate(timeout=120)
+    state = json.loads((out / "checkpoints" / "last" / "state.json").read_text())
+    assert 0 < state["progress"]["step"] < 100000 and state["progress"]["world"] == 2
+    assert err.count("stopped by SIGTERM; checkpoint saved") == 1, err[-2000:]  # rank 0 says it, once
+
+
+def test_set_ups_that_cannot_work_fail_in_one_line(text_file, tmp_path):
+    too_many = train(tmp_path / "a", text_file, "--train.batch_size", "400", check=False)
+    assert too_many.returncode != 0
+    assert "error: a step takes 2 process(es) x 1 x 400 = 800 windows, but an epoch has only" in too_many.stderr
+    muon = train(tmp_path / "b", text_file, "--train.parallel", "fsdp", "--train.optimizer", "muon", check=False)
+    assert muon.returncode != 0 and "error: train.optimizer muon needs each weight matrix whole" in muon.stderr
+
+
+def test_a_crashed_peer_ends_the_others_with_a_clear_message(text_file, tmp_path):
+    """Two processes started by hand (what torchrun would set up), one killed: the other must not hang."""
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    cmd = [sys.executable, "-m", "tinygpt", "train", "--data", str(text_file), "--tokenizer", "char",
+           "--out", str(tmp_path / "run"), *FLAGS, "--train.max_iters", "100000", "--train.dist_timeout", "30"]
+    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    time.sleep(12)
+    procs[1].kill()
+    started = time.monotonic()
+    _, err = procs[0].communicate(timeout=90)
+    assert procs[0].returncode != 0 and time.monotonic() - started < 60
+    assert "error: process 0 of 2: another process of the job failed or stopped answering" in err, err[-2000:]
