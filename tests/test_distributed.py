@@ -166,3 +166,22 @@ def test_a_crashed_peer_ends_the_others_with_a_clear_message(text_file, tmp_path
     _, err = procs[0].communicate(timeout=90)
     assert procs[0].returncode != 0 and time.monotonic() - started < 60
     assert "error: process 0 of 2: another process of the job failed or stopped answering" in err, err[-2000:]
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine(text_file, tmp_path):
+    """Two torchrun "nodes" of one process each, meeting at a c10d rendezvous on localhost, as two machines would."""
+    port = free_port()
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+              f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=tinygpt-test"]
+    train_args = ["-m", "tinygpt", "train", "--data", str(text_file), "--tokenizer", "char", "--out", str(out), *FLAGS,
+                  "--train.checkpoint_interval", "100"]
+    nodes = [subprocess.Popen([*launch, f"--node_rank={r}", *train_args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    errs = [n.communicate(timeout=300)[1] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    assert sum("2 processes (ddp), global batch 8 windows" in e for e in errs) == 1  # logged by rank 0 alone
+    state = json.loads((out / "checkpoints" / "last" / "state.json").read_text())
+    assert state["progress"]["step"] == 8 and state["progress"]["world"] == 2
+    assert len([line for line in (out / "metrics.jsonl").read_text().splitlines() if line]) == 2

@@ -4,6 +4,8 @@ Slow: it trains two small models for real (a chat model on the built-in corpus, 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -88,4 +90,8 @@ def test_q8_0_runs_in_llama_cpp(tmp_path, chat_run):
     ckpt = tinygpt_run.load(chat_run, device="cpu")
     text = "<|user|>what is 2 plus 3?<|end|>"
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == ckpt.tokenizer.encode(text, allow_special=True)
+    if "amx_int8" in Path("/proc/cpuinfo").read_text():
+        # Seen on an Intel Xeon with AMX (llama-cpp-python 0.3.36 built natively): a segfault inside llama.cpp's
+        # ggml_backend_amx_mul_mat on this model's q8_0 weights, which would take the whole test run down.
+        pytest.skip("llama.cpp's AMX int8 kernel crashes on this q8_0 model on CPUs with amx_int8")
     assert len(llama_greedy(llm, ckpt.tokenizer.encode(text, allow_special=True), 8)) == 8
