@@ -1,6 +1,7 @@
 """Training on several processes (torchrun, gloo on the CPU): the same weights as one process, disjoint data,
 exact resume after SIGKILL, a checkpoint on SIGTERM, clear errors for set-ups that cannot work."""
 
+import contextlib
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from conftest import free_port, tiny_flags
 from tinygpt.config import Config
 from tinygpt.data.batches import EpochSampler, Split
 from tinygpt.data.prepare import Dataset
-from tinygpt.train.distributed import Dist
+from tinygpt.train.distributed import Dist, gradient_sync
 from tinygpt.train.step import micro_batches
 
 # float32 so that "equal" can mean 1e-6; adamw so that fsdp can run (it refuses muon, see below); no dropout,
@@ -62,6 +63,15 @@ def signal_tree(root: int, signum: int) -> None:
             pass
 
 
+def wait_until_training(out: Path, job: subprocess.Popen) -> None:
+    """Until the job has written its run directory, and a few seconds more: it is then inside the training loop."""
+    deadline = time.monotonic() + 120
+    while not (out / "config.yaml").exists():
+        assert job.poll() is None and time.monotonic() < deadline, "the job did not start"
+        time.sleep(0.1)
+    time.sleep(4)
+
+
 def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "checkpoints" / "last" / "model.safetensors")
 
@@ -72,18 +82,50 @@ def max_difference(a: Path, b: Path) -> float:
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_train_the_weights_of_one_with_two_micro_batches(text_file, tmp_path, parallel):
-    train(tmp_path / "one", text_file, "--train.grad_accum", "2", procs=1)
-    two = train(tmp_path / "two", text_file, "--train.parallel", parallel)
+@pytest.mark.parametrize("parallel,optimizer", [("ddp", "adamw"), ("fsdp", "adamw"), ("ddp", "muon")])
+def test_two_processes_train_the_weights_of_one_with_two_micro_batches(text_file, tmp_path, parallel, optimizer):
+    train(tmp_path / "one", text_file, "--train.grad_accum", "2", "--train.optimizer", optimizer, procs=1)
+    two = train(tmp_path / "two", text_file, "--train.parallel", parallel, "--train.optimizer", optimizer)
     assert f"2 processes ({parallel}), global batch 8 windows" in two.stderr
     diff = max_difference(tmp_path / "one", tmp_path / "two")
-    print(f"{parallel}: max |weight difference| after 8 steps: {diff:.3g}")
+    print(f"{parallel} {optimizer}: max |weight difference| after 8 steps: {diff:.3g}")
     assert diff <= 1e-6
     one_metrics = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     two_metrics = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in two_metrics] == [4, 8] == [m["step"] for m in one_metrics]  # rank 0 alone wrote it
     assert two_metrics[-1]["val_loss"] == pytest.approx(one_metrics[-1]["val_loss"], abs=1e-5)  # sharded evaluation
+
+
+def test_accumulating_on_two_processes_equals_four_micro_batches_on_one(text_file, tmp_path):
+    train(tmp_path / "one", text_file, "--train.grad_accum", "4", procs=1)
+    train(tmp_path / "two", text_file, "--train.grad_accum", "2")
+    assert max_difference(tmp_path / "one", tmp_path / "two") <= 1e-6
+
+
+def test_gradients_are_exchanged_only_on_the_last_micro_batch():
+    class FakeDDP:  # records which micro-batches ran with DDP's gradient exchange switched off
+        def __init__(self):
+            self.log = []
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.log.append("off")
+            yield
+
+    class FakeFSDP:
+        def __init__(self):
+            self.log = []
+
+        def set_requires_gradient_sync(self, on: bool):
+            self.log.append(on)
+
+    ddp, fsdp = FakeDDP(), FakeFSDP()
+    for i in range(3):
+        with gradient_sync(ddp, Dist(0, 2, parallel="ddp"), sync=i == 2):
+            pass
+        with gradient_sync(fsdp, Dist(0, 2, parallel="fsdp"), sync=i == 2):
+            pass
+    assert ddp.log == ["off", "off"] and fsdp.log == [False, True, False, True]
 
 
 def test_the_ranks_see_disjoint_windows_whose_union_is_the_single_run():
@@ -137,12 +179,21 @@ def test_sigterm_checkpoints_once_and_exits(text_file, tmp_path):
            "--data", str(text_file), "--tokenizer", "char", "--out", str(out), *FLAGS, "--train.max_iters", "100000",
            "--train.checkpoint_interval", "100000", "--train.eval_interval", "100000"]
     job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    time.sleep(12)  # torch imports, set-up, a few hundred steps
+    wait_until_training(out, job)
     os.kill(job.pid, signal.SIGTERM)  # to torchrun, which passes it on to its workers
     _, err = job.communicate(timeout=120)
     state = json.loads((out / "checkpoints" / "last" / "state.json").read_text())
     assert 0 < state["progress"]["step"] < 100000 and state["progress"]["world"] == 2
     assert err.count("stopped by SIGTERM; checkpoint saved") == 1, err[-2000:]  # rank 0 says it, once
+
+
+def test_a_time_budget_and_auto_size_are_decided_once_for_all(text_file, tmp_path):
+    """Rank 0 sizes the model and plans the steps from its clock; the others follow, so nobody waits forever."""
+    out = tmp_path / "run"
+    result = train(out, text_file, "--train.time_budget", "4", "--model.auto_size", "true", "--train.eval_interval", "50")
+    assert "auto size:" in result.stderr and result.stderr.count("time budget 4 s: planning") == 1
+    state = json.loads((out / "checkpoints" / "last" / "state.json").read_text())
+    assert state["progress"]["step"] == state["progress"]["total"] > 0
 
 
 def test_set_ups_that_cannot_work_fail_in_one_line(text_file, tmp_path):
@@ -160,7 +211,7 @@ def test_a_crashed_peer_ends_the_others_with_a_clear_message(text_file, tmp_path
            "--out", str(tmp_path / "run"), *FLAGS, "--train.max_iters", "100000", "--train.dist_timeout", "30"]
     procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for r in range(2)]
-    time.sleep(12)
+    wait_until_training(tmp_path / "run", procs[0])
     procs[1].kill()
     started = time.monotonic()
     _, err = procs[0].communicate(timeout=90)
