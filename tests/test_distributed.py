@@ -236,3 +236,12 @@ def test_two_nodes_on_one_machine(text_file, tmp_path):
     state = json.loads((out / "checkpoints" / "last" / "state.json").read_text())
     assert state["progress"]["step"] == 8 and state["progress"]["world"] == 2
     assert len([line for line in (out / "metrics.jsonl").read_text().splitlines() if line]) == 2
+
+
+def test_a_different_number_of_processes_may_resume_and_is_told(text_file, tmp_path):
+    out = tmp_path / "run"
+    train(out, text_file)
+    resumed = train(out, text_file, "--resume", "--train.max_iters", "12", procs=1)
+    assert "resuming a job of 2 process(es) with 1: the data position carries over" in resumed.stderr
+    state = json.loads((out / "checkpoints" / "last" / "state.json").read_text())
+    assert state["progress"]["step"] == 12 and state["progress"]["world"] == 1
