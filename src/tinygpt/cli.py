@@ -109,7 +109,10 @@ def cmd_train(argv: list[str]) -> int:
         raise UsageError("--resume and --overwrite contradict each other; pick one")
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out DIR: the run directory to continue")
-    d = distributed.init(config.resolve(args.preset, args.config, flags).train)  # torchrun's processes, if any
+    try:  # the device and timeout for torchrun's processes, if any (a bad flag is reported below, once)
+        d = distributed.init(config.resolve(args.preset, args.config, flags).train)
+    except UsageError:
+        d = distributed.init(config.TrainConfig())
     try:
         if args.resume:
             run = tinygpt_run.shared(lambda: tinygpt_run.resume(args.out, flags, args.preset, args.config, log=log), d)
