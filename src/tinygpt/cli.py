@@ -27,6 +27,7 @@ from tinygpt.export import gguf as gguf_export
 from tinygpt.export import hf as hf_export
 from tinygpt.infer.chat import CHAT_SAMPLING, ChatSession, console
 from tinygpt.infer.generate import prompt_ids, seeded_generator, stream_text
+from tinygpt.infer.quantize import DTYPES
 from tinygpt.serve.settings import ServeConfig
 from tinygpt.train import distributed
 
@@ -136,6 +137,9 @@ def run_parser(prog: str, description: str) -> ArgumentParser:
     p.add_argument("--checkpoint", default="last", choices=["best", "last"],
                    help="last: the end of training (default); best: the lowest val loss seen")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="weights for decoding: float32 (exact), bfloat16 or int8 (smaller, faster where the CPU "
+                   "has native bf16; approximate); auto is float32")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -153,7 +157,7 @@ SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p")
 
 def load_run(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> Checkpoint:
     """The checkpoint the command names, its sampling settings set from `defaults`, then the flags."""
-    ckpt = tinygpt_run.load(args.run, args.checkpoint, args.device, warn=log)
+    ckpt = tinygpt_run.load(args.run, args.checkpoint, args.device, warn=log, dtype=args.dtype)
     flags = {k: v for k, v in vars(args).items() if k in SAMPLING_FLAGS}
     sample_settings(ckpt.config.sample, {**(defaults or {}), **flags}, "command line")
     log(f"loaded {ckpt.path} (step {ckpt.step if ckpt.step is not None else '?'})")

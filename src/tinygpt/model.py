@@ -27,10 +27,12 @@ class RMSNorm(nn.RMSNorm):
     """nn.RMSNorm computed in float32 and returned in its input's dtype. Under bf16 autocast the input can be
     bf16 (the QK-norm's queries and keys come straight from a linear layer) while the weight is float32;
     torch then falls back to exactly this computation, but warns on every call ("Mismatch dtype between
-    input and weight"). Doing it explicitly gives the same values (checked bit for bit) without the warning."""
+    input and weight"). Doing it explicitly gives the same values (checked bit for bit) without the warning;
+    the weight is made float32 too, for a model whose weights were made bf16 for decoding."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), self.normalized_shape, self.weight, self.eps).to(x.dtype)
+        weight = None if self.weight is None else self.weight.float()  # bf16 weights (a model decoding in bf16)
+        return F.rms_norm(x.float(), self.normalized_shape, weight, self.eps).to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -448,6 +450,9 @@ class GPT(nn.Module):
         count = keep.sum().clamp(min=1)  # sum / count, not a mean: a batch with every target masked gives 0, not NaN
         if self.config.head == "adaptive":  # it has no ignore_index: score only the kept positions
             return None, -self.adaptive_head(x[keep], targets[keep]).output.sum() / count
+        if type(self.lm_head) is not nn.Linear:  # an output layer swapped for decoding (int8): plain logits
+            logits = self.lm_head(x).float().flatten(0, -2)
+            return None, F.cross_entropy(logits, targets.reshape(-1), ignore_index=-1, reduction="sum") / count
         # The fused loss never builds the (B, T, vocab) logits: with targets, forward gives the loss alone.
         return None, linear_cross_entropy(x.flatten(0, -2), self.lm_head.weight, targets.reshape(-1)) / count
 

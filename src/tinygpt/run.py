@@ -27,6 +27,7 @@ from tinygpt.data.prepare import Dataset, check_length, copy_to, load_prepared, 
 from tinygpt.data.templates import TEMPLATES, ChatTemplate
 from tinygpt.device import autocast_dtype, resolve_device
 from tinygpt.errors import TinyGPTError, UsageError
+from tinygpt.infer.quantize import DTYPES, quantize
 from tinygpt.init_from import Source, grow_vocab, open_source
 from tinygpt.tokenizer import GPT2Tokenizer
 from tinygpt.train.distributed import SINGLE, Dist, for_run
@@ -189,11 +190,16 @@ def flat(cfg: Config) -> dict[str, Any]:
     return {f"{section}.{name}": value for section, fields in cfg.to_dict().items() for name, value in fields.items()}
 
 
-def load(path: str | Path, which: str = "last", device: str = "auto", warn: Log | None = None) -> checkpoint.Checkpoint:
+def load(path: str | Path, which: str = "last", device: str = "auto", warn: Log | None = None,
+         dtype: str = "float32") -> checkpoint.Checkpoint:
     """A trained run's model, tokenizer and config: checkpoint `which` (last or best, falling back to the other)
-    of the run directory `path`, or the checkpoint directory `path` itself; verified once, on `device`."""
-    ckpt = checkpoint.locate(Path(path), which, warn=warn)
-    return checkpoint.load(ckpt, resolve_device(device), verified=True)
+    of the run directory `path`, or the checkpoint directory `path` itself; verified once, on `device`, its
+    weights in `dtype` for decoding (float32, bfloat16 or int8; auto: float32, the exact path)."""
+    if dtype not in ("auto", *DTYPES):
+        raise UsageError(f"dtype must be auto or one of {', '.join(DTYPES)}, not {dtype!r}")
+    ckpt = checkpoint.load(checkpoint.locate(Path(path), which, warn=warn), resolve_device(device), verified=True)
+    quantize(ckpt.model, "float32" if dtype == "auto" else dtype)
+    return ckpt
 
 
 def trained_template(ckpt: checkpoint.Checkpoint) -> ChatTemplate | None:

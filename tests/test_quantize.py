@@ -1,0 +1,102 @@
+"""Decoding with fewer bytes per weight (tinygpt.infer.quantize): int8 and bf16 logits stay close to float32's,
+every int8 kernel path gives the same numbers, and the commands and the Python API take --dtype / dtype=."""
+
+import copy
+
+import pytest
+import torch
+
+import tinygpt
+from conftest import tiny_flags
+from tinygpt.config import ModelConfig, SampleConfig
+from tinygpt.infer.generate import stream_tokens
+from tinygpt.infer.quantize import Int8Linear, int8_rows, quantize
+from tinygpt.model import GPT
+
+
+def model(**kw) -> GPT:
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(**{"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 32, "vocab_size": 96, **kw}))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m.eval()
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def test_int8_rows_round_trip_within_half_a_step():
+    w = torch.randn(16, 40)
+    q, scales = int8_rows(w)
+    assert q.dtype == torch.int8 and q.abs().max() == 127
+    assert ((q.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("kernel", ["int8pack", "widen"])
+@pytest.mark.parametrize("variant", [{}, {"tie_weights": False, "bias": False, "mlp": "swiglu", "pos": "rope"}])
+def test_int8_logits_are_close_to_float32(kernel, variant, monkeypatch):
+    if kernel == "int8pack" and not hasattr(torch, "_weight_int8pack_mm"):
+        pytest.skip("this PyTorch has no _weight_int8pack_mm")
+    monkeypatch.setattr(Int8Linear, "kernel", kernel)  # force the path, whatever the probe would pick
+    ref = model(**variant)
+    q = quantize(copy.deepcopy(ref), "int8")
+    assert not any(type(m) is torch.nn.Linear for m in q.modules())
+    assert q.transformer.wte.weight.dtype == torch.float32  # the gather stays in float
+    idx = torch.randint(0, 96, (2, 32))
+    with torch.no_grad():
+        err = relative_error(q(idx)[0], ref(idx)[0])
+    assert err < 0.03, err
+    tokens = list(stream_tokens(q, idx[:1, :4], SampleConfig(max_new_tokens=40, temperature=0, top_k=None)))
+    assert len(tokens) == 40  # past the 32-token context too
+
+
+def test_the_int8_kernels_agree():
+    if not hasattr(torch, "_weight_int8pack_mm"):
+        pytest.skip("this PyTorch has no _weight_int8pack_mm")
+    layer = Int8Linear(torch.randn(48, 64), torch.randn(48))
+    x = torch.randn(3, 5, 64)
+    outs = {}
+    for kernel in ("int8pack", "widen"):
+        layer.kernel = kernel
+        outs[kernel] = layer(x)
+    assert outs["int8pack"].shape == (3, 5, 48) and relative_error(outs["int8pack"], outs["widen"]) < 0.02
+
+
+def test_bf16_logits_are_close_to_float32_and_decode():
+    ref = model(pos="rope", norm="rmsnorm", qk_norm=True)
+    b = quantize(copy.deepcopy(ref), "bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in b.parameters())
+    idx = torch.randint(0, 96, (2, 32))
+    with torch.no_grad():
+        assert relative_error(b(idx)[0], ref(idx)[0]) < 0.05
+    assert len(list(stream_tokens(b, idx[:1, :4], SampleConfig(max_new_tokens=10, temperature=0.8, top_k=None)))) == 10
+
+
+def test_int8_loss_is_close_to_float32():
+    ref = model()
+    q = quantize(copy.deepcopy(ref), "int8")
+    idx = torch.randint(0, 96, (2, 33))
+    with torch.no_grad():
+        a, b = ref(idx[:, :-1], idx[:, 1:])[1], q(idx[:, :-1], idx[:, 1:])[1]
+    assert abs(a.item() - b.item()) / a.item() < 0.01
+
+
+def test_commands_and_load_take_a_dtype(text_file, tmp_path, capsys):
+    from tinygpt.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(text_file), "--tokenizer", "char", "--out", str(out),
+                 *tiny_flags(**{"model.n_embd": 32, "train.max_iters": 30})]) == 0
+    results = {}
+    for dtype in ("float32", "int8", "bfloat16"):
+        capsys.readouterr()
+        assert main(["eval", "--run", str(out), "--json", "--dtype", dtype]) == 0
+        results[dtype] = float(capsys.readouterr().out.split('"perplexity": ')[1].split(",")[0])
+        assert main(["sample", "--run", str(out), "--dtype", dtype, "--max-new-tokens", "8", "--prompt", "The"]) == 0
+        assert capsys.readouterr().out.startswith("The")
+    assert abs(results["int8"] / results["float32"] - 1) < 0.02, results
+    assert tinygpt.load(out, dtype="bfloat16").model.lm_head.weight.dtype == torch.bfloat16
+    assert isinstance(tinygpt.load(out, dtype="int8").model.lm_head, Int8Linear)
+    assert main(["sample", "--run", str(out), "--dtype", "int4"]) == 2
