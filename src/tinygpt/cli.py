@@ -25,8 +25,9 @@ from tinygpt.errors import Interrupted, TinyGPTError, UsageError
 from tinygpt.evaluate import evaluate_run
 from tinygpt.export import gguf as gguf_export
 from tinygpt.export import hf as hf_export
+from tinygpt.infer.batch import sample_texts
 from tinygpt.infer.chat import CHAT_SAMPLING, ChatSession, console
-from tinygpt.infer.generate import prompt_ids, seeded_generator, stream_text
+from tinygpt.infer.generate import prompt_ids, seeded_generator
 from tinygpt.infer.quantize import DTYPES
 from tinygpt.serve.settings import ServeConfig
 from tinygpt.train import distributed
@@ -167,7 +168,7 @@ def load_run(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -
 def cmd_sample(argv: list[str]) -> int:
     p = run_parser("tinygpt sample", "Generate text from a trained run, streamed to stdout.")
     p.add_argument("--prompt", default="", help="text to continue (default: start from end-of-text)")
-    p.add_argument("--num-samples", type=int, default=1, help="how many samples (default: 1)")
+    p.add_argument("--num-samples", type=int, default=1, help="how many samples, decoded together in one batch (default: 1)")
     add_sampling_flags(p, "0 is greedy (default: the run's sample.temperature)")
     args = p.parse_args(argv)
     if args.num_samples < 1:
@@ -178,13 +179,14 @@ def cmd_sample(argv: list[str]) -> int:
         log(f"note: the prompt has {len(ids)} tokens; only the most recent {ckpt.config.model.block_size} "
             "(the context window) are seen")
     generator = seeded_generator(ckpt.model, args.seed)
-    for i in range(args.num_samples):
-        if i:
-            print("\n---------------")
-        print(args.prompt, end="", flush=True)
-        for piece in stream_text(ckpt.model, ckpt.tokenizer, ids, ckpt.config.sample, generator):
-            print(piece, end="", flush=True)
-        print()
+    print(args.prompt, end="", flush=True)
+    # The samples are decoded together in one batch; the first one streams, the others print when done.
+    texts = sample_texts(ckpt.model, ckpt.tokenizer, ids, ckpt.config.sample, args.num_samples, generator,
+                         on_piece=lambda i, piece: i == 0 and print(piece, end="", flush=True))
+    print()
+    for text in texts[1:]:
+        print("\n---------------")
+        print(args.prompt + text)
     return 0
 
 

@@ -11,13 +11,15 @@ step (OneDNNLinears), so two threads decoding with the same model at once would 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from tinygpt.config import SampleConfig
-from tinygpt.infer.generate import OneDNNLinears, TokenHistory, sample_token
+from tinygpt.infer.generate import OneDNNLinears, TextPieces, TokenHistory, sample_token
 from tinygpt.model import GPT, SlotCache
+from tinygpt.tokenizer import Tokenizer
 
 
 @dataclass(eq=False)
@@ -145,3 +147,28 @@ class BatchDecoder:
             logits = self.model.next_logits(newest, self.cache)
         for i, g in enumerate(self.active):
             g.logits = logits[i:i + 1]
+
+
+def sample_texts(model: GPT, tokenizer: Tokenizer, prompt: list[int], sampling: SampleConfig, n: int,
+                 generator: torch.Generator | None = None, on_piece: Callable[[int, str], None] = lambda i, s: None,
+                 max_batch: int = 16) -> list[str]:
+    """n samples of the text after `prompt`, decoded together (at most max_batch at a time, the next one joining
+    as one ends), each up to end-of-text or sampling.max_new_tokens. All share `generator`, so a seed gives the
+    same n texts again. on_piece(i, text) sees sample i's text as it becomes final."""
+    decoder = BatchDecoder(model, min(n, max_batch))
+    group = object()
+    gens = [Generation(prompt, sampling, frozenset({tokenizer.eot_id}), generator, group) for _ in range(n)]
+    texts = [TextPieces(tokenizer) for _ in gens]
+    waiting = list(range(n))
+    while waiting or decoder.active:
+        joining, waiting = waiting[:decoder.free], waiting[decoder.free:]
+        if joining:
+            decoder.add([gens[i] for i in joining])
+        seen = [len(g.tokens) for g in gens]
+        ended = decoder.step()
+        for i, g in enumerate(gens):
+            if piece := texts[i].push(g.tokens[seen[i]:]):
+                on_piece(i, piece)
+            if g in ended and (piece := texts[i].finish()):
+                on_piece(i, piece)
+    return [t.shown for t in texts]
