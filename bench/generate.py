@@ -13,13 +13,21 @@ tokens, which checks that the comparison is like for like.
 
 from __future__ import annotations
 
+import copy
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
 
 # common first: it puts this checkout's src/ on the import path for tinygpt
 from common import (
+    SHARED_DATA,
     OtherLoad,
+    load_warning,
     median,
     parser,
     print_table,
@@ -30,7 +38,9 @@ from common import (
 )
 
 from tinygpt.config import ModelConfig, SampleConfig
+from tinygpt.device import cpu_has_native_bf16
 from tinygpt.infer.generate import generate_ids
+from tinygpt.infer.quantize import quantize
 from tinygpt.init_from import gpt2_state_from_hf
 from tinygpt.model import GPT
 
@@ -96,6 +106,88 @@ def bench_case(shape: str, dtype_name: str, device: torch.device, repeats: int) 
                 other_load=load.share)
 
 
+# ---------------------------------------------------------------- precisions, batch 8 and llama.cpp
+
+def gguf_files(model: GPT, folder: Path) -> dict[str, Path] | str:
+    """The model written as GGUF in f32 and q8_0 (tinygpt's own exporter), or why it cannot be."""
+    try:
+        from tinygpt.checkpoint import Checkpoint
+        from tinygpt.config import Config, DataConfig
+        from tinygpt.export.gguf import export_gguf
+        from tinygpt.tokenizer import GPT2Tokenizer
+
+        ranks = SHARED_DATA / "gpt2.tiktoken"
+        ckpt = Checkpoint(folder / "bench" / "checkpoints" / "last", model, Config(model=model.config,
+                          data=DataConfig(tokenizer="gpt2")), GPT2Tokenizer.build(str(ranks), []), {})
+        return {dtype: export_gguf(ckpt, folder / f"model-{dtype}.gguf", None, dtype, log=lambda m: None)
+                for dtype in ("f32", "q8_0")}
+    except Exception as e:  # noqa: BLE001 - any failure is a skipped row, with its reason
+        return f"{type(e).__name__}: {e}"
+
+
+def llama_cpp_row(path: Path, prompt: torch.Tensor, repeats: int) -> dict[str, Any]:
+    """llama.cpp's greedy tokens/s for one GGUF file, in a subprocess (see bench/llama_cpp_run.py)."""
+    try:
+        import llama_cpp  # noqa: F401 - only to say why the row is skipped
+    except ImportError:
+        return {"skipped": "llama-cpp-python is not installed (make test-slow builds it)"}
+    cmd = [sys.executable, str(Path(__file__).with_name("llama_cpp_run.py")), str(path), "--prompt",
+           ",".join(map(str, prompt[0].tolist())), "--new-tokens", str(NEW_TOKENS), "--repeats", str(repeats)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        return {"skipped": f"llama.cpp exited with {done.returncode} ({(done.stderr.strip().splitlines() or [''])[-1][:120]})"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def precision_case(shape: str, repeats: int) -> dict[str, Any]:
+    """tinygpt in float32, bf16 and int8 at batch 1 and 8, transformers float32 at batch 1 and 8, llama.cpp f32 and
+    q8_0 at batch 1: the same weights and prompt, 128 greedy tokens each, in one run."""
+    cpu = torch.device("cpu")
+    ours, hf = build_models(shape, torch.float32, cpu)
+    gen = torch.Generator().manual_seed(1)
+    prompts = {b: torch.randint(0, VOCAB, (b, PROMPT_TOKENS), generator=gen) for b in (1, 8)}
+    prompts[8][0] = prompts[1][0]  # so that row 0 of a batch can be compared with batch 1's tokens
+    sides: dict[str, Any] = {"float32": ours}
+    if cpu_has_native_bf16():  # emulated bf16 would only measure the emulation
+        sides["bfloat16"] = quantize(copy.deepcopy(ours), "bfloat16")
+    sides["int8"] = quantize(copy.deepcopy(ours), "int8")
+    rows: dict[str, Any] = {}
+    with OtherLoad() as load:
+        for b, prompt in prompts.items():
+            for name, model in sides.items():
+                tokens = tinygpt_decode(model, prompt)
+                times = [timed(lambda m=model, x=prompt: tinygpt_decode(m, x), cpu)[0] for _ in range(repeats)]
+                rows[f"tinygpt {name} b{b}"] = dict(tok_s=b * NEW_TOKENS / median(times), tokens=tokens[0].tolist())
+            hf_decode(hf, prompt)
+            times = [timed(lambda x=prompt: hf_decode(hf, x), cpu)[0] for _ in range(repeats)]
+            rows[f"transformers float32 b{b}"] = dict(tok_s=b * NEW_TOKENS / median(times))
+        with tempfile.TemporaryDirectory() as tmp:
+            files = gguf_files(ours, Path(tmp))
+            for dtype in ("f32", "q8_0"):
+                rows[f"llama.cpp {dtype} b1"] = (llama_cpp_row(files[dtype], prompts[1], repeats) if isinstance(files, dict)
+                                                 else {"skipped": files})
+    ref = rows["tinygpt float32 b1"]["tokens"]
+    for r in rows.values():
+        if "tokens" in r:
+            r["same_tokens_as_float32"] = sum(a == b for a, b in zip(r.pop("tokens"), ref))
+    return dict(shape=shape, rows=rows, other_load=load.share)
+
+
+def print_precisions(results: list[dict[str, Any]]) -> None:
+    for r in results:
+        hf1 = r["rows"]["transformers float32 b1"]["tok_s"]
+        table = []
+        for name, row in r["rows"].items():
+            if "skipped" in row:
+                table.append((name, "-", "-", f"skipped: {row['skipped']}"))
+                continue
+            same = row.get("same_tokens_as_float32")
+            table.append((name, row["tok_s"], f"{row['tok_s'] / hf1:.2f}x", "" if same is None else f"{same}/{NEW_TOKENS}"))
+        print(f"\n{r['shape']}: greedy, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens (per row of the batch)"
+              f"{load_warning(r['other_load'])}")
+        print_table(["side", "tok/s (all rows)", "vs transformers fp32 b1", "same tokens as tinygpt fp32"], table)
+
+
 def describe(r: dict[str, Any]) -> str:
     match = "" if r["tokens_match"] is None else f", same tokens: {'yes' if r['tokens_match'] else 'NO'}"
     return (f"tinygpt {r['tinygpt_tok_s']:.1f} tok/s, transformers {r['hf_tok_s']:.1f} tok/s, "
@@ -122,8 +214,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           f"median of {repeats} after a warm-up")
     results = run(args.shapes, args.dtypes, repeats)
     print_summary(results)
+    precisions = [precision_case(shape, repeats) for shape in args.shapes]
+    print_precisions(precisions)
     if not args.no_save:
         save_results("generate", results)
+        save_results("generate_precisions", precisions)
     return results
 
 
