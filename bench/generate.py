@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,9 @@ CONTEXT = 1024
 PROMPT_TOKENS = 16
 NEW_TOKENS = 128
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# llama.cpp's AMX int8 kernel segfaulted on q8_0 matmuls on an Intel Xeon with AMX; a build without it
+# (CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON ... -DGGML_AMX_INT8=OFF", pip install --target DIR) goes here.
+LLAMA_CPP_PATH = os.environ.get("TINYGPT_BENCH_LLAMA_CPP", "")
 
 
 def build_models(shape: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> tuple[GPT, Any]:
@@ -128,12 +132,16 @@ def gguf_files(model: GPT, folder: Path) -> dict[str, Path] | str:
 def llama_cpp_row(path: Path, prompt: torch.Tensor, repeats: int) -> dict[str, Any]:
     """llama.cpp's greedy tokens/s for one GGUF file, in a subprocess (see bench/llama_cpp_run.py)."""
     try:
-        import llama_cpp  # noqa: F401 - only to say why the row is skipped
+        if not LLAMA_CPP_PATH:
+            import llama_cpp  # noqa: F401 - only to say why the row is skipped
     except ImportError:
         return {"skipped": "llama-cpp-python is not installed (make test-slow builds it)"}
     cmd = [sys.executable, str(Path(__file__).with_name("llama_cpp_run.py")), str(path), "--prompt",
            ",".join(map(str, prompt[0].tolist())), "--new-tokens", str(NEW_TOKENS), "--repeats", str(repeats)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    env = dict(os.environ)
+    if LLAMA_CPP_PATH:  # a llama-cpp-python installed elsewhere (pip install --target DIR), e.g. built without AMX
+        env["PYTHONPATH"] = os.pathsep.join([LLAMA_CPP_PATH, env.get("PYTHONPATH", "")])
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
     if done.returncode != 0:
         return {"skipped": f"llama.cpp exited with {done.returncode} ({(done.stderr.strip().splitlines() or [''])[-1][:120]})"}
     return json.loads(done.stdout.strip().splitlines()[-1])

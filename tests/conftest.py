@@ -93,7 +93,9 @@ def serve(run_dir: Path, *extra: str) -> Iterator[str]:
 
     port = free_port()
     log = tempfile.TemporaryFile("w+")  # not a pipe: a full pipe would block the server
-    proc = subprocess.Popen([sys.executable, "-m", "tinygpt", "serve", "--run", str(run_dir), "--port", str(port), *extra],
+    exact = [] if "--dtype" in extra else ["--dtype", "float32"]  # the tests compare tokens with float32's
+    proc = subprocess.Popen([sys.executable, "-m", "tinygpt", "serve", "--run", str(run_dir), "--port", str(port),
+                             *exact, *extra],
                             stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -47,7 +47,7 @@ def check_run(tmp_path, run, prompt: str, text: str, capsys, dtype: str = "f32")
     theirs = llama_greedy(llm, prompt_ids, NEW_TOKENS)
     assert theirs == ours[0, len(prompt_ids):].tolist()
     capsys.readouterr()
-    assert main(["sample", "--run", str(run), "--prompt", prompt, "--temperature", "0",
+    assert main(["sample", "--run", str(run), "--prompt", prompt, "--temperature", "0", "--dtype", "float32",
                  "--max-new-tokens", str(NEW_TOKENS)]) == 0
     assert capsys.readouterr().out.rstrip("\n") == prompt + ckpt.tokenizer.decode(theirs)
 

@@ -100,3 +100,28 @@ def test_commands_and_load_take_a_dtype(text_file, tmp_path, capsys):
     assert tinygpt.load(out, dtype="bfloat16").model.lm_head.weight.dtype == torch.bfloat16
     assert isinstance(tinygpt.load(out, dtype="int8").model.lm_head, Int8Linear)
     assert main(["sample", "--run", str(out), "--dtype", "int4"]) == 2
+
+
+def test_auto_takes_int8_only_where_it_is_faster_and_close(text_file, tmp_path, monkeypatch):
+    from tinygpt import run as tinygpt_run
+    from tinygpt.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(text_file), "--tokenizer", "char", "--out", str(out),
+                 *tiny_flags(**{"model.n_embd": 32, "train.max_iters": 30})]) == 0
+    said = []
+
+    def auto() -> torch.nn.Module:
+        return tinygpt_run.load(out, dtype="auto", warn=said.append).model.lm_head
+
+    monkeypatch.setattr(tinygpt_run, "int8_speedup", lambda: 0.6)  # what a CPU emulating bf16 measures
+    assert type(auto()) is torch.nn.Linear and "int8 decoding is 0.60x as fast here" in said[-1]
+    monkeypatch.setattr(tinygpt_run, "int8_speedup", lambda: 3.0)
+    assert isinstance(auto(), Int8Linear) and said[-1].startswith("dtype auto: int8 (3.0x")
+    monkeypatch.setattr(tinygpt_run, "INT8_PERPLEXITY_BOUND", 0.0)  # no change is small enough
+    assert type(auto()) is torch.nn.Linear and "would move the val perplexity" in said[-1]
+    monkeypatch.setattr(tinygpt_run, "INT8_PERPLEXITY_BOUND", 0.01)
+    lone = tmp_path / "lone"  # a checkpoint folder away from its run: no val split to check int8 against
+    (out / "checkpoints" / "last").rename(lone)
+    assert type(tinygpt_run.load(lone, dtype="auto", warn=said.append).model.lm_head) is torch.nn.Linear
+    assert "no val split" in said[-1]

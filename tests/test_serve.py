@@ -33,14 +33,15 @@ def text_server(text_run):
 
 def sample_cli(capsys, run, prompt: str, n: int) -> str:
     capsys.readouterr()
-    assert main(["sample", "--run", str(run), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", str(n)]) == 0
+    assert main(["sample", "--run", str(run), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", str(n),
+                 "--dtype", "float32"]) == 0
     return capsys.readouterr().out.rstrip("\n")[len(prompt):]
 
 
 def chat_cli(capsys, monkeypatch, run, lines: list[str], n: int) -> list[str]:
     capsys.readouterr()
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
-    assert main(["chat", "--run", str(run), "--max-new-tokens", str(n)]) == 0
+    assert main(["chat", "--run", str(run), "--max-new-tokens", str(n), "--dtype", "float32"]) == 0
     return capsys.readouterr().out.splitlines()
 
 
