@@ -56,11 +56,11 @@ def make_run(shape: str, root: Path) -> Path:
     return out
 
 
-def start_server(run_dir: Path, port: int) -> subprocess.Popen:
+def start_server(run_dir: Path, port: int, dtype: str) -> subprocess.Popen:
     import httpx
 
     proc = subprocess.Popen([sys.executable, "-m", "tinygpt", "serve", "--run", str(run_dir), "--port", str(port),
-                             "--model-name", "bench"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--model-name", "bench", "--dtype", dtype], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
@@ -116,8 +116,8 @@ async def phase(base: str, jobs: list[list[tuple[str, int]]]) -> dict[str, Any]:
                 first_errors=errors[:3])
 
 
-def bench_shape(name: str, run_dir: Path, port: int, requests_per_client: int, mixed: int) -> dict[str, Any]:
-    proc = start_server(run_dir, port)
+def bench_shape(name: str, run_dir: Path, port: int, requests_per_client: int, mixed: int, dtype: str) -> dict[str, Any]:
+    proc = start_server(run_dir, port, dtype)
     base = f"http://127.0.0.1:{port}"
     rng = random.Random(0)
     words = "the of and to in is was that for on with as by at from his her you".split()
@@ -138,7 +138,7 @@ def bench_shape(name: str, run_dir: Path, port: int, requests_per_client: int, m
     finally:
         proc.terminate()
         proc.wait()
-    return dict(shape=name, clients={str(c): r for c, r in rows.items()}, mixed=mixed_row,
+    return dict(shape=name, dtype=dtype, clients={str(c): r for c, r in rows.items()}, mixed=mixed_row,
                 speedup_16=ratio(rows[16]["tok_s"], rows[1]["tok_s"]), other_load=load.share)
 
 
@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--run", type=Path, default=None, help="benchmark this run directory instead of the shapes")
     p.add_argument("--requests", type=int, default=4, help="requests each client sends per phase (default: 4)")
     p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--dtype", default="float32", help="the server's --dtype (default: float32, the exact weights)")
     args = p.parse_args(argv)
     per_client, mixed = (2, 100) if args.quick else (args.requests, 200)
     print(f"serving: streamed completions of {NEW_TOKENS} tokens from 1, 4 and 16 concurrent clients "
@@ -155,7 +156,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         targets = {args.run.name: args.run} if args.run else {s: None for s in args.shapes}
         for name, run_dir in targets.items():
-            results.append(bench_shape(name, run_dir or make_run(name, Path(tmp)), args.port, per_client, mixed))
+            results.append(bench_shape(name, run_dir or make_run(name, Path(tmp)), args.port, per_client, mixed,
+                                       args.dtype))
     rows = [(r["shape"], *(r["clients"][str(c)]["tok_s"] for c in CLIENTS), f"{r['speedup_16']:.2f}x",
              f"{r['clients']['16']['ttft_p50_s'] * 1000:.0f} / {r['clients']['16']['ttft_p99_s'] * 1000:.0f} ms",
              f"{r['mixed']['errors']} of {r['mixed']['requests']}") for r in results]
