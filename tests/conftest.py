@@ -31,6 +31,21 @@ def text_file(tmp_path) -> Path:
     return p
 
 
+def perturbed_gpt(scale: float, **cfg):
+    """A small GPT (seeded) with noise on every parameter, so that zero- and one-initialised pieces matter too."""
+    import torch
+
+    from tinygpt.config import ModelConfig
+    from tinygpt.model import GPT
+
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(**cfg))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return m.eval()
+
+
 def tiny_flags(**extra) -> list[str]:
     """Command-line flags for a model and schedule small enough to train in about a second."""
     flags = {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16, "model.block_size": 16,

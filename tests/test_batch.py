@@ -3,19 +3,15 @@ as they would alone."""
 
 import torch
 
-from tinygpt.config import ModelConfig, SampleConfig
+from conftest import perturbed_gpt
+from tinygpt.config import SampleConfig
 from tinygpt.infer.batch import BatchDecoder, Generation
 from tinygpt.infer.generate import seeded_generator, stream_tokens
 from tinygpt.model import GPT
 
 
 def model(**kw) -> GPT:
-    torch.manual_seed(0)
-    m = GPT(ModelConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "vocab_size": 50, **kw}))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return m.eval()
+    return perturbed_gpt(0.1, **{"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "vocab_size": 50, **kw})
 
 
 def alone(m: GPT, prompt: list[int], sampling: SampleConfig, seed: int | None = None) -> list[int]:

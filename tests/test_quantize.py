@@ -7,20 +7,15 @@ import pytest
 import torch
 
 import tinygpt
-from conftest import tiny_flags
-from tinygpt.config import ModelConfig, SampleConfig
+from conftest import perturbed_gpt, tiny_flags
+from tinygpt.config import SampleConfig
 from tinygpt.infer.generate import stream_tokens
 from tinygpt.infer.quantize import Int8Linear, int8_rows, quantize
 from tinygpt.model import GPT
 
 
 def model(**kw) -> GPT:
-    torch.manual_seed(0)
-    m = GPT(ModelConfig(**{"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 32, "vocab_size": 96, **kw}))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m.eval()
+    return perturbed_gpt(0.05, **{"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 32, "vocab_size": 96, **kw})
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -61,3 +63,15 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def fastest_seconds(fn: Callable[[], object], calls: int = 10, repeats: int = 5) -> float:
+    """The fastest of `repeats` timings of `calls` calls of fn: for the one-time probes that pick a kernel by
+    speed (the minimum, because on a shared machine noise only ever adds time)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append(time.perf_counter() - start)
+    return min(times)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 from tinygpt.checkpoint import Checkpoint
 from tinygpt.config import SampleConfig, sample_settings
+from tinygpt.device import fastest_seconds
 from tinygpt.model import GPT, eval_mode
 from tinygpt.tokenizer import Tokenizer
 
@@ -99,18 +99,8 @@ def onednn_is_faster() -> bool:
     0.85x as fast on an Intel Xeon with AVX-512, where the whole 124M decode went 34 -> 39 tok/s without it."""
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(2048, 1024, generator=g), torch.randn(1, 1024, generator=g)
-
-    def best(fn: Callable[[], torch.Tensor]) -> float:
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            for _ in range(10):
-                fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    onednn = best(lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
-    return onednn < 0.95 * best(lambda: F.linear(x, w))
+    onednn = fastest_seconds(lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
+    return onednn < 0.95 * fastest_seconds(lambda: F.linear(x, w))
 
 
 class OneDNNLinears:

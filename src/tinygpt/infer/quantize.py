@@ -13,11 +13,12 @@ else a plain path that widens the int8 weights for each call (correct everywhere
 from __future__ import annotations
 
 import functools
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tinygpt.device import fastest_seconds
 
 DTYPES = ("float32", "bfloat16", "int8")
 
@@ -78,18 +79,8 @@ def int8_speedup() -> float:
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(2048, 1024, generator=g), torch.randn(1, 1024, generator=g)
     layer = Int8Linear(w, None)
-
-    def best(fn) -> float:
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            for _ in range(10):
-                fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
     with torch.no_grad():
-        return best(lambda: F.linear(x, w)) / best(lambda: layer(x))
+        return fastest_seconds(lambda: F.linear(x, w)) / fastest_seconds(lambda: layer(x))
 
 
 def quantize(model: nn.Module, dtype: str) -> nn.Module:
