@@ -111,15 +111,17 @@ def cmd_train(argv: list[str]) -> int:
         raise UsageError("--resume and --overwrite contradict each other; pick one")
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out DIR: the run directory to continue")
-    try:  # the device and timeout for torchrun's processes, if any (a bad flag is reported below, once)
-        d = distributed.init(config.resolve(args.preset, args.config, flags).train)
+    try:
+        cfg = config.resolve(args.preset, args.config, flags)
     except UsageError:
-        d = distributed.init(config.TrainConfig())
+        if not args.resume:
+            raise
+        cfg = config.Config()  # flags that only make sense on the saved config: resume() checks them against it
+    d = distributed.init(cfg.train)  # torchrun's processes, if any
     try:
         if args.resume:
             run = tinygpt_run.shared(lambda: tinygpt_run.resume(args.out, flags, args.preset, args.config, log=log), d)
         else:
-            cfg = config.resolve(args.preset, args.config, flags)
             run = tinygpt_run.shared(lambda: tinygpt_run.create(cfg, args.out, args.overwrite, log=log), d)
         run.train(log=log if d.main else lambda msg: None, d=d)
     finally:

@@ -54,6 +54,7 @@ class Int8Linear(nn.Module):
         q, scales = int8_rows(weight)
         self.register_buffer("weight", q)
         self.register_buffer("scales", scales)
+        self.register_buffer("scales_bf16", scales.to(torch.bfloat16), persistent=False)  # int8pack's, made once
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.in_features, self.out_features = weight.size(1), weight.size(0)
         # _weight_int8pack_mm crashed the process (a segfault, PyTorch 2.13 on an AVX-512 Xeon) for inputs of
@@ -64,7 +65,7 @@ class Int8Linear(nn.Module):
         kernel = self.kernel or ("int8pack" if self.packable and int8pack_works() and x.device.type == "cpu" else "widen")
         if kernel == "int8pack":  # its fast path wants bf16 activations (float32 ones measured 10x slower)
             flat = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
-            y = torch._weight_int8pack_mm(flat, self.weight, self.scales.to(torch.bfloat16))
+            y = torch._weight_int8pack_mm(flat, self.weight, self.scales_bf16)
             y = y.view(*x.shape[:-1], -1).to(x.dtype)
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)

@@ -179,7 +179,9 @@ class Trainer:
             now = time.perf_counter()
             elapsed = self.elapsed_before + now - self.session_start
             new_total = self.planner.update(p.step, elapsed, now, p.step % t.eval_interval == 0)
-            new_total = self.dist.from_main(new_total)  # rank 0's clock plans for every process
+            if self.dist.active:  # rank 0's clock plans for every process (a sum in which only rank 0 counts)
+                (planned,) = self.dist.total(float(new_total or 0) if self.dist.main else 0.0)
+                new_total = int(planned) or None
             if new_total is not None and new_total != p.total:
                 if p.total >= PROVISIONAL:
                     self.log(f"time budget {t.time_budget:g} s: planning {new_total} steps")
