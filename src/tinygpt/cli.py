@@ -122,12 +122,13 @@ def cmd_train(argv: list[str]) -> int:
         if args.resume:
             run = tinygpt_run.shared(lambda: tinygpt_run.resume(args.out, flags, args.preset, args.config, log=log), d)
         else:
-            run = tinygpt_run.shared(lambda: tinygpt_run.create(cfg, args.out, args.overwrite, log=log), d)
+            run = tinygpt_run.shared(lambda: tinygpt_run.create(cfg, args.out, args.overwrite, log=log,
+                                                                preset=args.preset), d)
         run.train(log=log if d.main else lambda msg: None, d=d)
     finally:
         distributed.shutdown(d)
     if d.main:
-        log(f"done. Sample with: tinygpt sample --run {run.dir}")
+        log(f"done. Next:\n  tinygpt sample --run {run.dir}\n  tinygpt report {run.dir}   # loss curves, figures and samples")
     return 0
 
 
@@ -273,23 +274,64 @@ def cmd_serve(argv: list[str]) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- report, runs
+
+def cmd_report(argv: list[str]) -> int:
+    p = ArgumentParser(prog="tinygpt report", allow_abbrev=False,
+                       description="Plot one run or several overlaid (train and val loss against step, tokens and wall "
+                       "time; learning rate; tokens/s), with a table of their final figures, the config keys in which "
+                       "they differ and a few samples from each run's last checkpoint. Needs matplotlib "
+                       "(pip install 'tinygpt[report]').")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories written by `tinygpt train`")
+    p.add_argument("--out", type=Path, help="FILE.png (the plots), FILE.html or FILE.md (a self-contained report "
+                   "with the plots embedded); default RUN/report.png for one run, report.png for several")
+    p.add_argument("--samples", type=int, default=2, help="samples per run in an HTML or Markdown report (default: 2)")
+    p.add_argument("--sample-tokens", type=int, default=120, help="new tokens per sample (default: 120)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    if args.samples < 0 or args.sample_tokens < 1:
+        raise UsageError("--samples must not be negative and --sample-tokens must be at least 1")
+    from tinygpt.report.document import write_report
+
+    out = args.out or (args.runs[0] / "report.png" if len(args.runs) == 1 else Path("report.png"))
+    write_report(args.runs, out, args.samples, args.sample_tokens, log)
+    return 0
+
+
+def cmd_runs(argv: list[str]) -> int:
+    p = ArgumentParser(prog="tinygpt runs", allow_abbrev=False,
+                       description="List the run directories under DIR, newest first: name, preset, state (running, "
+                       "finished, interrupted and resumable, failed), step of total, best and final val loss, age. "
+                       "A run is running exactly while its training process holds its lock file.")
+    p.add_argument("dir", nargs="?", type=Path, default=Path("runs"), help="folder of run directories (default: runs)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    from tinygpt.report.listing import list_runs, table
+
+    lines = list_runs(args.dir)
+    print(table(lines) if lines else f"no runs under {args.dir}")
+    return 0
+
+
 # ---------------------------------------------------------------- entry point
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "chat": cmd_chat, "eval": cmd_eval, "export": cmd_export,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "report": cmd_report, "runs": cmd_runs}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: tinygpt {train,sample,chat,eval,export,serve} ...\n\n"
+        print("usage: tinygpt {train,sample,chat,eval,export,serve,report,runs} ...\n\n"
               "  train    train a GPT on your text or conversations (or the built-in chat corpus)\n"
               "  sample   generate text from a trained run\n"
               "  chat     talk to a run trained on conversations\n"
               "  eval     loss, perplexity, bits per byte; BLEU and skill accuracy for chat runs\n"
               "  export   write a run for Hugging Face transformers (hf) or llama.cpp and Ollama (gguf)\n"
-              "  serve    an OpenAI-compatible server with a chat page, batching concurrent requests\n\n"
+              "  serve    an OpenAI-compatible server with a chat page, batching concurrent requests\n"
+              "  report   loss curves, final figures and samples of one run or several compared (PNG, HTML, Markdown)\n"
+              "  runs     list the runs under runs/ (or DIR): state, step, val loss, age\n\n"
               "Run `tinygpt COMMAND --help` for a command's options.\n\n" + EXAMPLES)
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):

@@ -165,6 +165,9 @@ class TrainConfig:
     (FSDP2) shards weights, gradients and optimizer state over the processes, for models that do not fit one."""
     dist_timeout: float = 600.0
     """Under torchrun: seconds a process waits for the others at a collective before it gives up (a crashed peer)."""
+    log: str = ""
+    """Also send the metrics to: a comma-separated subset of tensorboard (files in RUN/tensorboard) and wandb
+    (offline into RUN/wandb unless WANDB_MODE or WANDB_API_KEY is set); metrics.jsonl is always written."""
 
 
 @dataclass
@@ -438,6 +441,19 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"train.decay_fraction must be in (0, 1], got {t.decay_fraction}")
     if s.top_p is not None and not 0 < s.top_p <= 1:
         raise UsageError(f"sample.top_p must be in (0, 1], got {s.top_p}")
+    log_targets(t.log)
+
+
+LOG_TARGETS = ("tensorboard", "wandb")
+
+
+def log_targets(value: str) -> list[str]:
+    """train.log as a list of names, refusing an unknown one."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in LOG_TARGETS]
+    if unknown:
+        raise UsageError(f"train.log: unknown {', '.join(unknown)}; choose from {', '.join(LOG_TARGETS)} (comma-separated)")
+    return names
 
 
 def save(cfg: Config, path: str | Path) -> None:

@@ -5,7 +5,10 @@ A run directory holds::
     config.yaml      the resolved config, written once when the run is created
     data/            the run's own copy of its prepared data (token files and tokenizer)
     metrics.jsonl    one line per evaluation
+    status.json      the last session's state and position, for `tinygpt runs` (train/loggers.py)
+    train.lock       held by the process training the run (train/lock.py)
     checkpoints/     best/, last/ and the `latest` pointer (see checkpoint.py)
+    tensorboard/, wandb/   with --train.log
 
 `create` and `resume` return a Run ready to train; `load` opens a trained run's checkpoint for sample,
 chat, eval and everything that starts from a trained model.
@@ -33,7 +36,9 @@ from tinygpt.evaluate import loss_over
 from tinygpt.infer.quantize import DTYPES, int8_speedup, quantize
 from tinygpt.init_from import Source, grow_vocab, open_source
 from tinygpt.tokenizer import GPT2Tokenizer
+from tinygpt.train import loggers
 from tinygpt.train.distributed import SINGLE, Dist, for_run
+from tinygpt.train.lock import RunLock, describe, holder
 from tinygpt.train.loop import train
 from tinygpt.train.schedule import choose_size
 
@@ -50,14 +55,22 @@ class Run:
     checkpoint: Path | None = None  # where training continues from; None: step 0
     sizing_s: float = 0.0  # seconds model.auto_size spent timing shapes, which count against the time budget
     source: Source | None = None  # the weights step 0 starts from (train.init_from), grown to the tokenizer
+    lock: RunLock | None = None  # held while this process may train the run (rank 0's only, under torchrun)
+    preset: str | None = None  # the recipe it was made from, for `tinygpt runs`
 
     def train(self, log: Log = print, d: Dist = SINGLE) -> dict[str, Any]:
-        """Train to the end of the schedule (as process d of a torchrun job); returns the final metrics."""
-        if self.checkpoint is None and self.config.train.init_from and self.source is None:
-            self.source = grow_vocab(open_init_source(self.config), self.data.tokenizer)  # resumed before step 1
-        state = self.source.state if self.source else None
-        d = for_run(d, self.config.train)
-        return train(self.config, self.dir, self.data, self.checkpoint, log, self.sizing_s, state, d)
+        """Train to the end of the schedule (as process d of a torchrun job); returns the final metrics.
+        The run's lock is released when training ends, however it ends."""
+        try:
+            if self.checkpoint is None and self.config.train.init_from and self.source is None:
+                self.source = grow_vocab(open_init_source(self.config), self.data.tokenizer)  # resumed before step 1
+            state = self.source.state if self.source else None
+            d = for_run(d, self.config.train)
+            logs = loggers.open_loggers(self.config, self.dir, self.preset) if d.main else []
+            return train(self.config, self.dir, self.data, self.checkpoint, log, self.sizing_s, state, d, logs)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
 
 def shared(make: Callable[[], Run], d: Dist) -> Run:
@@ -103,14 +116,18 @@ def start_from(cfg: Config, log: Log) -> Source:
     return source
 
 
-def create(cfg: Config, out: Path | None = None, overwrite: bool = False, log: Log = print) -> Run:
+def create(cfg: Config, out: Path | None = None, overwrite: bool = False, log: Log = print,
+           preset: str | None = None) -> Run:
     """A new run in `out` (default runs/<timestamp>): prepares the data, takes the vocabulary size from the
     tokenizer, checks the data is long enough, sizes the model when model.auto_size asks, then writes the
-    directory. Everything that can fail on bad input fails before the directory is touched."""
+    directory and takes its lock. Everything that can fail on bad input fails before the directory is touched."""
     run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise UsageError(f"run directory {run_dir} already exists; pass --resume to continue it, "
                          "--overwrite to replace it, or choose another --out")
+    if run_dir.exists() and (who := holder(run_dir)) is not None:
+        raise UsageError(f"cannot overwrite {run_dir}: it is being trained by {describe(who)}")
+    loggers.require(cfg)
     source = start_from(cfg, log) if cfg.train.init_from else None
     ds = prepare(cfg, log=log, tokenizer=source.tokenizer if source else None)
     if source:
@@ -130,10 +147,11 @@ def create(cfg: Config, out: Path | None = None, overwrite: bool = False, log: L
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
+    lock = RunLock.acquire(run_dir)
     ds = copy_to(ds, run_dir / "data")
     config.save(cfg, run_dir / "config.yaml")
     log(f"run directory: {run_dir}")
-    return Run(run_dir, cfg, ds, sizing_s=sizing_s, source=source)
+    return Run(run_dir, cfg, ds, sizing_s=sizing_s, source=source, lock=lock, preset=preset)
 
 
 def resume(run_dir: Path, flags: dict[str, Any], preset: str | None = None, config_file: str | Path | None = None,
@@ -142,6 +160,17 @@ def resume(run_dir: Path, flags: dict[str, Any], preset: str | None = None, conf
     the command asks for (see resumed_config)."""
     if not run_dir.is_dir():
         raise UsageError(f"cannot resume: run directory {run_dir} does not exist")
+    lock = RunLock.acquire(run_dir)  # refuses a run that another process is training
+    try:
+        return resumed(run_dir, lock, flags, preset, config_file, log)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def resumed(run_dir: Path, lock: RunLock, flags: dict[str, Any], preset: str | None, config_file: str | Path | None,
+            log: Log) -> Run:
+    """resume's work once the run is locked."""
     ckpt = checkpoint.newest(run_dir, warn=log)
     if ckpt is None and not (run_dir / "config.yaml").is_file():
         raise UsageError(f"cannot resume: {run_dir} holds no checkpoint and no config.yaml (it never got "
@@ -150,7 +179,8 @@ def resume(run_dir: Path, flags: dict[str, Any], preset: str | None = None, conf
         log(f"{run_dir} has no checkpoint yet: starting it from step 0 with its saved config")
     saved = config.from_dict(config.load_yaml((ckpt or run_dir) / "config.yaml"))
     cfg = resumed_config(saved, flags, preset, config_file, log)
-    return Run(run_dir, cfg, load_prepared(run_dir / "data"), ckpt)
+    loggers.require(cfg)
+    return Run(run_dir, cfg, load_prepared(run_dir / "data"), ckpt, lock=lock, preset=preset)
 
 
 def may_change_on_resume(key: str) -> bool:

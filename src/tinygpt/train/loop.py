@@ -7,7 +7,6 @@ each lives in its own module (optim, schedule, state, step) and this file only p
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import signal
@@ -27,7 +26,7 @@ from tinygpt.data.batches import EpochSampler, Split
 from tinygpt.data.prepare import Dataset
 from tinygpt.device import autocast_dtype, peak_flops, resolve_device
 from tinygpt.errors import Interrupted, TinyGPTError, UsageError
-from tinygpt.evaluate import loss_over
+from tinygpt.evaluate import LossSum, loss_metrics, loss_over
 from tinygpt.model import GPT
 from tinygpt.train.distributed import (
     SINGLE,
@@ -38,6 +37,7 @@ from tinygpt.train.distributed import (
     whole_state,
     wrap,
 )
+from tinygpt.train.loggers import METRICS, Logger, open_loggers
 from tinygpt.train.optim import make_optimizer
 from tinygpt.train.schedule import PROVISIONAL, BudgetPlanner, lr_at, planned_steps
 from tinygpt.train.state import Progress, StopOnSignal, forget_metrics_after, rng_state, set_rng_state
@@ -46,16 +46,19 @@ from tinygpt.train.step import MaybeCompiled, StepResult, micro_batches, train_s
 
 def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = None,
           log: Callable[[str], None] = print, elapsed_s: float = 0.0,
-          init_state: dict[str, torch.Tensor] | None = None, d: Dist = SINGLE) -> dict[str, Any]:
+          init_state: dict[str, torch.Tensor] | None = None, d: Dist = SINGLE,
+          loggers: list[Logger] | None = None) -> dict[str, Any]:
     """Train cfg.model on data, writing checkpoints and metrics.jsonl into run_dir; returns the final metrics.
 
     resume_from is a checkpoint that checkpoint.newest or checkpoint.find returned (they verify it);
     elapsed_s is time already spent on the run before training (auto-sizing), counted against a budget;
     init_state holds the weights to start from instead of a random init (train.init_from); d is this
-    process's place in a torchrun job (every process calls train; rank 0 alone writes and logs)."""
+    process's place in a torchrun job (every process calls train; rank 0 alone writes and logs); loggers
+    receive every evaluation (default: metrics.jsonl and status.json, see open_loggers)."""
     trainer = Trainer(cfg, run_dir, data, log, d)
     if init_state is not None and resume_from is None:
         trainer.model.load_state_dict(init_state)
+    trainer.loggers = (open_loggers(cfg, run_dir) if loggers is None else loggers) if d.main else []
     try:
         trainer.start(resume_from, elapsed_s)
         with StopOnSignal() as stop:
@@ -72,12 +75,21 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
                 if stopping:
                     trainer.bar.close()
                     raise Interrupted(stop.signum or signal.SIGTERM, run_dir / checkpoint.CHECKPOINTS / "last", run_dir)
-        return trainer.finish()
+        final = trainer.finish()
+        trainer.close_logs("finished")
+        return final
+    except Interrupted:
+        trainer.close_logs("interrupted")
+        raise
     except (RuntimeError, torch.distributed.DistError) as e:
         failure = peer_failure(e, d)
+        trainer.close_logs("failed", str(failure or e).splitlines()[0])
         if failure is None:
             raise
         raise failure from None
+    except BaseException as e:
+        trainer.close_logs("failed", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise
 
 
 class Trainer:
@@ -101,6 +113,8 @@ class Trainer:
         self.tokens_per_step = d.world * t.batch_size * t.grad_accum * cfg.model.block_size
         self.progress = Progress()
         self.stopped_early = False
+        self.loggers: list[Logger] = []
+        self.started: list[Logger] = []  # the loggers whose start ran, and so need a close
 
     def start(self, resume_from: Path | None, elapsed_s: float) -> None:
         """Restore a checkpoint (or start at step 0), shard or wrap the model for the processes, plan the length,
@@ -121,7 +135,7 @@ class Trainer:
                              f"windows, but an epoch has only {self.sampler.windows_per_epoch}: use fewer processes, "
                              "a smaller train.batch_size or more data")
         if d.main:
-            forget_metrics_after(self.run_dir / "metrics.jsonl", p.step)
+            forget_metrics_after(self.run_dir / METRICS, p.step)
         procs = f", {d.world} processes ({d.parallel}), global batch {step_windows} windows" if d.active else ""
         self.log(f"model: {self.model.num_params() / 1e6:.2f}M parameters, device {self.device}"
                  f"{', bf16 autocast' if self.dtype else ''}{procs}; data: {len(self.data.train.tokens):,} train / "
@@ -134,7 +148,12 @@ class Trainer:
         self.bar = tqdm(total=p.total, initial=p.step, desc="train", file=sys.stderr, dynamic_ncols=True,
                         disable=None if d.main else True, unit="step")
         self.interval_tokens, self.interval_start = 0, time.perf_counter()
-        self.session_start, self.elapsed_before = time.perf_counter(), p.elapsed_s
+        self.session_start, self.elapsed_before, self.first_step = time.perf_counter(), p.elapsed_s, p.step
+        facts = dict(step=p.step, total=p.total, params=self.model.num_params(), device=str(self.device),
+                     dtype="bfloat16" if self.dtype == torch.bfloat16 else "float32")
+        for logger in self.loggers:
+            logger.start(self.cfg, facts)
+            self.started.append(logger)
         self.model.train()
 
     def restore_weights(self, ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -203,10 +222,10 @@ class Trainer:
         p, t = self.progress, self.cfg.train
         tok_s = self.interval_tokens / (time.perf_counter() - self.interval_start)
         p.elapsed_s = self.elapsed()
-        train_loss, val_loss = (self.loss(split, t.eval_iters * t.batch_size) for split in (self.data.train, self.data.val))
+        train_loss, val_loss = (self.loss(split, t.eval_iters * t.batch_size).loss for split in (self.data.train, self.data.val))
         self.record(self.metrics(train_loss, val_loss, self.lr, tok_s))
         mfu = f", MFU {tok_s * self.model.flops_per_token() / self.peak:.1%}" if self.peak else ""
-        self.log(f"step {p.step}: train {train_loss:.4f}, val {val_loss:.4f}, {tok_s:,.0f} tok/s{mfu}")
+        self.log(f"step {p.step}: train {train_loss:.4f}, val {val_loss:.4f}, {tok_s:,.0f} tok/s{mfu}, ETA {self.eta()}")
         if val_loss < p.best_val:
             p.best_val, p.bad_evals = val_loss, 0
             self.save("best")
@@ -224,9 +243,11 @@ class Trainer:
         self.bar.close()
         p.elapsed_s = self.elapsed()
         tok_s = self.interval_tokens / max(1e-9, time.perf_counter() - self.interval_start)
-        train_loss = self.loss(self.data.train, t.eval_iters * t.batch_size)
-        val_loss = self.loss(self.data.val, None)  # the whole val split
-        final = dict(self.metrics(train_loss, val_loss, lr_at(p.step, t, p.total), tok_s), final=True,
+        train_loss = self.loss(self.data.train, t.eval_iters * t.batch_size).loss
+        val = self.loss(self.data.val, None, count_bytes=True)  # the whole val split
+        val_loss = val.loss
+        final = dict(self.metrics(train_loss, val_loss, lr_at(p.step, t, p.total), tok_s),
+                     val_bpb=loss_metrics(val)["bits_per_byte"], final=True,
                      stopped_early=self.stopped_early)
         self.record(final)
         self.log(f"final (step {p.step}): train {train_loss:.4f}, val {val_loss:.4f} (whole val split), {p.elapsed_s:.0f} s")
@@ -240,13 +261,22 @@ class Trainer:
         """Seconds of training in this run, earlier sessions included."""
         return self.elapsed_before + time.perf_counter() - self.session_start
 
-    def loss(self, split: Split, max_windows: int | None) -> float:
-        """Mean loss over the windows, each process scoring its share."""
+    def eta(self) -> str:
+        """Time left at this session's pace so far (evaluations included), as 1h02m, 3m05s or 12s."""
+        p = self.progress
+        done = p.step - self.first_step
+        left = round((time.perf_counter() - self.session_start) / max(done, 1) * (p.total - p.step))
+        h, m, s = left // 3600, left // 60 % 60, left % 60
+        return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+    def loss(self, split: Split, max_windows: int | None, count_bytes: bool = False) -> LossSum:
+        """The loss summed over the windows, each process scoring its share; the target text's bytes too with
+        count_bytes (for bits per byte)."""
         d = self.dist
         s = loss_over(self.model, split, self.cfg.train.batch_size, self.device, self.dtype, max_windows,
-                      self.data.packed, shard=(d.rank, d.world))
-        nats, targets = d.total(s.nats, s.targets)
-        return nats / max(targets, 1)
+                      self.data.packed, self.data.tokenizer if count_bytes else None, shard=(d.rank, d.world))
+        nats, targets, n_bytes = d.total(s.nats, s.targets, s.bytes)
+        return LossSum(nats, int(targets), int(n_bytes))
 
     def metrics(self, train_loss: float, val_loss: float, lr: float, tok_s: float) -> dict[str, Any]:
         p = self.progress
@@ -254,9 +284,17 @@ class Trainer:
                     tokens_seen=p.tokens_seen, tokens_per_s=tok_s, elapsed_s=p.elapsed_s)
 
     def record(self, entry: dict[str, Any]) -> None:
-        if self.dist.main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(entry) + "\n")
+        for logger in self.loggers:  # rank 0's alone (the other processes have none)
+            logger.log(entry, self.progress.total)
+
+    def close_logs(self, outcome: str, error: str | None = None) -> None:
+        """Tell the started loggers how the session ended (a failing logger must not hide the run's own error)."""
+        for logger in self.started:
+            try:
+                logger.close(outcome, error)
+            except Exception as e:  # noqa: BLE001 - reported, then the next logger
+                self.log(f"warning: closing the {type(logger).__name__} failed: {e}")
+        self.started = []
 
     def save(self, name: str) -> None:
         """Every process takes part (its RNG state; FSDP gathers the shards); rank 0 writes the checkpoint."""

@@ -1,0 +1,109 @@
+"""What a run directory says about its run, read without loading a model: its config, its metrics and its status.
+
+Everything here tolerates the files of a run that is still training, or that crashed: a missing status.json or
+config.yaml reads as empty, and a half-written last line of metrics.jsonl is left out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+
+from tinygpt import checkpoint, config
+from tinygpt.errors import TinyGPTError, UsageError
+from tinygpt.train.loggers import read_status
+
+
+@dataclass
+class RunRecord:
+    dir: Path
+    name: str  # the directory's name
+    config: dict[str, Any]  # flat dotted keys ("model.n_layer") -> values; {} without config.yaml
+    metrics: list[dict[str, Any]]  # metrics.jsonl's entries in order
+    status: dict[str, Any]  # status.json; {} when absent or unreadable
+
+    @property
+    def last(self) -> dict[str, Any] | None:
+        return self.metrics[-1] if self.metrics else None
+
+    @property
+    def final(self) -> dict[str, Any] | None:
+        """The entry written when training finished (its val loss is over the whole val split), if it did."""
+        return self.last if self.last and self.last.get("final") else None
+
+    @property
+    def best_val(self) -> float | None:
+        return min((m["val_loss"] for m in self.metrics if m.get("val_loss") is not None), default=None)
+
+
+def read_run(path: Path) -> RunRecord:
+    """The record of the run directory `path`; UsageError when it holds neither config.yaml nor metrics.jsonl."""
+    path = Path(path)
+    cfg, metrics = path / "config.yaml", path / "metrics.jsonl"
+    if not cfg.is_file() and not metrics.is_file():
+        raise UsageError(f"{path} is not a run directory (it has no config.yaml or metrics.jsonl)")
+    return RunRecord(path, path.resolve().name, flatten(config.load_yaml(cfg)) if cfg.is_file() else {},
+                     read_metrics(metrics) if metrics.is_file() else [], read_status(path))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's entries. A process killed mid-write leaves its last line torn, so that one is skipped;
+    an unreadable line anywhere else means the file was damaged some other way, and is refused."""
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    entries = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            entry = None
+        if isinstance(entry, dict):
+            entries.append(entry)
+        elif number < len(lines):
+            raise TinyGPTError(f"{path} line {number} is not a JSON object; the file is damaged")
+    return entries
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections as dotted keys: {"model": {"n_layer": 2}} -> {"model.n_layer": 2}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def differing_keys(records: list[RunRecord]) -> dict[str, list[Any]]:
+    """The config keys whose values are not the same in all records, each with its value per record (None where
+    a record lacks the key), in the order of the first record's config."""
+    keys = dict.fromkeys(k for r in records for k in r.config)
+    values = {k: [r.config.get(k) for r in records] for k in keys}
+    return {k: v for k, v in values.items() if any(x != v[0] for x in v)}
+
+
+def parameter_count(record: RunRecord) -> int | None:
+    """The model's parameter count: status.json's, else counted from a checkpoint's weights file header (which
+    names every tensor's shape, so no weights are read); None when neither is there."""
+    if isinstance(record.status.get("params"), int):
+        return record.status["params"]
+    for name in ("last", "best"):
+        weights = record.dir / checkpoint.CHECKPOINTS / name / "model.safetensors"
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        except (OSError, SafetensorError):
+            continue
+    return None
+
+
+def run_labels(records: list[RunRecord]) -> list[str]:
+    """A name per record for legends and tables: the directory's name, or its whole path where two runs share
+    a name (runs/a/final and runs/b/final)."""
+    names = [r.name for r in records]
+    return [str(r.dir) if names.count(r.name) > 1 else r.name for r in records]
