@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if not args.no_save:
         save_results("generate", results)
         save_results("generate_precisions", precisions)
-    return results
+    return results + precisions  # a precision case has "rows" (and no "device"): run_all tells them apart
 
 
 if __name__ == "__main__":

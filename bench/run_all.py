@@ -64,6 +64,9 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str
     else:
         rows.append(("generate 124M bf16 (cpu)", "-", "-", "-", ">= 100 tok/s",
                      f"skipped: {bf16['skipped']}" if bf16 else "not run"))
+    for r in gen or []:
+        if "rows" in r:  # a precision case (generate.precision_case): its goals against llama.cpp and transformers
+            rows += precision_rows(r)
     for r in gen or []:  # GPU figures have no goal; show them where they exist
         if r.get("device") == "cuda" and "skipped" not in r:
             speed(f"generate {r['shape']} {r['dtype']} (cuda)", r, "tok/s", None)
@@ -95,6 +98,33 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str
         rows.append(("memory 124M train: peak RSS, ckpt on", f"{m['checkpointing_on']['peak_rss_mb']:,.0f} MB", "-",
                      f"{m['peak_ratio']:.2f}x", "", f"ckpt off: {m['checkpointing_off']['peak_rss_mb']:,.0f} MB"))
     return rows
+
+
+def precision_rows(case: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
+    """The fast-inference goals at batch 1: float32 against llama.cpp f32, int8 against q8_0 and against
+    transformers' float32 (the goals against llama.cpp are the 124M shape's), bf16 or int8 at 100 tok/s."""
+    sides, shape, out = case["rows"], case["shape"], []
+
+    def row(ours: str, peer: str, goal: float | None) -> None:
+        a, b = sides.get(ours, {}), sides.get(peer, {})
+        if "tok_s" not in a or "tok_s" not in b:
+            why = a.get("skipped") or b.get("skipped") or "not run"
+            out.append((f"generate {shape} {ours} vs {peer}", "-", "-", "-", f">= {goal}x" if goal else "", f"skipped: {why}"))
+            return
+        r = a["tok_s"] / b["tok_s"]
+        out.append((f"generate {shape} {ours.split()[1]} vs {peer} (b1)", f"{a['tok_s']:,.1f} tok/s", f"{b['tok_s']:,.1f} tok/s",
+                    f"{r:.2f}x", f">= {goal}x" if goal else "", "" if goal is None else "met" if r >= goal else "missed"))
+
+    big = shape == "124M"
+    row("tinygpt float32 b1", "llama.cpp f32 b1", 0.9 if big else None)
+    row("tinygpt int8 b1", "llama.cpp q8_0 b1", 0.8 if big else None)
+    row("tinygpt int8 b1", "transformers float32 b1", 4.0)
+    if big:
+        best = max((sides[k]["tok_s"] for k in ("tinygpt bfloat16 b1", "tinygpt int8 b1") if "tok_s" in sides.get(k, {})),
+                   default=0.0)
+        out.append(("generate 124M bf16 or int8 (b1)", f"{best:,.1f} tok/s", "", "", ">= 100 tok/s",
+                    "met" if best >= 100 else "missed"))
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
