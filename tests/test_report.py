@@ -58,13 +58,24 @@ def test_png_draws_a_curve_per_run(runs, tmp_path):
         assert (np.abs(panels - target) <= 12).all(axis=-1).sum() > 500, colour
 
 
-def test_html_report_is_one_self_contained_page(runs, tmp_path):
-    page = write_report(runs, tmp_path / "report.html", log=lambda m: None).read_text(encoding="utf-8")
+ROW_FORMS = {".html": ("<tr><td>{}</td><td>finished</td><td>{:.4f}</td>", "<tr><td>{}</td><td>{}</td><td>{}</td></tr>"),
+             ".md": ("| {} | finished | {:.4f} |", "| {} | {} | {} |")}
+
+
+def report_with_facts(runs, path) -> str:
+    """The report at path, checked for each run's final figures row and for the two differing config keys."""
+    text = write_report(runs, path, log=lambda m: None).read_text(encoding="utf-8")
+    figures_row, config_row = ROW_FORMS[path.suffix]
     records = [read_run(r) for r in runs]
     for r in records:
-        assert f"<tr><td>{r.name}</td><td>finished</td><td>{r.final['val_loss']:.4f}</td>" in page
-    for key, a, b in differing_rows(records):
-        assert f"<tr><td>{key}</td><td>{a}</td><td>{b}</td></tr>" in page
+        assert figures_row.format(r.name, r.final["val_loss"]) in text
+    for row in differing_rows(records):
+        assert config_row.format(*row) in text
+    return text
+
+
+def test_html_report_is_one_self_contained_page(runs, tmp_path):
+    page = report_with_facts(runs, tmp_path / "report.html")
     assert page.count("</tr>") == 1 + 2 + 1 + 2  # exactly two config rows: nothing else differs
     embedded_png(page)
     assert "<link" not in page and "<script" not in page and not re.search(r'(src|href)="(?!data:)', page)
@@ -72,12 +83,7 @@ def test_html_report_is_one_self_contained_page(runs, tmp_path):
 
 
 def test_markdown_report_has_the_same_facts_and_samples(runs, tmp_path):
-    md = write_report(runs, tmp_path / "report.md", log=lambda m: None).read_text(encoding="utf-8")
-    records = [read_run(r) for r in runs]
-    for r in records:
-        assert f"| {r.name} | finished | {r.final['val_loss']:.4f} |" in md
-    for key, a, b in differing_rows(records):
-        assert f"| {key} | {a} | {b} |" in md
+    md = report_with_facts(runs, tmp_path / "report.md")
     embedded_png(re.search(r"!\[[^\]]*\]\((data:image/png;base64,[^)]+)\)", md).group(1))
     samples = re.findall(r"```text\n(.*?)\n```", md, flags=re.S)
     assert "## Samples" in md and len(samples) == 4

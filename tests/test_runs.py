@@ -3,6 +3,7 @@ and a second `train --resume` into a running run refused, naming the process."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,6 +38,9 @@ def test_runs_lists_finished_interrupted_and_running_runs_and_refuses_a_second_t
     root = tmp_path / "runs"
     assert main(["train", "--data", str(text_file), "--tokenizer", "char", "--out", str(root / "done"),
                  "--preset", "cpu-tiny", *tiny_flags()]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"step 3: train [\d.]+, val [\d.]+, [\d,]+ tok/s, ETA \d+s", err)  # the evaluation line's ETA
+    assert f"tinygpt sample --run {root / 'done'}" in err and f"tinygpt report {root / 'done'}" in err  # what next
     stopped = start_training(root / "stopped", text_file)
     stopped.send_signal(signal.SIGTERM)  # saves a checkpoint and exits
     assert stopped.wait(60) != 0

@@ -78,18 +78,19 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
         final = trainer.finish()
         trainer.close_logs("finished")
         return final
-    except Interrupted:
-        trainer.close_logs("interrupted")
-        raise
-    except (RuntimeError, torch.distributed.DistError) as e:
-        failure = peer_failure(e, d)
-        trainer.close_logs("failed", str(failure or e).splitlines()[0])
+    except BaseException as e:
+        failure = peer_failure(e, d) if isinstance(e, RuntimeError | torch.distributed.DistError) else None
+        trainer.close_logs(*ending(failure or e))
         if failure is None:
             raise
         raise failure from None
-    except BaseException as e:
-        trainer.close_logs("failed", str(e).splitlines()[0] if str(e) else type(e).__name__)
-        raise
+
+
+def ending(e: BaseException) -> tuple[str, str | None]:
+    """How a session that raised e ended, for the loggers: interrupted (a signal, Ctrl-C) or failed (and why)."""
+    if isinstance(e, Interrupted | KeyboardInterrupt):
+        return "interrupted", None
+    return "failed", (str(e).splitlines() or [type(e).__name__])[0]
 
 
 class Trainer:
@@ -149,7 +150,7 @@ class Trainer:
                         disable=None if d.main else True, unit="step")
         self.interval_tokens, self.interval_start = 0, time.perf_counter()
         self.session_start, self.elapsed_before, self.first_step = time.perf_counter(), p.elapsed_s, p.step
-        facts = dict(step=p.step, total=p.total, params=self.model.num_params(), device=str(self.device),
+        facts = dict(step=p.step, total=p.total, params=self.model.num_params(non_embedding=False), device=str(self.device),
                      dtype="bfloat16" if self.dtype == torch.bfloat16 else "float32")
         for logger in self.loggers:
             logger.start(self.cfg, facts)
