@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        demo = args.demo_run or train(Path(tmp) / "demo")
+        demo = args.demo_run or train(Path(tmp) / "demo", "--train.dtype", "float32")  # what it trains is what counts
         big = args.big_run or train(Path(tmp) / "big", "--data", str(SHARED_DATA / "tinyshakespeare.txt"), "--tokenizer",
                                     "gpt2", *BIG_SHAPE, "--train.time_budget", str(120 if args.quick else args.big_budget))
         result = dict(demo=dict(perplexity=perplexities(demo), same_replies=None),

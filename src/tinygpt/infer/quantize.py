@@ -1,26 +1,35 @@
 """Fewer bytes per weight for decoding: bfloat16 weights, or int8 weights with a float scale per output channel.
 
 Batch-1 decoding reads every weight once per token, so on a CPU its speed is bound by the bytes it reads:
-bf16 halves them and int8 quarters them. int8 is weight-only and symmetric: each output row of a linear layer
+bf16 halves them and int8 quarters them. The int8 weights are symmetric: each output row of a linear layer
 is divided by its largest magnitude / 127 and rounded; the token embedding's gather stays in float (a gather
 reads one row, not the matrix), and a tied output layer gets its own int8 copy.
 
-The int8 matmul kernel is chosen by a one-time probe, as the decode loop chooses oneDNN: PyTorch's
-`_weight_int8pack_mm` (not public API) with bf16 activations where it exists and agrees with the reference,
-else a plain path that widens the int8 weights for each call (correct everywhere, fast nowhere).
+Three kernels compute an int8 layer; a one-time probe times the ones that run here and agree with the reference,
+for a large weight and a small one, and each layer takes the fastest for its size:
+
+* fbgemm (PyTorch's quantized.linear_dynamic): the weights packed for VNNI int8 dot products, the activations
+  quantized to 8 bits on the fly (one scale per call, so rows of a batch share it). Streamed a 124M model's large
+  weights at about twice int8pack's speed on an AMD EPYC with AVX-512, but pays ~15 us a call: slower on small layers.
+* int8pack (torch._weight_int8pack_mm, not public API): weight-only, bf16 activations; fast where bf16 is native.
+* widen: the int8 weights widened for each call (correct everywhere, fast nowhere).
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinygpt.device import fastest_seconds
+from tinygpt.device import cpu_has_vnni, fastest_seconds
 
 DTYPES = ("float32", "bfloat16", "int8")
+KERNELS = ("fbgemm", "int8pack", "widen")
+LARGE = 1 << 20  # weights of this many elements and more are "large": streaming them outweighs a call's set-up
 
 
 def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,46 +39,86 @@ def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
+def fbgemm_pack(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject:
+    """The int8 rows as fbgemm's packed weight (per-channel scales, zero points 0), bias included."""
+    with warnings.catch_warnings():  # quantized tensors are deprecated; the probe notices the day they are gone
+        warnings.simplefilter("ignore", UserWarning)
+        weight = torch._make_per_channel_quantized_tensor(q, scales.double(), torch.zeros(q.size(0), dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(weight, bias)
+
+
+# Without VNNI, fbgemm multiplies u8 x s8 pairs into saturating int16 sums; 7-bit activations keep them in range.
+REDUCE_RANGE = not cpu_has_vnni()
+
+
+def kernel_call(kernel: str, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> Callable:
+    """A function computing x (N, in) float32 -> (N, out) float32 with `kernel` on these int8 rows."""
+    if kernel == "fbgemm":
+        packed = fbgemm_pack(q, scales, bias)
+        return lambda x: torch.ops.quantized.linear_dynamic(x, packed, REDUCE_RANGE)
+    if kernel == "int8pack":  # its fast path wants bf16 activations (float32 ones measured 10x slower)
+        scales_bf16 = scales.to(torch.bfloat16)
+        return lambda x: (torch._weight_int8pack_mm(x.to(torch.bfloat16), q, scales_bf16).float()
+                          + (0 if bias is None else bias))
+    return lambda x: F.linear(x, q.float()) * scales + (0 if bias is None else bias)
+
+
 @functools.cache
-def int8pack_works() -> bool:
-    """Whether torch._weight_int8pack_mm runs here and gives the dequantized product (probed once)."""
-    try:
-        g = torch.Generator().manual_seed(0)
-        w, x = torch.randn(64, 64, generator=g), torch.randn(2, 64, generator=g)
-        q, s = int8_rows(w)
-        got = torch._weight_int8pack_mm(x.bfloat16(), q, s.bfloat16()).float()
-        want = x @ (q.float() * s[:, None]).T
-        return bool(torch.allclose(got, want, atol=0.1, rtol=0.05))
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
+def working_kernels() -> tuple[str, ...]:
+    """The kernels that run here and give the dequantized product (probed once; widen always does)."""
+    g = torch.Generator().manual_seed(0)
+    w, x, b = torch.randn(64, 64, generator=g), torch.randn(2, 64, generator=g), torch.randn(64, generator=g)
+    q, s = int8_rows(w)
+    want = x @ (q.float() * s[:, None]).T + b
+    works = []
+    for kernel in KERNELS[:-1]:
+        try:
+            if torch.allclose(kernel_call(kernel, q, s, b)(x), want, atol=0.1, rtol=0.05):
+                works.append(kernel)
+        except (AttributeError, RuntimeError, NotImplementedError):
+            pass
+    return (*works, "widen")
+
+
+@functools.cache
+def fastest_kernel(large: bool) -> str:
+    """The working kernel that computes a one-row product fastest here, for a large or a small weight (~0.2 s)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(*((2048, 1024) if large else (512, 512)), generator=g)
+    x = torch.randn(1, w.size(1), generator=g)
+    q, s = int8_rows(w)
+    with torch.no_grad():
+        return min(working_kernels(), key=lambda k: fastest_seconds(functools.partial(kernel_call(k, q, s, None), x)))
 
 
 class Int8Linear(nn.Module):
     """A linear layer holding int8 weights and per-output-channel scales (see the module docstring)."""
 
-    kernel: str | None = None  # "int8pack" or "widen"; None: probe on first use. Tests set it to force a path.
+    kernel: str | None = None  # one of KERNELS; None: the probe's choice. Tests set it to force a path.
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         q, scales = int8_rows(weight)
         self.register_buffer("weight", q)
         self.register_buffer("scales", scales)
-        self.register_buffer("scales_bf16", scales.to(torch.bfloat16), persistent=False)  # int8pack's, made once
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.in_features, self.out_features = weight.size(1), weight.size(0)
+        self.calls: dict[str, Callable] = {}  # per kernel, made on first use (fbgemm packs its own copy)
+
+    def choose(self, x: torch.Tensor) -> str:
+        if x.device.type != "cpu":
+            return "widen"
+        kernel = self.kernel or fastest_kernel(self.weight.numel() >= LARGE)
         # _weight_int8pack_mm crashed the process (a segfault, PyTorch 2.13 on an AVX-512 Xeon) for inputs of
         # several rows whose width is not a multiple of 16 (24, 40, 65, 72, ...); such layers widen instead.
-        self.packable = weight.size(1) % 32 == 0
+        return "widen" if kernel == "int8pack" and self.in_features % 32 else kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.kernel or ("int8pack" if self.packable and int8pack_works() and x.device.type == "cpu" else "widen")
-        if kernel == "int8pack":  # its fast path wants bf16 activations (float32 ones measured 10x slower)
-            flat = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
-            y = torch._weight_int8pack_mm(flat, self.weight, self.scales_bf16)
-            y = y.view(*x.shape[:-1], -1).to(x.dtype)
-        else:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        kernel = self.choose(x)
+        if kernel not in self.calls:
+            self.calls[kernel] = kernel_call(kernel, self.weight, self.scales, self.bias)
+        y = self.calls[kernel](x.reshape(-1, x.size(-1)).float())
+        return y.view(*x.shape[:-1], -1).to(x.dtype)
 
 
 @functools.cache
