@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         demo = args.demo_run or train(Path(tmp) / "demo", "--train.dtype", "float32")  # what it trains is what counts
         big = args.big_run or train(Path(tmp) / "big", "--data", str(SHARED_DATA / "tinyshakespeare.txt"), "--tokenizer",
-                                    "gpt2", *BIG_SHAPE, "--train.time_budget", str(120 if args.quick else args.big_budget))
+                                    "gpt2", "--data.gpt2_ranks", str(SHARED_DATA / "gpt2.tiktoken"), *BIG_SHAPE,
+                                    "--train.time_budget", str(120 if args.quick else args.big_budget))
         result = dict(demo=dict(perplexity=perplexities(demo), same_replies=None),
                       big=dict(perplexity=perplexities(big), continuations=compare(continuations(big, "float32"),
                                                                                   continuations(big, "int8"))))

@@ -1,6 +1,6 @@
 """Run every benchmark, print a summary against the goals, and write bench/results.json.
 
-    python bench/run_all.py              # everything (about 12 minutes on 2 CPU cores)
+    python bench/run_all.py              # everything (about 25 minutes on 2 CPU cores)
     python bench/run_all.py --quick      # one timed repetition each (the quality runs still take 120 s each)
     python bench/run_all.py --skip quality quality-preset-size memory
 """
@@ -17,13 +17,15 @@ from typing import Any
 
 import common
 import generate
+import int8_quality
 import memory
 import quality
 import serve
 import train
 
 BENCHMARKS: dict[str, Callable[[list[str]], Any]] = {
-    "generate": generate.main, "train": train.main, "memory": memory.main, "serve": serve.main, "quality": quality.main,
+    "generate": generate.main, "int8-quality": int8_quality.main,
+    "train": train.main, "memory": memory.main, "serve": serve.main, "quality": quality.main,
     # The same command keeping the preset's size (a time budget alone sizes the model: train/schedule.py's choose_size).
     "quality-preset-size": lambda args: quality.main([*args, "--model.auto_size", "false"]),
 }
@@ -92,6 +94,15 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str
         mixed = r["mixed"]
         rows.append((f"serve {r['shape']}: mixed load errors", f"{mixed['errors']} of {mixed['requests']}", "", "",
                      "0", "met" if mixed["errors"] == 0 else "missed"))
+    q8 = res.get("int8-quality")
+    if q8 is not None:  # int8's quality bound: the demo model's val perplexity, and a trained 124M's greedy tokens
+        ppl = q8["demo"]["perplexity"]
+        change = ppl["int8"] / ppl["float32"] - 1
+        rows.append(("int8: demo model val perplexity change", f"{change:+.3%}", "", "", "< 1%",
+                     "met" if abs(change) < 0.01 else "missed"))
+        same = sum(c["same"] for c in q8["big"]["continuations"])
+        total = sum(c["tokens"] for c in q8["big"]["continuations"])
+        rows.append(("int8: 124M-shape greedy tokens as float32's", f"{same}/{total}", "", "", "report", ""))
     m = res.get("memory")
     if m is not None:
         # Both figures are tinygpt's: peak RSS with activation checkpointing, and its ratio to the run without.
