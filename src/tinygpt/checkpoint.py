@@ -139,21 +139,24 @@ def verify(ckpt: Path) -> None:
             raise TinyGPTError(f"checkpoint {ckpt}: {name} is truncated or modified (size/hash differ from the manifest)")
 
 
+def candidates(run_dir: Path, names: tuple[str, ...] = ("best", "last")) -> list[Path]:
+    """The checkpoint folders of `names` that exist (not verified), each followed by its previous version kept
+    during a swap (.old-NAME) where there is one."""
+    root = Path(run_dir) / CHECKPOINTS
+    return [ckpt for name in names for ckpt in (root / name, root / f".old-{name}") if ckpt.exists()]
+
+
 def valid_checkpoints(run_dir: Path, names: tuple[str, ...] = ("best", "last"), warn=None) -> list[Path]:
     """Checkpoints that pass verify(), in the order of `names`; each name may also exist as the
     previous version kept during a swap (.old-NAME). Invalid ones are reported through `warn`."""
-    root = Path(run_dir) / CHECKPOINTS
     found = []
-    for name in names:
-        for ckpt in (root / name, root / f".old-{name}"):
-            if not ckpt.exists():
-                continue
-            try:
-                verify(ckpt)
-                found.append(ckpt)
-            except TinyGPTError as e:
-                if warn:
-                    warn(f"warning: skipping {e}")
+    for ckpt in candidates(run_dir, names):
+        try:
+            verify(ckpt)
+            found.append(ckpt)
+        except TinyGPTError as e:
+            if warn:
+                warn(f"warning: skipping {e}")
     return found
 
 

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinygpt.checkpoint import CHECKPOINTS
+from tinygpt.checkpoint import candidates
 from tinygpt.errors import UsageError
 from tinygpt.report.records import RunRecord, read_run
 from tinygpt.train.lock import holder
@@ -31,8 +31,7 @@ class RunLine:
 
 def has_checkpoint(run_dir: Path) -> bool:
     """Whether some checkpoint is in place (not verified: that reads every weight; --resume verifies)."""
-    root = run_dir / CHECKPOINTS
-    return any((root / name / "manifest.json").is_file() for name in ("last", "best", ".old-last", ".old-best"))
+    return any((ckpt / "manifest.json").is_file() for ckpt in candidates(run_dir))
 
 
 def state_of(record: RunRecord) -> str:
