@@ -65,6 +65,20 @@ def test_the_int8_kernels_agree_with_the_widened_product(kernel):
     assert outs[kernel].shape == (3, 5, 48) and relative_error(outs[kernel], outs["widen"]) < 0.02
 
 
+def test_fbgemm_with_7_bit_activations_passes_the_probe(monkeypatch):
+    # Without VNNI fbgemm rounds activations to 7 bits (REDUCE_RANGE), on any CPU; the probe must take it there.
+    # (8 bits without VNNI overflow fbgemm's 16-bit pair sums: the probe rightly refuses that.)
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("this PyTorch build has no fbgemm engine")
+    monkeypatch.setattr(quantize_module, "REDUCE_RANGE", True)
+    g = torch.Generator().manual_seed(0)
+    w, x, b = torch.randn(64, 64, generator=g), torch.randn(2, 64, generator=g), torch.randn(64, generator=g)
+    q, s = int8_rows(w)
+    want = x @ (q.float() * s[:, None]).T + b
+    assert quantize_module.agrees(quantize_module.kernel_call("fbgemm", q, s, b)(x), want)
+    assert not quantize_module.agrees(quantize_module.kernel_call("fbgemm", q, s * 1.1, b)(x), want)  # a wrong scale
+
+
 def test_each_layer_takes_the_probes_fastest_kernel_for_its_size(monkeypatch):
     assert quantize_module.fastest_kernel(True) in working_kernels()  # the real probe, timed here
     monkeypatch.setattr(quantize_module, "fastest_kernel", lambda large: "fbgemm" if large else "int8pack")

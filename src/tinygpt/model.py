@@ -146,6 +146,9 @@ class KVCache:
         shape = (cfg.n_layer, batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
         self.k = self.allocate(shape, device=device, dtype=dtype)
         self.v = self.allocate(shape, device=device, dtype=dtype)
+        # Each layer's part as a view made once: indexing self.k[layer, :, :, a:b] dispatched four ops per
+        # access, and per-op dispatch is what bounds a small model's decode step (bench/generate.py, 10M).
+        self.layers = [(self.k[i], self.v[i]) for i in range(cfg.n_layer)]  # not unbind: its views refuse writes
         self.pos = 0  # tokens already cached; advanced by GPT.hidden after all layers ran
 
     def positions(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -153,10 +156,11 @@ class KVCache:
         return causal_positions(self.pos, T, self.k.size(3), device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.layers[layer]
+        keys.narrow(2, self.pos, k.size(2)).copy_(k)
+        values.narrow(2, self.pos, v.size(2)).copy_(v)
         end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def advance(self, T: int) -> None:
         self.pos += T

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tinygpt.config import SampleConfig
-from tinygpt.infer.generate import OneDNNLinears, TextPieces, TokenHistory, sample_token
+from tinygpt.infer.generate import OneDNNLinears, TextPieces, TokenHistory, decoding, sample_token
 from tinygpt.model import GPT, SlotCache
 from tinygpt.tokenizer import Tokenizer
 
@@ -58,7 +58,7 @@ class BatchDecoder:
     def free(self) -> int:
         return len(self.cache.lengths) - len(self.active)
 
-    @torch.no_grad()
+    @decoding()
     def add(self, gens: list[Generation]) -> None:
         """Prefill the prompts (at least one token each) into free rows, in one forward pass; their first tokens
         are sampled at the next step. Prompts of different lengths are padded at the end: a padded position
@@ -101,7 +101,7 @@ class BatchDecoder:
             self.active[gen.row] = last
         gen.row, gen.logits, gen.history = -1, None, None
 
-    @torch.no_grad()
+    @decoding()
     def step(self) -> list[Generation]:
         """Drop cancelled generations, sample one token for each active one, and run the model once over those
         that go on. Returns the generations that ended at this step (no longer active)."""

@@ -63,6 +63,13 @@ def kernel_call(kernel: str, q: torch.Tensor, scales: torch.Tensor, bias: torch.
     return lambda x: F.linear(x, q.float()) * scales + (0 if bias is None else bias)
 
 
+def agrees(y: torch.Tensor, want: torch.Tensor) -> bool:
+    """Whether a kernel's product is the dequantized one up to its activations' rounding. Measured against the
+    largest output, not element by element: fbgemm's 7-bit activations (CPUs without VNNI) are off by ~1% of it,
+    which an element-wise tolerance rejected on near-zero outputs, leaving AVX2 CPUs without their fastest kernel."""
+    return bool((y - want).abs().max() <= 0.03 * want.abs().max())
+
+
 @functools.cache
 def working_kernels() -> tuple[str, ...]:
     """The kernels that run here and give the dequantized product (probed once; widen always does)."""
@@ -73,7 +80,7 @@ def working_kernels() -> tuple[str, ...]:
     works = []
     for kernel in KERNELS[:-1]:
         try:
-            if torch.allclose(kernel_call(kernel, q, s, b)(x), want, atol=0.1, rtol=0.05):
+            if agrees(kernel_call(kernel, q, s, b)(x), want):
                 works.append(kernel)
         except (AttributeError, RuntimeError, NotImplementedError):
             pass
@@ -104,6 +111,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.in_features, self.out_features = weight.size(1), weight.size(0)
         self.calls: dict[str, Callable] = {}  # per kernel, made on first use (fbgemm packs its own copy)
+        self.chosen: dict[tuple[str | None, str], Callable] = {}  # (forced kernel, device type) -> its call
 
     def choose(self, x: torch.Tensor) -> str:
         if x.device.type != "cpu":
@@ -113,12 +121,22 @@ class Int8Linear(nn.Module):
         # several rows whose width is not a multiple of 16 (24, 40, 65, 72, ...); such layers widen instead.
         return "widen" if kernel == "int8pack" and self.in_features % 32 else kernel
 
+    def call(self, x: torch.Tensor) -> Callable:
+        key = (self.kernel, x.device.type)
+        if key not in self.chosen:
+            kernel = self.choose(x)
+            if kernel not in self.calls:
+                self.calls[kernel] = kernel_call(kernel, self.weight, self.scales, self.bias)
+            self.chosen[key] = self.calls[kernel]
+        return self.chosen[key]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.choose(x)
-        if kernel not in self.calls:
-            self.calls[kernel] = kernel_call(kernel, self.weight, self.scales, self.bias)
-        y = self.calls[kernel](x.reshape(-1, x.size(-1)).float())
-        return y.view(*x.shape[:-1], -1).to(x.dtype)
+        # The choice is looked up once per (kernel, device), and conversions that would not change anything
+        # are skipped: a decode step of a 10M model makes ~25 of these calls, each op costing a few us.
+        flat = x.reshape(-1, x.size(-1))
+        y = self.call(x)(flat if flat.dtype == torch.float32 else flat.float())
+        y = y.view(*x.shape[:-1], -1) if x.dim() != 2 else y
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 @functools.cache
