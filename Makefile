@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow bench lint clean
+.PHONY: setup demo test test-slow llama-cpp bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -35,16 +35,19 @@ test: setup
 		|| echo "chromium could not be installed: the chat page's browser test will be skipped"; }
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-# The slow checks include the real llama.cpp: llama-cpp-python is source-only on PyPI, and building it takes
-# many minutes on 2 cores (cmake and a C++ compiler needed); pip caches the wheel, so only the first run pays.
-# Where it cannot be built, its checks skip with the reason.
-test-slow: setup
-	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install -q llama-cpp-python \
-		|| echo "llama-cpp-python could not be built: the llama.cpp checks will be skipped"
+# The slow checks and the benchmarks include the real llama.cpp: llama-cpp-python is source-only on PyPI, and
+# building it takes 12 minutes on 2 cores (cmake and a C++ compiler needed; -march=native, so it uses this
+# CPU's SIMD); pip caches the wheel, so only the first run pays. Where it cannot be built, its checks and
+# benchmark rows skip with the reason.
+llama-cpp: setup
+	@$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install -q llama-cpp-python \
+		|| echo "llama-cpp-python could not be built: the llama.cpp checks and benchmark rows will be skipped"
+
+test-slow: llama-cpp
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
-# Side-by-side speed against Hugging Face transformers; timings, so never part of `make test`.
-bench: setup
+# Side-by-side speed against Hugging Face transformers and llama.cpp; timings, so never part of `make test`.
+bench: llama-cpp
 	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 lint: setup

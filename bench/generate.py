@@ -135,7 +135,7 @@ def llama_cpp_row(path: Path, prompt: torch.Tensor, repeats: int) -> dict[str, A
         if not LLAMA_CPP_PATH:
             import llama_cpp  # noqa: F401 - only to say why the row is skipped
     except ImportError:
-        return {"skipped": "llama-cpp-python is not installed (make test-slow builds it)"}
+        return {"skipped": "llama-cpp-python is not installed (make bench and make test-slow build it)"}
     cmd = [sys.executable, str(Path(__file__).with_name("llama_cpp_run.py")), str(path), "--prompt",
            ",".join(map(str, prompt[0].tolist())), "--new-tokens", str(NEW_TOKENS), "--repeats", str(repeats)]
     env = dict(os.environ)

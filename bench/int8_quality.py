@@ -33,8 +33,10 @@ QUESTIONS = ["Hello", "what is 2 plus 3?", "what is the capital of France?", "re
              "say stone twice", "What is AI?", "Tell me a joke"]
 PROMPTS = ["ROMEO:", "First Citizen:\nBefore we proceed", "KING HENRY:\nO God", "JULIET:\nWherefore"]
 NEW_TOKENS = 128
+# Batches of 4 windows: a 124M step costs ~1 TFLOP per 1,000 tokens, so on 2 cores small batches are what give a
+# few minutes of training more than a handful of steps (batch 16 managed 8 steps in 180 s, val loss 8.2).
 BIG_SHAPE = ["--model.n_layer", "12", "--model.n_head", "12", "--model.n_embd", "768", "--model.block_size", "256",
-             "--model.auto_size", "false"]
+             "--model.auto_size", "false", "--train.batch_size", "4", "--train.eval_interval", "50"]
 
 
 def train(out: Path, *flags: str) -> Path:

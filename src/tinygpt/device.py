@@ -85,3 +85,14 @@ def fastest_seconds(fn: Callable[[], object], calls: int = 10, repeats: int = 5)
             fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+# More than a server CPU's last-level cache (32 MB on the AMD EPYCs measured): a decode step streams each weight
+# from memory once, and a probe that timed one weight sitting in cache picked the slower kernel for that.
+STREAMED_BYTES = 64 << 20
+
+
+def streamed_copies(t: torch.Tensor) -> list[torch.Tensor]:
+    """Copies of t that together exceed the last-level cache, for a probe to time one pass over (see above)."""
+    return [t.clone() for _ in range(max(1, STREAMED_BYTES // (t.numel() * t.element_size())))]
+
