@@ -23,6 +23,8 @@ import quality
 import serve
 import train
 
+from tinygpt.device import cpu_has_native_bf16
+
 BENCHMARKS: dict[str, Callable[[list[str]], Any]] = {
     "generate": generate.main, "int8-quality": int8_quality.main,
     "train": train.main, "memory": memory.main, "serve": serve.main, "quality": quality.main,
@@ -133,8 +135,9 @@ def precision_rows(case: dict[str, Any]) -> list[tuple[str, str, str, str, str, 
     if big:
         best = max((sides[k]["tok_s"] for k in ("tinygpt bfloat16 b1", "tinygpt int8 b1") if "tok_s" in sides.get(k, {})),
                    default=0.0)
-        out.append(("generate 124M bf16 or int8 (b1)", f"{best:,.1f} tok/s", "", "", ">= 100 tok/s",
-                    "met" if best >= 100 else "missed"))
+        # The goal is set for CPUs with native bf16; elsewhere the figure is reported without a verdict.
+        verdict = ("met" if best >= 100 else "missed") if cpu_has_native_bf16() else "no goal here: no native bf16"
+        out.append(("generate 124M bf16 or int8 (b1)", f"{best:,.1f} tok/s", "", "", ">= 100 tok/s", verdict))
     return out
 
 
