@@ -95,7 +95,7 @@ def onednn_linear_works() -> bool:
 @functools.cache
 def onednn_is_faster() -> bool:
     """Whether oneDNN's inner product computes one-row products with large float32 weights streamed from memory
-    faster than F.linear on this machine (timed once, ~0.1 s). It streamed them 1.5x as fast on AMD EPYCs with
+    faster than F.linear on this machine (timed once, ~0.2 s). It streamed them 1.5-2x as fast on AMD EPYCs with
     AVX2, and was 0.85x as fast on an Intel Xeon with AVX-512, where the whole 124M decode went 34 -> 39 tok/s
     without it. Timed over weights that together exceed the cache, as a decode step reads them: one weight
     sitting in cache favoured F.linear on an EPYC where oneDNN streamed 11.5 GB/s from memory against its 7.4."""
