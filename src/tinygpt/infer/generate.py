@@ -182,14 +182,13 @@ def stream_tokens(model: GPT, idx: torch.Tensor, sampling: SampleConfig, stop_id
             # Checking for stop ids reads a flag back from the device; without stop ids there is nothing to check.
             stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=idx.device) if stop_ids else None
             done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+            tok = sample_token(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
         one_token_step = OneDNNLinears(model)
         for step in range(steps):
-            with decoding():
-                tok = sample_token(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
             yield tok  # outside inference mode: the caller's code between two tokens runs in its own mode
             if step == steps - 1:
                 return
-            with decoding():
+            with decoding():  # entered once per token: the step below and the next token's sampling
                 if stop is not None:
                     done |= torch.isin(tok, stop)
                     if bool(done.all()):
@@ -203,6 +202,7 @@ def stream_tokens(model: GPT, idx: torch.Tensor, sampling: SampleConfig, stop_id
                 else:
                     cache.pos = 0
                     logits = model.next_logits(history.last(block // 2), cache)
+                tok = sample_token(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
 
 class TextPieces:
     """The text of a growing list of token ids, released piece by piece as it becomes final.
