@@ -149,3 +149,13 @@ def test_auto_takes_int8_only_where_it_is_faster_and_close(text_file, tmp_path, 
     (out / "checkpoints" / "last").rename(lone)
     assert type(tinygpt_run.load(lone, dtype="auto", warn=said.append).model.lm_head) is torch.nn.Linear
     assert "no val split" in said[-1]
+
+
+def test_fbgemm_only_takes_calls_of_a_few_rows(monkeypatch):
+    # One activation scale per call: an evaluation's many rows would share it, so they widen instead.
+    monkeypatch.setattr(Int8Linear, "kernel", "fbgemm")
+    layer = Int8Linear(torch.randn(64, 64), None)
+    few, many = torch.zeros(2, 8, 64), torch.zeros(2, 9, 64)
+    assert layer.choose(few) == "fbgemm" and layer.choose(many) == "widen"
+    skip_unless_working("fbgemm")
+    assert layer(torch.randn(4, 9, 64)).shape == (4, 9, 64) and set(layer.chosen) == {("fbgemm", "cpu", True)}
