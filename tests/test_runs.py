@@ -1,20 +1,16 @@
 """`tinygpt runs` and the run lock: states told from real processes (finished, SIGTERM-interrupted, running, killed),
-and a second `train --resume` into a running run refused, naming the process."""
+and a second `train --resume` into a running run refused, naming the process (the lock itself: test_rundir.py)."""
 
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
 import time
 
-import pytest
-
 from conftest import tiny_flags
 from tinygpt.cli import main
 from tinygpt.report.listing import list_runs, table
-from tinygpt.train.lock import RunLock, holder
 
 
 def start_training(out, text_file):
@@ -84,17 +80,6 @@ def test_failed_runs_say_why_and_a_run_without_checkpoint_cannot_be_resumed(tmp_
     assert lines["failed"].state == "failed: non-finite loss at step 7"
     assert lines["empty"].state == "failed (no checkpoint)"
     assert "failed: non-finite" in table(list(lines.values()))
-
-
-def test_the_lock_is_held_by_one_holder_at_a_time_and_freed_on_release(tmp_path):
-    lock = RunLock.acquire(tmp_path)
-    who = holder(tmp_path)
-    assert who["pid"] == os.getpid() and "command" in who
-    with pytest.raises(Exception, match=f"already being trained by process {os.getpid()}"):
-        RunLock.acquire(tmp_path)
-    lock.release()
-    assert holder(tmp_path) is None
-    RunLock.acquire(tmp_path).release()
 
 
 def test_runs_on_a_missing_folder_says_so(tmp_path, capsys):

@@ -10,8 +10,8 @@ Layout of a checkpoint directory::
     manifest.json       size and sha256 of every file above, written last
 
 A checkpoint is assembled in a hidden temporary sibling, fsynced, and renamed into
-place; the previous version is kept (as ``.old-NAME``) until the new one is in place, and
-the ``latest`` pointer file is updated only after that.
+place (rundir.atomic_folder); the previous version is kept (as ``.old-NAME``) until the new one is in place,
+and the ``latest`` pointer file is updated only after that.
 A directory whose files do not match its manifest is not loaded.
 """
 
@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,13 +29,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from tinygpt import config as config_mod
+from tinygpt import rundir
 from tinygpt.config import Config
 from tinygpt.errors import TinyGPTError
 from tinygpt.model import GPT
 from tinygpt.tokenizer import Tokenizer, load_tokenizer
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"  # a file naming the most recently completed checkpoint
+MANIFEST = "manifest.json"  # written last: a folder with one is a complete checkpoint (verify checks it)
+WEIGHTS = "model.safetensors"
 
 
 def _sha256(path: Path) -> str:
@@ -49,72 +47,41 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(dest: Path, model: GPT, cfg: Config, tokenizer: Tokenizer,
          trainer: dict[str, Any] | None = None, state: dict[str, Any] | None = None) -> None:
-    """Atomically write (or replace) the checkpoint directory `dest`."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint should be as readable as the run directory
-    try:
+    """Atomically write (or replace) the checkpoint directory `dest`, then point `latest` at it."""
+    with rundir.atomic_folder(dest) as tmp:
         try:
             _write_files(tmp, model, cfg, tokenizer, trainer, state)
         except (RuntimeError, SafetensorError) as e:
             raise TinyGPTError(f"could not write checkpoint {dest} ({str(e).splitlines()[0][:200]}); the disk may be "
                                "full: free some disk space or choose another --out (the previous checkpoint is kept)") from None
-        _swap_into_place(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # The pointer moves only once the checkpoint it names is complete and in place.
+    with rundir.atomic_file(dest.parent / rundir.LATEST) as pointer:
+        pointer.write_text(dest.name + "\n")
 
 
 def _write_files(folder: Path, model: GPT, cfg: Config, tokenizer: Tokenizer,
                  trainer: dict[str, Any] | None, state: dict[str, Any] | None) -> None:
-    """The checkpoint's files and their manifest, fsynced. A full disk surfaces from torch.save as a
+    """The checkpoint's files and their manifest. A full disk surfaces from torch.save as a
     RuntimeError ("unexpected pos ...") and from safetensors as a SafetensorError, neither an OSError:
     save() turns both into one TinyGPTError, so the user sees one line instead of a traceback."""
-    save_model(model, str(folder / "model.safetensors"))  # drops the tied lm_head copy; load_model restores it
-    config_mod.save(cfg, folder / "config.yaml")
+    save_model(model, str(folder / WEIGHTS))  # drops the tied lm_head copy; load_model restores it
+    config_mod.save(cfg, folder / rundir.CONFIG)
     tokenizer.save(folder / "tokenizer")
     if trainer is not None:
         torch.save(trainer, folder / "trainer.pt")
     (folder / "state.json").write_text(json.dumps(state or {}, indent=2))
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     manifest = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    for p in [*files, folder / "manifest.json", *(d for d in folder.rglob("*") if d.is_dir()), folder]:
-        _fsync(p)
-
-
-def _swap_into_place(tmp: Path, dest: Path) -> None:
-    """Rename the finished tmp to dest, keeping the previous dest (as .old-NAME) until then; move `latest` last."""
-    old = dest.parent / f".old-{dest.name}"
-    if old.exists():
-        shutil.rmtree(old)
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    _fsync(dest.parent)
-    shutil.rmtree(old, ignore_errors=True)
-    # The pointer moves only once the checkpoint it names is complete and in place.
-    pointer = dest.parent / f".{LATEST}.tmp"
-    pointer.write_text(dest.name + "\n")
-    _fsync(pointer)
-    pointer.replace(dest.parent / LATEST)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
 def weights_hash(ckpt: Path) -> str:
     """sha256 over the weight tensors (names, dtypes, shapes, bytes): equal iff the weights are bit-identical,
     whatever the file layout."""
     h = hashlib.sha256()
-    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+    with safe_open(str(ckpt / WEIGHTS), framework="pt") as f:
         for name in sorted(f.keys()):
             t = f.get_tensor(name)
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
@@ -124,7 +91,7 @@ def weights_hash(ckpt: Path) -> str:
 
 def verify(ckpt: Path) -> None:
     """Raise TinyGPTError unless every file listed in the manifest is present with its recorded size and hash."""
-    manifest_path = ckpt / "manifest.json"
+    manifest_path = ckpt / MANIFEST
     if not manifest_path.is_file():
         raise TinyGPTError(f"checkpoint {ckpt} is incomplete (no manifest.json)")
     try:
@@ -142,8 +109,8 @@ def verify(ckpt: Path) -> None:
 def candidates(run_dir: Path, names: tuple[str, ...] = ("best", "last")) -> list[Path]:
     """The checkpoint folders of `names` that exist (not verified), each followed by its previous version kept
     during a swap (.old-NAME) where there is one."""
-    root = Path(run_dir) / CHECKPOINTS
-    return [ckpt for name in names for ckpt in (root / name, root / f".old-{name}") if ckpt.exists()]
+    folders = [rundir.checkpoint_dir(run_dir, name) for name in names]
+    return [ckpt for folder in folders for ckpt in (folder, rundir.previous(folder)) if ckpt.exists()]
 
 
 def valid_checkpoints(run_dir: Path, names: tuple[str, ...] = ("best", "last"), warn=None) -> list[Path]:
@@ -175,7 +142,7 @@ def find(run_dir: Path, which: str = "best", warn=None) -> Path:
 def locate(path: Path, which: str = "last", warn=None) -> Path:
     """The verified checkpoint that `path` names: the checkpoint folder itself, or checkpoint `which` of the
     run directory `path` (see find)."""
-    if (path / "manifest.json").is_file():
+    if (path / MANIFEST).is_file():
         verify(path)
         return path
     return find(path, which, warn=warn)
@@ -184,7 +151,7 @@ def locate(path: Path, which: str = "last", warn=None) -> Path:
 def newest(run_dir: Path, warn=None) -> Path | None:
     """What --resume continues from, verified: the checkpoint named by the `latest` pointer if it is valid,
     else the valid checkpoint with the most training steps; None when there is none."""
-    pointer = Path(run_dir) / CHECKPOINTS / LATEST
+    pointer = Path(run_dir) / rundir.CHECKPOINTS / rundir.LATEST
     if pointer.is_file():
         named = pointer.parent / pointer.read_text().strip()
         try:
@@ -213,9 +180,14 @@ class Checkpoint:
     state: dict[str, Any]
 
     @property
-    def run_dir(self) -> Path:
-        """The run directory the checkpoint belongs to (RUN/checkpoints/NAME)."""
-        return self.path.parent.parent
+    def run_dir(self) -> Path | None:
+        """The run directory the checkpoint belongs to; None for a checkpoint folder standing on its own."""
+        return rundir.run_of(self.path)
+
+    @property
+    def home(self) -> Path:
+        """What messages and model names call the checkpoint: its run directory, else the folder itself."""
+        return self.run_dir or self.path
 
     @property
     def step(self) -> int | None:
@@ -232,10 +204,10 @@ def load(ckpt: Path, device: str | torch.device = "cpu", into: GPT | None = None
     if not verified:
         verify(ckpt)
     try:
-        cfg = config_mod.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
+        cfg = config_mod.from_dict(yaml.safe_load((ckpt / rundir.CONFIG).read_text()))
         tokenizer = load_tokenizer(ckpt / "tokenizer")
         model = GPT(cfg.model) if into is None else into
-        load_model(model, str(ckpt / "model.safetensors"), device=str(device))
+        load_model(model, str(ckpt / WEIGHTS), device=str(device))
     except (SafetensorError, RuntimeError, yaml.YAMLError) as e:
         raise TinyGPTError(f"checkpoint {ckpt} cannot be loaded: {str(e).splitlines()[0]}") from None
     if tokenizer.vocab_size > model.config.vocab_size:

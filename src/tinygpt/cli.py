@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from tinygpt import config, presets
+from tinygpt import config, presets, rundir
 from tinygpt import run as tinygpt_run
 from tinygpt.checkpoint import Checkpoint
 from tinygpt.config import sample_settings
@@ -246,9 +246,9 @@ def cmd_export(argv: list[str]) -> int:
     ckpt = tinygpt_run.load(args.run, args.checkpoint, "cpu", warn=log)
     template = tinygpt_run.trained_template(ckpt)
     if args.format == "hf":
-        out = hf_export.export_hf(ckpt, args.out or args.run / "export" / "hf", template, args.overwrite)
+        out = hf_export.export_hf(ckpt, args.out or args.run / rundir.EXPORT / "hf", template, args.overwrite)
     else:
-        default = args.run / "export" / f"{args.run.resolve().name}-{args.dtype}.gguf"
+        default = args.run / rundir.EXPORT / f"{args.run.resolve().name}-{args.dtype}.gguf"
         out = gguf_export.export_gguf(ckpt, args.out or default, template, args.dtype, args.overwrite, log)
     log(f"wrote {out} from {ckpt.path} (step {ckpt.step})")
     return 0
@@ -293,7 +293,7 @@ def cmd_report(argv: list[str]) -> int:
         raise UsageError("--samples must not be negative and --sample-tokens must be at least 1")
     from tinygpt.report.document import write_report
 
-    out = args.out or (args.runs[0] / "report.png" if len(args.runs) == 1 else Path("report.png"))
+    out = args.out or (args.runs[0] / rundir.REPORT if len(args.runs) == 1 else Path(rundir.REPORT))
     write_report(args.runs, out, args.samples, args.sample_tokens, log)
     return 0
 

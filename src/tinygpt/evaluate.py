@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tinygpt import rundir
 from tinygpt.checkpoint import Checkpoint
 from tinygpt.config import SampleConfig
 from tinygpt.data import corpus
@@ -21,7 +22,7 @@ from tinygpt.data.dialogs import Conversation, Message
 from tinygpt.data.prepare import load_prepared, prepare
 from tinygpt.data.templates import TEMPLATES
 from tinygpt.device import autocast
-from tinygpt.errors import TinyGPTError
+from tinygpt.errors import TinyGPTError, UsageError
 from tinygpt.infer.chat import ChatSession
 from tinygpt.model import GPT, eval_mode
 from tinygpt.tokenizer import Tokenizer
@@ -167,16 +168,19 @@ def evaluate_run(ckpt: Checkpoint, data_path: str | None = None, batch_size: int
         cfg = dataclasses.replace(ckpt.config, data=dataclasses.replace(ckpt.config.data, path=data_path, format="auto"))
         ds = prepare(cfg, log=log, tokenizer=tok)
         if ds.tokenizer.vocab_size > tok.vocab_size:
-            raise TinyGPTError(f"{ckpt.run_dir} was trained on plain text: its tokenizer lacks the chat markers "
+            raise TinyGPTError(f"{ckpt.home} was trained on plain text: its tokenizer lacks the chat markers "
                                f"that the conversations in {data_path} need; evaluate it on text")
         splits, convs = [ds.train, ds.val], ds.conversations("train") + ds.conversations("val")
+    elif ckpt.run_dir is None:
+        raise UsageError(f"{ckpt.path} is a checkpoint outside a run directory, so it has no val split: "
+                         "pass --data FILE to evaluate it on")
     else:
-        ds = load_prepared(ckpt.run_dir / "data")
+        ds = load_prepared(ckpt.run_dir / rundir.DATA)
         splits, convs = [ds.val], ds.conversations("val")
     total = LossSum()
     for split in splits:
         total += loss_over(ckpt.model, split, batch_size, device, packed=ds.packed, tokenizer=tok)
-    result: dict[str, Any] = {"run": str(ckpt.run_dir), "checkpoint": str(ckpt.path), "step": ckpt.step,
+    result: dict[str, Any] = {"run": str(ckpt.home), "checkpoint": str(ckpt.path), "step": ckpt.step,
                               **loss_metrics(total)}
     if ds.packed:
         result.update(chat_metrics(ckpt.model, tok, ckpt.config.data.chat_template, ds.conversations("train"),

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from tinygpt import checkpoint
+from tinygpt import checkpoint, rundir
 from tinygpt.config import ModelConfig
 from tinygpt.errors import TinyGPTError, UsageError
 from tinygpt.presets import GPT2_ARCH
@@ -139,7 +139,7 @@ def open_source(path: str | Path, fallback_tokenizer: Callable[[], Tokenizer]) -
     if not path.is_dir():
         raise UsageError(f"cannot start from {path}: no such folder (give a tinygpt run directory or a Hugging "
                          "Face GPT-2 folder)")
-    if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
+    if (path / "config.json").is_file() and not (path / rundir.CONFIG).is_file():
         return from_hf_folder(path, fallback_tokenizer)
     return from_run(path)
 

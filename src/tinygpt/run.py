@@ -1,14 +1,4 @@
-"""Run directories: the one place that creates, resumes and opens them.
-
-A run directory holds::
-
-    config.yaml      the resolved config, written once when the run is created
-    data/            the run's own copy of its prepared data (token files and tokenizer)
-    metrics.jsonl    one line per evaluation
-    status.json      the last session's state and position, for `tinygpt runs` (train/loggers.py)
-    train.lock       held by the process training the run (train/lock.py)
-    checkpoints/     best/, last/ and the `latest` pointer (see checkpoint.py)
-    tensorboard/, wandb/   with --train.log
+"""Run directories: the one place that creates, resumes and opens them (their layout: rundir.py).
 
 `create` and `resume` return a Run ready to train; `load` opens a trained run's checkpoint for sample,
 chat, eval and everything that starts from a trained model.
@@ -26,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tinygpt import checkpoint, config
+from tinygpt import checkpoint, config, rundir
 from tinygpt.config import Config
 from tinygpt.data.prepare import Dataset, check_length, copy_to, load_prepared, prepare
 from tinygpt.data.templates import TEMPLATES, ChatTemplate
@@ -35,10 +25,10 @@ from tinygpt.errors import TinyGPTError, UsageError
 from tinygpt.evaluate import loss_over
 from tinygpt.infer.quantize import DTYPES, int8_speedup, quantize
 from tinygpt.init_from import Source, grow_vocab, open_source
+from tinygpt.rundir import RunLock, describe, holder
 from tinygpt.tokenizer import GPT2Tokenizer
 from tinygpt.train import loggers
 from tinygpt.train.distributed import SINGLE, Dist, for_run
-from tinygpt.train.lock import RunLock, describe, holder
 from tinygpt.train.loop import train
 from tinygpt.train.schedule import choose_size
 
@@ -95,7 +85,7 @@ def shared(make: Callable[[], Run], d: Dist) -> Run:
     if d.main:
         return run
     ckpt = Path(made["checkpoint"]) if made["checkpoint"] else None
-    return Run(Path(made["dir"]), config.from_dict(made["config"]), load_prepared(Path(made["dir"]) / "data"), ckpt,
+    return Run(Path(made["dir"]), config.from_dict(made["config"]), load_prepared(Path(made["dir"]) / rundir.DATA), ckpt,
                made["sizing_s"])
 
 
@@ -148,8 +138,8 @@ def create(cfg: Config, out: Path | None = None, overwrite: bool = False, log: L
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     lock = RunLock.acquire(run_dir)
-    ds = copy_to(ds, run_dir / "data")
-    config.save(cfg, run_dir / "config.yaml")
+    ds = copy_to(ds, run_dir / rundir.DATA)
+    config.save(cfg, run_dir / rundir.CONFIG)
     log(f"run directory: {run_dir}")
     return Run(run_dir, cfg, ds, sizing_s=sizing_s, source=source, lock=lock, preset=preset)
 
@@ -172,15 +162,15 @@ def resumed(run_dir: Path, lock: RunLock, flags: dict[str, Any], preset: str | N
             log: Log) -> Run:
     """resume's work once the run is locked."""
     ckpt = checkpoint.newest(run_dir, warn=log)
-    if ckpt is None and not (run_dir / "config.yaml").is_file():
+    if ckpt is None and not (run_dir / rundir.CONFIG).is_file():
         raise UsageError(f"cannot resume: {run_dir} holds no checkpoint and no config.yaml (it never got "
                          "as far as training); start it again with --overwrite")
     if ckpt is None:
         log(f"{run_dir} has no checkpoint yet: starting it from step 0 with its saved config")
-    saved = config.from_dict(config.load_yaml((ckpt or run_dir) / "config.yaml"))
+    saved = config.from_dict(config.load_yaml((ckpt or run_dir) / rundir.CONFIG))
     cfg = resumed_config(saved, flags, preset, config_file, log)
     loggers.require(cfg)
-    return Run(run_dir, cfg, load_prepared(run_dir / "data"), ckpt, lock=lock, preset=preset)
+    return Run(run_dir, cfg, load_prepared(run_dir / rundir.DATA), ckpt, lock=lock, preset=preset)
 
 
 def may_change_on_resume(key: str) -> bool:
@@ -253,8 +243,10 @@ def auto_dtype(ckpt: checkpoint.Checkpoint, log: Log) -> str:
         log(f"dtype auto: float32 (int8 decoding is {speedup:.2f}x as fast here)")
         return "float32"
     try:
-        data = load_prepared(ckpt.run_dir / "data")
+        data = load_prepared(ckpt.run_dir / rundir.DATA) if ckpt.run_dir else None
     except (OSError, ValueError, KeyError):
+        data = None
+    if data is None:  # a checkpoint folder on its own, or a run whose data/ is gone
         log("dtype auto: float32 (no val split beside this checkpoint to check int8's quality on)")
         return "float32"
     int8 = quantize(copy.deepcopy(ckpt.model), "int8")
@@ -279,6 +271,6 @@ def chat_template(ckpt: checkpoint.Checkpoint) -> ChatTemplate:
     """The chat template the run was trained with; refuses a run trained on plain text."""
     template = trained_template(ckpt)
     if template is None:
-        raise TinyGPTError(f"{ckpt.run_dir} was trained on plain text, not conversations; chat needs a run "
+        raise TinyGPTError(f"{ckpt.home} was trained on plain text, not conversations; chat needs a run "
                            "trained on dialog data (e.g. `tinygpt train` with no --data, or a .jsonl file)")
     return template

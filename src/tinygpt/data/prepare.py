@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from tinygpt.data.dialogs import Conversation, Message, detect_format, read_dial
 from tinygpt.data.files import read_corpus
 from tinygpt.data.templates import TEMPLATES, ChatTemplate
 from tinygpt.errors import TinyGPTError
+from tinygpt.rundir import atomic_folder
 from tinygpt.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 
 BUILTIN = "the built-in chat corpus"
@@ -116,23 +116,20 @@ def load_prepared(folder: Path) -> Dataset:
 
 def _cached(key: str, describe: str, build: Callable[[Path], dict], log) -> Dataset:
     """Load the prepared data for `key` from the cache, or build it there first. The build writes into a
-    temporary sibling that is renamed into place, so a crash never leaves half a cache entry."""
+    temporary sibling that is renamed into place, so a crash never leaves half a cache entry; an entry that
+    another process finished first is kept."""
     dest = cache_root() / "data" / key[:24]
     if (dest / "meta.json").exists():
         log(f"data: reusing {describe}, cached in {dest}")
         return load_prepared(dest)
     log(f"data: preparing {describe}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        meta = build(tmp)
-        (tmp / "meta.json").write_text(json.dumps(dict(meta, key=key), indent=2))
-        tmp.rename(dest)
-    except OSError:
+        with atomic_folder(dest, replace=False) as tmp:
+            meta = build(tmp)
+            (tmp / "meta.json").write_text(json.dumps(dict(meta, key=key), indent=2))
+    except OSError:  # the build failed, or another process's finished copy won the rename
         if not (dest / "meta.json").exists():
             raise
-    finally:  # gone after the rename; otherwise a failed build or another process's finished copy won
-        shutil.rmtree(tmp, ignore_errors=True)
     return load_prepared(dest)
 
 

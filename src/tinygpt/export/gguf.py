@@ -137,7 +137,7 @@ def export_gguf(ckpt: Checkpoint, out: Path, template: ChatTemplate | None, dtyp
     tensors = gguf_tensors(ckpt.model, family)
     with staged(out, overwrite, folder=False) as tmp:
         writer = gguf.GGUFWriter(str(tmp), family.gguf_arch)
-        writer.add_name(ckpt.run_dir.name)
+        writer.add_name(ckpt.home.name)
         writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
         if dtype == "q8_0":

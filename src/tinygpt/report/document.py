@@ -5,13 +5,10 @@ that can be mailed or attached to an issue without the run directories."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import html
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +21,7 @@ from tinygpt.infer.generate import prompt_ids, seeded_generator
 from tinygpt.report.listing import state_of
 from tinygpt.report.plots import figure_png
 from tinygpt.report.records import RunRecord, differing_keys, parameter_count, read_run, run_labels
+from tinygpt.rundir import atomic_file
 
 FORMATS = (".png", ".html", ".md")
 SAMPLE_SEED = 0  # the same runs give the same report
@@ -210,19 +208,9 @@ def _fenced(text: str) -> str:
 
 
 def _write_atomic(out: Path, data: bytes) -> None:
-    """Write out whole or not at all: a temporary file beside it, renamed over it once complete."""
+    """Write out whole or not at all (see rundir.atomic_file)."""
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        with atomic_file(out) as tmp:
+            tmp.write_bytes(data)
     except OSError as e:
         raise TinyGPTError(f"cannot write {out}: {e.strerror}; choose another --out") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be shared
-        os.replace(tmp, out)
-    except OSError as e:
-        raise TinyGPTError(f"cannot write {out}: {e.strerror}; choose another --out") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):  # gone once renamed into place
-            os.unlink(tmp)

@@ -6,10 +6,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinygpt.checkpoint import candidates
+from tinygpt import rundir
+from tinygpt.checkpoint import MANIFEST, candidates
 from tinygpt.errors import UsageError
 from tinygpt.report.records import RunRecord, read_run
-from tinygpt.train.lock import holder
+from tinygpt.rundir import holder
 
 COLUMNS = ("run", "preset", "state", "step", "best val", "final val", "age")
 
@@ -31,7 +32,7 @@ class RunLine:
 
 def has_checkpoint(run_dir: Path) -> bool:
     """Whether some checkpoint is in place (not verified: that reads every weight; --resume verifies)."""
-    return any((ckpt / "manifest.json").is_file() for ckpt in candidates(run_dir))
+    return any((ckpt / MANIFEST).is_file() for ckpt in candidates(run_dir))
 
 
 def state_of(record: RunRecord) -> str:
@@ -53,7 +54,7 @@ def describe_run(run_dir: Path) -> RunLine:
     r = read_run(run_dir)
     step = r.status.get("step", r.last["step"] if r.last else 0)
     total = r.status.get("total")
-    files = [p for p in (run_dir / "status.json", run_dir / "metrics.jsonl", run_dir / "config.yaml") if p.exists()]
+    files = [p for p in (run_dir / name for name in (rundir.STATUS, rundir.METRICS, rundir.CONFIG)) if p.exists()]
     updated = r.status.get("updated") or max((p.stat().st_mtime for p in files), default=run_dir.stat().st_mtime)
     return RunLine(r, state_of(r), f"{step}/{total}" if total else str(step), time.time() - updated)
 
@@ -69,7 +70,7 @@ def list_runs(root: Path) -> list[RunLine]:
     """The run directories directly under root, newest first."""
     if not root.is_dir():
         raise UsageError(f"{root} is not a folder of runs (train one with `tinygpt train --out {root}/NAME`)")
-    dirs = [p for p in root.iterdir() if p.is_dir() and ((p / "config.yaml").is_file() or (p / "metrics.jsonl").is_file())]
+    dirs = [p for p in root.iterdir() if p.is_dir() and rundir.is_run(p)]
     return sorted((describe_run(p) for p in dirs), key=lambda line: line.age_s)
 
 

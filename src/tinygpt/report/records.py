@@ -14,9 +14,8 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
-from tinygpt import checkpoint, config
+from tinygpt import checkpoint, config, rundir
 from tinygpt.errors import TinyGPTError, UsageError
-from tinygpt.train.loggers import read_status
 
 
 @dataclass
@@ -44,11 +43,11 @@ class RunRecord:
 def read_run(path: Path) -> RunRecord:
     """The record of the run directory `path`; UsageError when it holds neither config.yaml nor metrics.jsonl."""
     path = Path(path)
-    cfg, metrics = path / "config.yaml", path / "metrics.jsonl"
-    if not cfg.is_file() and not metrics.is_file():
-        raise UsageError(f"{path} is not a run directory (it has no config.yaml or metrics.jsonl)")
+    if not rundir.is_run(path):
+        raise UsageError(f"{path} is not a run directory (it has no {rundir.CONFIG} or {rundir.METRICS})")
+    cfg, metrics = path / rundir.CONFIG, path / rundir.METRICS
     return RunRecord(path, path.resolve().name, flatten(config.load_yaml(cfg)) if cfg.is_file() else {},
-                     read_metrics(metrics) if metrics.is_file() else [], read_status(path))
+                     read_metrics(metrics) if metrics.is_file() else [], rundir.read_status(path))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -93,7 +92,7 @@ def parameter_count(record: RunRecord) -> int | None:
     if isinstance(record.status.get("params"), int):
         return record.status["params"]
     for name in ("last", "best"):
-        weights = record.dir / checkpoint.CHECKPOINTS / name / "model.safetensors"
+        weights = rundir.checkpoint_dir(record.dir, name) / checkpoint.WEIGHTS
         try:
             with safe_open(str(weights), framework="pt") as f:
                 return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())

@@ -43,7 +43,7 @@ class Server:
 
     def __init__(self, ckpt: Checkpoint, cfg: ServeConfig):
         self.ckpt, self.cfg = ckpt, cfg
-        self.name = cfg.model_name or ckpt.run_dir.name
+        self.name = cfg.model_name or ckpt.home.name
         self.template = trained_template(ckpt)
         self.engine = Engine(ckpt.model, cfg.max_batch, cfg.queue_size)
         self.created = int(time.time())
@@ -375,6 +375,6 @@ def serve(ckpt: Checkpoint, cfg: ServeConfig, log: Any = print) -> None:
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         log(f"warning: listening on {cfg.host} without --api-key: anyone who can reach this machine can use the model")
     base = f"http://{cfg.host}:{cfg.port}"
-    log(f"serving {ckpt.run_dir} as model {server.name!r} ({'chat' if server.template else 'text completion'}): "
+    log(f"serving {ckpt.home} as model {server.name!r} ({'chat' if server.template else 'text completion'}): "
         f"chat page {base}/ , OpenAI API {base}/v1 (max batch {cfg.max_batch})")
     uvicorn.run(build_app(server), host=cfg.host, port=cfg.port, log_level="info")  # info: a line per request

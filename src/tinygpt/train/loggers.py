@@ -11,7 +11,6 @@ import importlib
 import json
 import math
 import os
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -19,11 +18,9 @@ from typing import Any
 
 import yaml
 
+from tinygpt import rundir
 from tinygpt.config import Config, log_targets
 from tinygpt.errors import TinyGPTError
-
-METRICS = "metrics.jsonl"
-STATUS = "status.json"
 
 
 class Logger:
@@ -49,7 +46,7 @@ class JsonlLog(Logger):
     """metrics.jsonl: one JSON object per evaluation, appended (a crash loses at most the line being written)."""
 
     def __init__(self, run_dir: Path):
-        self.path = run_dir / METRICS
+        self.path = run_dir / rundir.METRICS
 
     def log(self, entry: dict[str, Any], total: int) -> None:
         with open(self.path, "a") as f:
@@ -62,8 +59,8 @@ class StatusLog(Logger):
     process leaves "running" here, which `tinygpt runs` reads as stopped."""
 
     def __init__(self, run_dir: Path, preset: str | None):
-        self.path, self.status = run_dir / STATUS, {"state": "running", "preset": preset}
-        previous = read_status(run_dir)
+        self.path, self.status = run_dir / rundir.STATUS, {"state": "running", "preset": preset}
+        previous = rundir.read_status(run_dir)
         if preset is None and previous.get("preset"):  # a resume without --preset keeps the run's recipe name
             self.status["preset"] = previous["preset"]
 
@@ -81,18 +78,8 @@ class StatusLog(Logger):
 
     def write(self) -> None:
         self.status["updated"] = time.time()
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".status-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.status, f)
-        os.replace(tmp, self.path)
-
-
-def read_status(run_dir: Path) -> dict[str, Any]:
-    """status.json's contents; {} where it is missing or unreadable (runs from before it existed)."""
-    try:
-        return json.loads((Path(run_dir) / STATUS).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+        with rundir.atomic_file(self.path) as tmp:
+            tmp.write_text(json.dumps(self.status))
 
 
 class TensorBoardLog(Logger):
@@ -100,7 +87,7 @@ class TensorBoardLog(Logger):
     (the HParams tab, with val_loss as its metric) and as text."""
 
     def __init__(self, run_dir: Path):
-        self.dir = run_dir / "tensorboard"
+        self.dir = run_dir / rundir.TENSORBOARD
 
     def start(self, cfg: Config, facts: dict[str, Any]) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -136,7 +123,7 @@ class WandbLog(Logger):
     W&B run (its id is kept in RUN/wandb/tinygpt-run-id)."""
 
     def __init__(self, run_dir: Path):
-        self.dir = run_dir / "wandb"
+        self.dir = run_dir / rundir.WANDB
 
     def start(self, cfg: Config, facts: dict[str, Any]) -> None:
         import wandb

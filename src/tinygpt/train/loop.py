@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tinygpt import checkpoint
+from tinygpt import checkpoint, rundir
 from tinygpt.config import Config
 from tinygpt.data.batches import EpochSampler, Split
 from tinygpt.data.prepare import Dataset
@@ -37,7 +37,7 @@ from tinygpt.train.distributed import (
     whole_state,
     wrap,
 )
-from tinygpt.train.loggers import METRICS, Logger, open_loggers
+from tinygpt.train.loggers import Logger, open_loggers
 from tinygpt.train.optim import make_optimizer
 from tinygpt.train.schedule import PROVISIONAL, BudgetPlanner, lr_at, planned_steps
 from tinygpt.train.state import Progress, StopOnSignal, forget_metrics_after, rng_state, set_rng_state
@@ -74,7 +74,7 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
                     trainer.save("last")
                 if stopping:
                     trainer.bar.close()
-                    raise Interrupted(stop.signum or signal.SIGTERM, run_dir / checkpoint.CHECKPOINTS / "last", run_dir)
+                    raise Interrupted(stop.signum or signal.SIGTERM, rundir.checkpoint_dir(run_dir, "last"), run_dir)
         final = trainer.finish()
         trainer.close_logs("finished")
         return final
@@ -136,7 +136,7 @@ class Trainer:
                              f"windows, but an epoch has only {self.sampler.windows_per_epoch}: use fewer processes, "
                              "a smaller train.batch_size or more data")
         if d.main:
-            forget_metrics_after(self.run_dir / METRICS, p.step)
+            forget_metrics_after(self.run_dir / rundir.METRICS, p.step)
         procs = f", {d.world} processes ({d.parallel}), global batch {step_windows} windows" if d.active else ""
         self.log(f"model: {self.model.num_params() / 1e6:.2f}M parameters, device {self.device}"
                  f"{', bf16 autocast' if self.dtype else ''}{procs}; data: {len(self.data.train.tokens):,} train / "
@@ -308,7 +308,7 @@ class Trainer:
         if d.main:
             trainer = {"optimizer": optimizer, "rng": rng_tensors, **({"rng_ranks": ranks_rng} if d.active else {})}
             try:
-                checkpoint.save(self.run_dir / checkpoint.CHECKPOINTS / name, model, self.cfg, self.data.tokenizer,
+                checkpoint.save(rundir.checkpoint_dir(self.run_dir, name), model, self.cfg, self.data.tokenizer,
                                 trainer=trainer, state={"progress": vars(self.progress), "rng": rng_plain})
             except TinyGPTError as e:
                 error = e
