@@ -46,6 +46,17 @@ def perturbed_gpt(scale: float, **cfg):
     return m.eval()
 
 
+def greedy_without_cache(model, prompt, n: int):
+    """The reference for cached decoding: prompt (B, T) and n greedy tokens, a full forward pass for each."""
+    import torch
+
+    full = prompt
+    for _ in range(n):
+        logits, _ = model(full)
+        full = torch.cat([full, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return full
+
+
 def tiny_flags(**extra) -> list[str]:
     """Command-line flags for a model and schedule small enough to train in about a second."""
     flags = {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16, "model.block_size": 16,

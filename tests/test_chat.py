@@ -7,7 +7,7 @@ import torch
 from conftest import A, S, U, tok_for
 from tinygpt.config import ModelConfig, SampleConfig
 from tinygpt.data.templates import TEMPLATES
-from tinygpt.infer.chat import ChatSession, console, fit_history
+from tinygpt.infer.chat import ChatSession, console, fit_history, prompt_budget
 from tinygpt.model import GPT
 
 
@@ -21,6 +21,10 @@ def test_history_is_trimmed_oldest_first_and_keeps_the_system_message():
     trimmed = tok.decode(fit_history(tok, template, history, budget))
     assert trimmed.startswith("<|endoftext|><|system|>be brief<|end|>") and "how are you" not in trimmed and "2 plus 3" in trimmed
     assert len(fit_history(tok, template, [U("hello there " * 50)], 20)) == 20  # most recent tokens of a huge turn
+
+
+def test_a_prompt_leaves_room_for_the_reply_up_to_half_the_window():
+    assert prompt_budget(128, 20) == 108 and prompt_budget(128, 64) == 64 and prompt_budget(128, 10_000) == 64
 
 
 def test_console_loop_through_stdin():

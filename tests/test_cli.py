@@ -149,9 +149,13 @@ def test_sample_errors(trained, tmp_path, capsys):
     code, _, err = run(capsys, "sample", "--run", trained, "--prompt", "Zebra\u2603")
     assert code == 1 and "unknown to the char tokenizer" in err and "'Z'" in err
     code, _, err = run(capsys, "sample", "--run", trained, "--max-new-tokens", 0)
-    assert code == 2 and "sample.max_new_tokens must be positive" in err
+    assert code == 2 and "sample.max_new_tokens must be in [1, 1,000,000], got 0" in err
     code, _, err = run(capsys, "sample", "--run", trained, "--max-new-tokens", 10**12)
-    assert code == 2 and "must be at most 1,000,000" in err
+    assert code == 2 and "sample.max_new_tokens must be in [1, 1,000,000], got 1,000,000,000,000" in err
+    refused = (("temperature", "2.5", "[0, 2]"), ("top_p", "1.5", "(0, 1]"), ("top_k", "0", ">= 1"))
+    for name, value, allowed in refused:
+        code, _, err = run(capsys, "sample", "--run", trained, "--" + name.replace("_", "-"), value)
+        assert code == 2 and err.splitlines()[-1] == f"error: sample.{name} must be in {allowed}, got {value}"
     code, out, err = run(capsys, "sample", "--run", trained, "--prompt", "The quick " * 10, "--max-new-tokens", 3)
     assert code == 0 and "only the most recent 16" in err and out.startswith("The quick")
 

@@ -104,8 +104,9 @@ def test_the_python_api_loads_a_run_and_generates_text(original, tmp_path, capsy
     assert run.config.sample.max_new_tokens == 200  # the settings given to one call do not stick
     best = tinygpt.load(tmp_path / "run" / "checkpoints" / "best")
     assert best.path.name == "best"
-    with pytest.raises(UsageError, match="sample.temperature must not be negative"):
-        tinygpt.generate(run, "The", temperature=-1)
+    for bad in (-0.5, 2.5):  # the bounds tinygpt serve takes (config.SAMPLE_RANGES)
+        with pytest.raises(UsageError, match=rf"^sample.temperature must be in \[0, 2\], got {bad}$"):
+            tinygpt.generate(run, "The", temperature=bad)
 
 
 def test_python_dash_m_tinygpt_is_the_cli():

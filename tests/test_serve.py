@@ -168,6 +168,7 @@ def test_bad_requests_get_their_status_and_openai_errors(chat_server, text_serve
     assert error_of(httpx.post(url, content=b"{not json"), 400)["code"] == "invalid_json"
     assert error_of(httpx.post(url, json={"model": "demo"}), 400)["param"] == "messages"
     assert error_of(httpx.post(url, json={**ok, "temperature": -1}), 400)["param"] == "temperature"
+    assert error_of(httpx.post(url, json={**ok, "top_p": 1.5}), 400)["param"] == "top_p"
     assert error_of(httpx.post(url, json={**ok, "max_tokens": 10 ** 6}), 400)["param"] == "max_tokens"
     assert error_of(httpx.post(url, json={**ok, "logprobs": True}), 400)["param"] == "logprobs"
     assert error_of(httpx.post(url, json={**ok, "model": "gpt-4"}), 404)["code"] == "model_not_found"
@@ -241,3 +242,25 @@ def test_listening_beyond_loopback_warns_without_a_key(text_run, capsys, monkeyp
     assert [(c["host"], c["port"]) for c in calls] == [("0.0.0.0", 9), ("0.0.0.0", 8000)]
     assert main(["serve", "--run", str(text_run), "--max-batch", "0"]) == 2
     assert "--max-batch must be positive" in capsys.readouterr().err
+
+
+def test_requests_take_the_sampling_ranges_the_command_line_takes():
+    """Each sampling field of a request allows exactly what config.SAMPLE_RANGES (the CLI's rule) allows."""
+    from tinygpt.config import SampleConfig, sample_settings
+    from tinygpt.errors import UsageError
+    from tinygpt.serve.schema import ApiError, ChatRequest, CompletionRequest, parse
+
+    cases = [("temperature", "temperature", 2, 2.01), ("temperature", "temperature", 0, -0.01),
+             ("top_p", "top_p", 1, 0), ("top_k", "top_k", 1, 0),
+             ("max_new_tokens", "max_tokens", 10**6, 10**6 + 1)]
+    chat = {"model": "m", "messages": [{"role": "user"}]}
+    bodies = ((CompletionRequest, {"model": "m", "prompt": "x"}), (ChatRequest, chat))
+    for setting, field, inside, outside in cases:
+        sample_settings(SampleConfig(), {setting: inside})
+        with pytest.raises(UsageError, match=f"sample.{setting} must be in"):
+            sample_settings(SampleConfig(), {setting: outside})
+        for kind, body in bodies:
+            assert getattr(parse(json.dumps({**body, field: inside}).encode(), kind), field) == inside
+            with pytest.raises(ApiError) as e:
+                parse(json.dumps({**body, field: outside}).encode(), kind)
+            assert (e.value.status, e.value.param) == (400, field)

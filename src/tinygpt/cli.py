@@ -20,13 +20,13 @@ from tqdm import tqdm
 from tinygpt import config, presets, rundir
 from tinygpt import run as tinygpt_run
 from tinygpt.checkpoint import Checkpoint
-from tinygpt.config import sample_settings
+from tinygpt.config import SAMPLE_RANGES, sample_settings
 from tinygpt.errors import Interrupted, TinyGPTError, UsageError
 from tinygpt.evaluate import evaluate_run
 from tinygpt.export import gguf as gguf_export
 from tinygpt.export import hf as hf_export
-from tinygpt.infer.batch import sample_texts
 from tinygpt.infer.chat import CHAT_SAMPLING, ChatSession, console
+from tinygpt.infer.decoder import sample_texts
 from tinygpt.infer.generate import prompt_ids, seeded_generator
 from tinygpt.infer.quantize import DTYPES
 from tinygpt.serve.settings import ServeConfig
@@ -150,10 +150,12 @@ def run_parser(prog: str, description: str, dtype: str = "auto") -> ArgumentPars
 
 
 def add_sampling_flags(p: ArgumentParser, temperature_help: str) -> None:
-    p.add_argument("--max-new-tokens", default=argparse.SUPPRESS, help="tokens per reply/sample")
-    p.add_argument("--temperature", default=argparse.SUPPRESS, help=temperature_help)
-    p.add_argument("--top-k", default=argparse.SUPPRESS, help="keep the k most likely tokens")
-    p.add_argument("--top-p", default=argparse.SUPPRESS, help="nucleus sampling mass")
+    r = SAMPLE_RANGES  # checked by sample_settings in load_run
+    unset = argparse.SUPPRESS
+    p.add_argument("--max-new-tokens", default=unset, help=f"tokens per reply/sample: {r['max_new_tokens']}")
+    p.add_argument("--temperature", default=unset, help=f"in {r['temperature']}; {temperature_help}")
+    p.add_argument("--top-k", default=unset, help=f"keep the k most likely tokens, k {r['top_k']}")
+    p.add_argument("--top-p", default=unset, help=f"nucleus sampling mass, in {r['top_p']}")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
 
 

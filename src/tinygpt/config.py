@@ -196,6 +196,33 @@ class Config:
 
 
 MAX_NEW_TOKENS = 1_000_000  # past this a typo, not a wish: generation would run for hours
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a setting may take: low to high (None: no upper end), low itself excluded with open_low."""
+
+    low: int
+    high: int | None = None
+    open_low: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        return above and (self.high is None or value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.open_low else '>='} {self.low:,}"
+        return f"{'(' if self.open_low else '['}{self.low:,}, {self.high:,}]"
+
+
+# The one rule for sampling settings, wherever they come from: the command line, a config file, the Python API
+# (validate) and `tinygpt serve`'s requests (serve.schema builds its fields from this table). temperature and
+# top_p take OpenAI's bounds, and the command line shares them instead of allowing more, so settings that work
+# in one place work in every other: above 2 a temperature flattens the distribution towards uniform noise, and
+# top_p 0 would keep no mass at all.
+SAMPLE_RANGES = {"max_new_tokens": Range(1, MAX_NEW_TOKENS), "temperature": Range(0, 2), "top_k": Range(1),
+                 "top_p": Range(0, 1, open_low=True)}
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
 
 
@@ -395,7 +422,8 @@ def from_dict(d: dict[str, Any]) -> Config:
 
 def sample_settings(sampling: SampleConfig, settings: dict[str, Any], source: str = "sampling settings") -> None:
     """Set SampleConfig fields by name (max_new_tokens=20, temperature=0, ...) in place, coerced and checked
-    as every config value is: one gate for the command line, the Python API and, later, HTTP requests."""
+    as every config value is (within SAMPLE_RANGES): one gate for the command line, the Python API and HTTP
+    requests."""
     cfg = Config(sample=sampling)
     apply_overrides(cfg, {"sample": settings}, source)
     validate(cfg)
@@ -408,23 +436,21 @@ def validate(cfg: Config) -> None:
         "model.block_size": m.block_size, "data.vocab_size": d.vocab_size,
         "train.max_iters": t.max_iters, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
         "train.eval_interval": t.eval_interval, "train.eval_iters": t.eval_iters,
-        "train.checkpoint_interval": t.checkpoint_interval, "sample.max_new_tokens": s.max_new_tokens,
+        "train.checkpoint_interval": t.checkpoint_interval,
     }
     optional_positive = {"model.vocab_size": m.vocab_size, "model.mlp_hidden": m.mlp_hidden,
                          "train.lr_decay_iters": t.lr_decay_iters, "train.epochs": t.epochs,
-                         "train.time_budget": t.time_budget, "sample.top_k": s.top_k}
+                         "train.time_budget": t.time_budget}
     positive.update({k: v for k, v in optional_positive.items() if v is not None})
     for key, value in positive.items():
         if value <= 0:
             raise UsageError(f"{key} must be positive, got {value}")
     non_negative = {"model.dropout": m.dropout, "train.lr": t.lr, "train.min_lr": t.min_lr,
                     "train.warmup_iters": t.warmup_iters, "train.weight_decay": t.weight_decay,
-                    "train.grad_clip": t.grad_clip, "train.patience": t.patience, "sample.temperature": s.temperature}
+                    "train.grad_clip": t.grad_clip, "train.patience": t.patience}
     for key, value in non_negative.items():
         if value < 0:
             raise UsageError(f"{key} must not be negative, got {value}")
-    if s.max_new_tokens > MAX_NEW_TOKENS:
-        raise UsageError(f"sample.max_new_tokens must be at most {MAX_NEW_TOKENS:,}, got {s.max_new_tokens:,}")
     if m.auto_size and t.time_budget is None:
         raise UsageError("model.auto_size needs train.time_budget: the size is chosen for a time budget")
     if m.n_embd % m.n_head:
@@ -439,8 +465,10 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"train.beta1 and train.beta2 must be in [0, 1), got {t.beta1}, {t.beta2}")
     if not 0 < t.decay_fraction <= 1:
         raise UsageError(f"train.decay_fraction must be in (0, 1], got {t.decay_fraction}")
-    if s.top_p is not None and not 0 < s.top_p <= 1:
-        raise UsageError(f"sample.top_p must be in (0, 1], got {s.top_p}")
+    for name, allowed in SAMPLE_RANGES.items():
+        value = getattr(s, name)
+        if value is not None and value not in allowed:
+            raise UsageError(f"sample.{name} must be in {allowed}, got {value:,}")
     log_targets(t.log)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -134,38 +135,6 @@ class Rotary(nn.Module):
 
 # ---------------------------------------------------------------- attention and blocks
 
-class KVCache:
-    """Preallocated keys and values for all layers, so decoding a token never reallocates. Every row is at the
-    same position: a batch of sequences that started together (see SlotCache for rows that do not)."""
-
-    # Filling a 124M model's cache with zeros took 58 ms per tensor (first touch of 38 MB), longer than a token;
-    # this cache never reads a position before writing it, so it is left uninitialised. SlotCache zeroes its own.
-    allocate = staticmethod(torch.empty)
-
-    def __init__(self, cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
-        shape = (cfg.n_layer, batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
-        self.k = self.allocate(shape, device=device, dtype=dtype)
-        self.v = self.allocate(shape, device=device, dtype=dtype)
-        # Each layer's part as a view made once: indexing self.k[layer, :, :, a:b] dispatched four ops per
-        # access, and per-op dispatch is what bounds a small model's decode step (bench/generate.py, 10M).
-        self.layers = [(self.k[i], self.v[i]) for i in range(cfg.n_layer)]  # not unbind: its views refuse writes
-        self.pos = 0  # tokens already cached; advanced by GPT.hidden after all layers ran
-
-    def positions(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Positions (T,) of T new tokens and the keys they may see (see GPT.hidden); refuses to overflow."""
-        return causal_positions(self.pos, T, self.k.size(3), device)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.layers[layer]
-        keys.narrow(2, self.pos, k.size(2)).copy_(k)
-        values.narrow(2, self.pos, v.size(2)).copy_(v)
-        end = self.pos + k.size(2)
-        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
-
-    def advance(self, T: int) -> None:
-        self.pos += T
-
-
 def causal_positions(start: int, T: int, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Positions of T new tokens after `start` cached ones, and their mask: new queries see every cached key and
     the causal part of the new ones. None where no mask is needed (a fresh sequence, or a single new query)."""
@@ -177,63 +146,24 @@ def causal_positions(start: int, T: int, block: int, device: torch.device) -> tu
     return pos, None
 
 
-class SlotCache(KVCache):
-    """A KV cache whose rows hold unrelated sequences, each at its own length (continuous batching).
-
-    A forward reads and writes the rows in `self.rows`: rows 0..n-1 for a decode step over the n active
-    sequences, or a single row to prefill a sequence that joins. Keeping the active sequences in the first
-    rows (a leaving sequence's row is refilled by the last one, see move) keeps that a slice, so attention
-    reads views of the cache instead of gathering copies of it every layer.
-    """
-
-    # A row's keys and values past its length are read (and masked out): they must be finite, as a zero weight
-    # times a NaN left in memory is still NaN.
-    allocate = staticmethod(torch.zeros)
-
-    def __init__(self, cfg: ModelConfig, slots: int, device: torch.device, dtype: torch.dtype):
-        super().__init__(cfg, slots, device, dtype)
-        self.lengths = [0] * slots  # tokens cached in each row (a list: reading it never syncs a device)
-        self.rows = slice(0, 0)
-        self._written: tuple[torch.Tensor, int] | None = None  # where this forward writes: positions (n, T), keys seen
+class Cache(Protocol):
+    """What GPT.hidden asks of a KV cache: any object with these methods will do (tinygpt.infer.cache has the
+    kinds decoding uses; the model never creates one). Each forward calls positions once, update once per
+    layer, then advance."""
 
     def positions(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        starts = self.lengths[self.rows]
-        block = self.k.size(3)
-        if len(starts) == 1:  # one sequence: exactly the plain cache's computation
-            pos, visible = causal_positions(starts[0], T, block, device)
-            self._written = (pos[None], starts[0] + T)
-            return pos, visible
-        if max(starts) + T > block:
-            raise ValueError(f"sequence of {max(starts) + T} tokens exceeds block_size {block}")
-        pos = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)  # (n, T)
-        end = max(starts) + T
-        # Each row's queries see its own keys only: positions up to their own; the rest of the row is stale.
-        visible = torch.arange(end, device=device) <= pos[:, :, None]  # (n, T, end)
-        self._written = (pos, end)
-        return pos, visible[:, None]
+        """Positions of T new tokens ((T,), or (B, T) per row) and the keys they may see (None: causal)."""
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pos, end = self._written
-        rows = torch.arange(self.rows.start, self.rows.stop, device=k.device)[:, None]
-        self.k[layer, rows, :, pos] = k.transpose(1, 2)  # (n, T) index pairs, each taking (n_head, head_size)
-        self.v[layer, rows, :, pos] = v.transpose(1, 2)
-        return self.k[layer, self.rows, :, :end], self.v[layer, self.rows, :, :end]
+        """Store layer's keys and values of the new tokens; return that layer's keys and values so far."""
 
     def advance(self, T: int) -> None:
-        for r in range(self.rows.start, self.rows.stop):
-            self.lengths[r] += T
-
-    def move(self, src: int, dst: int) -> None:
-        """Copy row src's sequence into row dst (a leaving sequence's row, refilled by the last active one)."""
-        n = self.lengths[src]
-        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
-        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
-        self.lengths[dst] = n
+        """T new tokens went through every layer."""
 
 
 # Both attention functions take q (B, H, T, hs) for new tokens and k, v (B, H, S, hs) for every position
 # so far, and a `visible` mask: None for plain causal attention over a fresh sequence (S == T), else a
-# boolean (T, S) or (B, 1, T, S) mask of the keys each query may see (see GPT.attention_mask).
+# boolean (T, S) or (B, 1, T, S) mask of the keys each query may see (GPT.segment_mask, Cache.positions).
 # They return the output (B, H, T, hs) and the attention weights (B, H, T, S), or None for SDPA.
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None,
@@ -274,7 +204,7 @@ class CausalSelfAttention(nn.Module):
         # Every forward with attn="einsum" leaves its weights (B, H, T, start+T) here; GPT.attention_weights reads them.
         self.last_weights: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: Rotary | None, cache: KVCache | None,
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: Rotary | None, cache: Cache | None,
                 visible: torch.Tensor | None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
@@ -297,7 +227,7 @@ class Block(nn.Module):
         self.mlp = MLPS[cfg.mlp](cfg)
         self.mlp_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: Rotary | None, cache: KVCache | None,
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: Rotary | None, cache: Cache | None,
                 visible: torch.Tensor | None) -> torch.Tensor:
         if self.pre_norm:  # GPT-2: normalise each branch's input, keep the residual stream raw
             x = x + self.attn(self.ln_1(x), pos, rope, cache, visible)
@@ -416,10 +346,10 @@ class GPT(nn.Module):
         seg_start = torch.where(first, pos, 0).cummax(dim=1).values
         return pos - seg_start, (same & torch.ones(T, T, dtype=torch.bool, device=segments.device).tril())[:, None]
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None,
+    def hidden(self, idx: torch.Tensor, cache: Cache | None = None,
                segments: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, n_embd) for token ids idx (B, T), continuing after `cache` if given;
-        segments (B, T) keeps packed sequences apart (see attention_mask)."""
+        segments (B, T) keeps packed sequences apart (see segment_mask)."""
         if cache is not None:
             pos, visible = cache.positions(idx.size(1), idx.device)
         elif segments is not None:
@@ -447,11 +377,11 @@ class GPT(nn.Module):
             return self.adaptive_head.log_prob(x)
         return self.lm_head(x)
 
-    def next_logits(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def next_logits(self, idx: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         """Scores (B, vocab_size) for the token after idx (B, T): all that decoding needs."""
         return self.logits(self.hidden(idx, cache)[:, -1])
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Cache | None = None,
                 segments: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits for every position, and the mean cross-entropy where targets are given (-1 = ignore).
         With targets, logits is None: the loss is computed without building them (tinygpt.loss)."""
@@ -478,11 +408,6 @@ class GPT(nn.Module):
             raise ValueError('attention weights need ModelConfig.attn="einsum"')
         self.hidden(idx)
         return [block.attn.last_weights for block in self.transformer.h]
-
-    def new_cache(self, batch_size: int, slots: bool = False) -> KVCache:
-        """A cache for batch_size rows that decode together; with slots, rows that join and leave (SlotCache)."""
-        p = self.transformer.wte.weight
-        return (SlotCache if slots else KVCache)(self.config, batch_size, p.device, p.dtype)
 
 
 @contextlib.contextmanager

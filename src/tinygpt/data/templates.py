@@ -31,6 +31,10 @@ class ChatTemplate:
         around = self.roles["assistant"][1] + self.roles["user"][0] + self.end
         return [s for s in self.specials if s in around] + [EOT]
 
+    def stop_ids(self, tok: Tokenizer) -> list[int]:
+        """The ids of stop_strings in `tok`: what ends a reply in chat, in the server and in an export."""
+        return [tok.special_tokens[s] for s in self.stop_strings]
+
     def render(self, tok: Tokenizer, conv: Sequence[Message], loss_on: str = "assistant",
                open_reply: bool = False) -> tuple[list[int], list[int]]:
         """Token ids and a 0/1 mask marking the tokens to learn: assistant content and the suffix that

@@ -110,7 +110,7 @@ def tokenizer_config(tok: Tokenizer, block_size: int, template: ChatTemplate | N
 def generation_config(ckpt: Checkpoint, template: ChatTemplate | None) -> dict[str, Any]:
     """The run's sampling defaults; a chat reply also ends at the template's stop markers."""
     s, tok = ckpt.config.sample, ckpt.tokenizer
-    stops = [tok.special_tokens[m] for m in template.stop_strings] if template else [tok.eot_id]
+    stops = template.stop_ids(tok) if template else [tok.eot_id]
     config: dict[str, Any] = dict(bos_token_id=tok.eot_id, eos_token_id=stops, pad_token_id=tok.eot_id,
                                   max_new_tokens=s.max_new_tokens, do_sample=s.temperature > 0)
     if s.temperature > 0:

@@ -20,6 +20,11 @@ from tinygpt.tokenizer import Tokenizer
 CHAT_SAMPLING = {"max_new_tokens": 128, "temperature": 0.0}
 
 
+def prompt_budget(block_size: int, max_new_tokens: int) -> int:
+    """Tokens a chat prompt may take: the context window less the room kept for the reply (at most half)."""
+    return block_size - min(max_new_tokens, block_size // 2)
+
+
 def fit_history(tok: Tokenizer, template: ChatTemplate, history: Sequence[Message], budget: int) -> list[int]:
     """Prompt ids for the next reply that fit in `budget` tokens: the oldest exchanges are dropped
     first (a system message is kept); if even the last user turn is too long, its most recent tokens stay."""
@@ -55,10 +60,9 @@ class ChatSession:
     def reply(self, text: str, on_piece: Callable[[str], None] = lambda s: None) -> str:
         """Add a user turn, stream the assistant's reply through on_piece, and return it."""
         self.history.append(Message("user", text))
-        block = self.model.config.block_size
-        reserve = min(self.sampling.max_new_tokens, block // 2)  # leave room for the reply in the window
-        prompt = fit_history(self.tokenizer, self.template, self.history, block - reserve)
-        stops = [self.tokenizer.special_tokens[s] for s in self.template.stop_strings]
+        budget = prompt_budget(self.model.config.block_size, self.sampling.max_new_tokens)
+        prompt = fit_history(self.tokenizer, self.template, self.history, budget)
+        stops = self.template.stop_ids(self.tokenizer)
         pieces = []
         for piece in stream_text(self.model, self.tokenizer, prompt, self.sampling, self.generator, stops):
             pieces.append(piece)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tinygpt.checkpoint import Checkpoint
 from tinygpt.config import SampleConfig, sample_settings
 from tinygpt.device import fastest_seconds, streamed_copies
+from tinygpt.infer.cache import KVCache
 from tinygpt.model import GPT, eval_mode
 from tinygpt.tokenizer import Tokenizer
 
@@ -73,6 +74,12 @@ class TokenHistory:
     def last(self, n: int) -> torch.Tensor:
         """A view of the newest min(n, len) tokens (B, <=n)."""
         return self.buf[:, max(0, self.len - n):self.len]
+
+    def refill(self) -> torch.Tensor:
+        """What a full cache is rebuilt from, the context policy of both decode loops: a sequence sees its
+        newest `context` tokens, and when its cache fills up the cache restarts from the newest context // 2
+        of them (the latest included), so re-reading the context costs one prefill per context // 2 tokens."""
+        return self.last(self.context // 2)
 
 
 @functools.cache
@@ -167,17 +174,14 @@ def decoding() -> torch.inference_mode:
 def stream_tokens(model: GPT, idx: torch.Tensor, sampling: SampleConfig, stop_ids: Sequence[int] = (),
                   generator: torch.Generator | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
     """Yield one (B,) tensor of new tokens per step (at most sampling.max_new_tokens), stopping early once
-    every row has emitted a stop id.
-
-    Context policy: only the most recent block_size tokens are seen. With the cache, when it
-    fills up it is rebuilt from the most recent block_size/2 tokens, so the cost of re-reading
-    the context is paid once per block_size/2 new tokens rather than on every token.
+    every row has emitted a stop id. Without the cache every step reads the newest block_size tokens; with
+    it, a full cache is rebuilt as TokenHistory.refill says.
     """
     block, steps = model.config.block_size, sampling.max_new_tokens
     with eval_mode(model):
         with decoding():
             history = TokenHistory(idx, block)
-            cache = model.new_cache(idx.size(0)) if use_cache else None
+            cache = KVCache.for_model(model, idx.size(0)) if use_cache else None
             logits = model.next_logits(history.last(block), cache)
             # Checking for stop ids reads a flag back from the device; without stop ids there is nothing to check.
             stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=idx.device) if stop_ids else None
@@ -201,7 +205,7 @@ def stream_tokens(model: GPT, idx: torch.Tensor, sampling: SampleConfig, stop_id
                         logits = model.next_logits(tok[:, None], cache)
                 else:
                     cache.pos = 0
-                    logits = model.next_logits(history.last(block // 2), cache)
+                    logits = model.next_logits(history.refill(), cache)
                 tok = sample_token(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
 
 class TextPieces:
@@ -209,13 +213,24 @@ class TextPieces:
 
     Text is held back while it ends inside a UTF-8 character (a byte-level BPE token can end mid-character)
     or with what could be the start of a stop string; it ends where a stop string begins, which is then
-    never shown. With strip, leading and trailing whitespace is left out (a chat reply's)."""
+    never shown. With strip, leading and trailing whitespace is left out (a chat reply's).
+
+    The work per token does not grow with the text: a push decodes the unread tokens after the ones read last
+    (their context: sentencepiece drops a leading space without it) and looks for stop strings in the text not
+    yet shown only, as one never begins in shown text (where one could begin, the text is held back)."""
 
     def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = (), strip: bool = False):
         self.tokenizer, self.stops, self.strip = tokenizer, [s for s in stop_strings if s], strip
         self.ids: list[int] = []
-        self.shown = ""
         self.stopped = False  # a stop string was found: the text is complete
+        self._pieces: list[str] = []  # the text released so far
+        self._context, self._read = 0, 0  # ids[:_read] are read; ids[_context:_read] were the last ones read
+        self._held = ""  # text read but not yet released
+
+    @property
+    def shown(self) -> str:
+        """All the text released so far."""
+        return "".join(self._pieces)
 
     def push(self, ids: Sequence[int]) -> str:
         """Add tokens; returns the newly final text (may be empty)."""
@@ -229,24 +244,28 @@ class TextPieces:
     def _release(self, final: bool) -> str:
         if self.stopped:
             return ""
-        text = self.tokenizer.decode(self.ids)
-        if self.strip:
+        context = self.tokenizer.decode(self.ids[self._context:self._read])
+        new = self.tokenizer.decode(self.ids[self._context:])[len(context):]
+        text = self._held + new
+        if self.strip and not self._pieces:
             text = text.lstrip()
         cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
             text, final, self.stopped = text[:cut], True, True
+        elif new.endswith("\ufffd") and not final:
+            return ""  # the newest token ends inside a character: read it again with the next one
+        self._context, self._read = self._read, len(self.ids)
         if final:
-            text = text.rstrip() if self.strip else text
+            piece, self._held = text.rstrip() if self.strip else text, ""
         else:
-            text = text[:len(text) - self._held(text)]
-        piece = text[len(self.shown):]
-        self.shown += piece
+            keep = len(text) - self._unsettled(text)
+            piece, self._held = text[:keep], text[keep:]
+        if piece:
+            self._pieces.append(piece)
         return piece
 
-    def _held(self, text: str) -> int:
-        """How many trailing characters may still change: a partial character, a stop string's start, spaces."""
-        if text.endswith("\ufffd"):
-            return len(text) - len(self.shown)
+    def _unsettled(self, text: str) -> int:
+        """How many trailing characters may still change: a stop string's start, or a reply's final spaces."""
         held = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         if self.strip:
             held = max(held, len(text) - len(text.rstrip()))

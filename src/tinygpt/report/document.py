@@ -16,7 +16,7 @@ from typing import Any
 
 from tinygpt import run as tinygpt_run
 from tinygpt.errors import TinyGPTError, UsageError
-from tinygpt.infer.batch import sample_texts
+from tinygpt.infer.decoder import sample_texts
 from tinygpt.infer.generate import prompt_ids, seeded_generator
 from tinygpt.report.listing import state_of
 from tinygpt.report.plots import figure_png

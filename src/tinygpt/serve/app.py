@@ -27,8 +27,8 @@ from tinygpt.checkpoint import Checkpoint
 from tinygpt.config import SampleConfig, sample_settings
 from tinygpt.data.dialogs import Message
 from tinygpt.errors import TinyGPTError
-from tinygpt.infer.batch import Generation
-from tinygpt.infer.chat import CHAT_SAMPLING, fit_history
+from tinygpt.infer.chat import CHAT_SAMPLING, fit_history, prompt_budget
+from tinygpt.infer.decoder import Generation
 from tinygpt.infer.generate import TextPieces, prompt_ids, seeded_generator
 from tinygpt.run import trained_template
 from tinygpt.serve.engine import Engine, QueueFull, Ticket, Update
@@ -102,8 +102,7 @@ class Server:
             raise ApiError(400, "a system message may only come first", "invalid_value", "messages")
         if history[-1].role != "user":
             raise ApiError(400, "the last message must be the user's", "invalid_value", "messages")
-        block = self.ckpt.config.model.block_size
-        budget = block - min(sampling.max_new_tokens, block // 2)  # room for the reply, as ChatSession.reply leaves
+        budget = prompt_budget(self.ckpt.config.model.block_size, sampling.max_new_tokens)
         last = [m for m in history[:1] if m.role == "system"] + history[-1:]
         tok = self.ckpt.tokenizer
         self.fits(self.encode(lambda: self.template.render(tok, last, open_reply=True)[0], "messages"), budget,
@@ -128,7 +127,7 @@ class Server:
         tok = self.ckpt.tokenizer
         if req.ignore_eos:
             return set()
-        return {tok.special_tokens[s] for s in self.template.stop_strings} if chat and self.template else {tok.eot_id}
+        return set(self.template.stop_ids(tok)) if chat and self.template else {tok.eot_id}
 
 
 class Reply:

@@ -2,7 +2,7 @@
 
 HTTP handlers never touch the model. They submit a Ticket (a request's generations) and receive Updates
 through a callback; the worker admits queued tickets into free cache rows, steps the whole batch
-(infer.batch.BatchDecoder) and hands each ticket its new tokens after every step. The queue is bounded (a
+(infer.decoder.BatchDecoder) and hands each ticket its new tokens after every step. The queue is bounded (a
 full queue is refused at once, so an overloaded server says so instead of timing out), every ticket has a
 deadline, and a ticket whose client has gone is dropped at the next step.
 """
@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tinygpt.infer.batch import BatchDecoder, Generation
+from tinygpt.infer.decoder import BatchDecoder, Generation
 from tinygpt.model import GPT
 
 

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tinygpt.config import SAMPLE_RANGES
+
 
 class ApiError(Exception):
     """An error answered as OpenAI's JSON: {"error": {"message", "type", "param", "code"}}."""
@@ -29,6 +31,15 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def sampling_field(setting: str) -> Any:
+    """An optional request field that takes what config.SAMPLE_RANGES allows for `setting` (else a 400)."""
+    allowed = SAMPLE_RANGES[setting]
+    limits = {"gt" if allowed.open_low else "ge": allowed.low}
+    if allowed.high is not None:
+        limits["le"] = allowed.high
+    return Field(None, **limits)
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -39,12 +50,12 @@ class Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = sampling_field("max_new_tokens")
+    temperature: float | None = sampling_field("temperature")
+    top_p: float | None = sampling_field("top_p")
     # Extensions, not in OpenAI's API (the openai client sends them as extra_body): top_k; and ignore_eos, as in
     # vLLM, which generates through end-of-text to exactly max_tokens (for benchmarks and load tests).
-    top_k: int | None = Field(None, ge=1)
+    top_k: int | None = sampling_field("top_k")
     ignore_eos: bool = False
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
@@ -100,7 +111,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = sampling_field("max_new_tokens")
 
 
 def parse(body: bytes, model: type[BaseModel]) -> Any:

@@ -1,11 +1,11 @@
-"""Continuous batching (tinygpt.infer.batch): generations that join, leave and share steps decode exactly
+"""Continuous batching (tinygpt.infer.decoder): generations that join, leave and share steps decode exactly
 as they would alone."""
 
 import torch
 
 from conftest import perturbed_gpt
 from tinygpt.config import SampleConfig
-from tinygpt.infer.batch import BatchDecoder, Generation
+from tinygpt.infer.decoder import BatchDecoder, Generation
 from tinygpt.infer.generate import seeded_generator, stream_tokens
 from tinygpt.model import GPT
 
@@ -76,7 +76,7 @@ def test_stop_ids_cancel_and_rows_come_back():
 
 
 def test_sample_texts_decodes_n_samples_in_batches_reproducibly():
-    from tinygpt.infer.batch import sample_texts
+    from tinygpt.infer.decoder import sample_texts
     from tinygpt.infer.generate import stream_text
     from tinygpt.tokenizer import build_tokenizer
 

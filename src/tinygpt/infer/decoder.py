@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 from tinygpt.config import SampleConfig
+from tinygpt.infer.cache import SlotCache
 from tinygpt.infer.generate import OneDNNLinears, TextPieces, TokenHistory, decoding, sample_token
-from tinygpt.model import GPT, SlotCache
+from tinygpt.model import GPT
 from tinygpt.tokenizer import Tokenizer
 
 
@@ -45,12 +46,12 @@ class Generation:
 class BatchDecoder:
     """Steps the active generations (at most `slots`) through `model` together; see the module docstring.
 
-    Context policy, as in stream_tokens: a generation sees its most recent block_size tokens; when its row
-    fills up it is rebuilt from the most recent block_size/2, once per block_size/2 new tokens."""
+    Context policy, as in stream_tokens: a generation sees its most recent block_size tokens, and a full row
+    is rebuilt as TokenHistory.refill says."""
 
     def __init__(self, model: GPT, slots: int):
         self.model = model.eval()  # the decoder owns the model while it lives: no dropout
-        self.cache: SlotCache = model.new_cache(slots, slots=True)  # type: ignore[assignment]
+        self.cache = SlotCache.for_model(model, slots)
         self.active: list[Generation] = []
         self.one_token_step = OneDNNLinears(model)
 
@@ -137,8 +138,8 @@ class BatchDecoder:
         newest = torch.tensor([[g.tokens[-1]] for g in self.active], dtype=torch.long, device=device)
         for g, tok in zip(self.active, newest):
             g.history.append(tok)
-            if self.cache.lengths[g.row] == block:  # full: keep the newest half, all but the token fed below
-                keep = g.history.last(block // 2)[:, :-1]
+            if self.cache.lengths[g.row] == block:  # full: refill all but the newest token, fed below
+                keep = g.history.refill()[:, :-1]
                 self.cache.lengths[g.row] = 0
                 if keep.numel():
                     self._prefill(g, keep)
