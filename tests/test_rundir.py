@@ -1,5 +1,5 @@
-"""The run directory's owner (tinygpt.rundir): its names, its lock, the mode of what it writes, the atomic file and
-folder helpers that every writer shares, and which run a checkpoint folder belongs to."""
+"""The run directory's owner (tinygpt.rundir): its names, its lock, the mode of what it writes, the atomic
+file and folder helpers that every writer shares, and which run a checkpoint folder belongs to."""
 
 import os
 import re
@@ -21,10 +21,10 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "tinygpt"
 
 @pytest.fixture(scope="module")
 def run_022(tmp_path_factory):
-    """A run trained under the usual umask 022, with a cache of its own (so its data files are made under it too)."""
+    """A run trained under the usual umask 022, with a cache of its own (its data files are made under it)."""
     root = tmp_path_factory.mktemp("rundir")
     text = root / "text.txt"
-    text.write_text("".join(f"The {a} cat sat on mat number {i}.\n" for i, a in enumerate(["red", "old"] * 100)))
+    text.write_text("".join(f"The {a} cat sat on mat {i}.\n" for i, a in enumerate(["red", "old"] * 100)))
     mask = os.umask(0o022)
     try:
         with pytest.MonkeyPatch.context() as mp:
@@ -44,7 +44,8 @@ def litter(folder: Path) -> list[str]:
 def test_every_file_of_a_run_has_the_usual_mode(run_022):
     assert (run_022 / rundir.STATUS).is_file()
     modes = {str(p.relative_to(run_022)): oct(p.stat().st_mode & 0o777) for p in run_022.rglob("*")}
-    assert {k: v for k, v in modes.items() if v != (oct(0o755) if (run_022 / k).is_dir() else oct(0o644))} == {}
+    usual = {k: oct(0o755) if (run_022 / k).is_dir() else oct(0o644) for k in modes}
+    assert {k: v for k, v in modes.items() if v != usual[k]} == {}
     assert litter(run_022) == [] and litter(run_022 / rundir.CHECKPOINTS) == []
 
 
