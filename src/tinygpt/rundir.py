@@ -190,7 +190,8 @@ class RunLock:
         if not _lock_exclusively(f):
             f.close()
             raise UsageError(f"run {run_dir} is already being trained by {describe(holder(run_dir))}; wait "
-                             "for it to end, or stop it (kill -TERM <pid> saves a checkpoint) and resume then")
+                             "for it to end, or stop it (kill -TERM <pid> saves a checkpoint) and resume "
+                             "then")
         f.seek(0)
         f.truncate()
         who = {"pid": os.getpid(), "host": socket.gethostname(), "command": command(), "started": time.time()}
