@@ -12,7 +12,7 @@ import tinygpt
 from conftest import tiny_flags
 from tinygpt import rundir
 from tinygpt.cli import main
-from tinygpt.errors import UsageError
+from tinygpt.errors import TinyGPTError, UsageError
 from tinygpt.evaluate import evaluate_run
 from tinygpt.rundir import RunLock, atomic_file, atomic_folder, holder
 
@@ -92,6 +92,18 @@ def test_atomic_folder_without_replace_keeps_what_another_process_finished_first
     with pytest.raises(OSError), atomic_folder(dest, replace=False) as tmp:
         (tmp / "meta.json").write_text("second")
     assert (dest / "meta.json").read_text() == "first" and litter(tmp_path) == []
+
+
+def test_writers_of_exports_and_reports_refuse_an_unwritable_place_in_one_line():
+    from tinygpt.export.output import staged
+    from tinygpt.report.document import _write_atomic
+
+    for folder in (True, False):
+        with pytest.raises(TinyGPTError, match="cannot write to /proc: .*; choose a writable --out"), \
+                staged(Path("/proc/tinygpt-export"), overwrite=False, folder=folder):
+            pass
+    with pytest.raises(TinyGPTError, match="cannot write /proc/tinygpt/report.md: .*; choose another --out"):
+        _write_atomic(Path("/proc/tinygpt/report.md"), b"report")
 
 
 def test_the_lock_is_held_by_one_holder_at_a_time_and_freed_on_release(tmp_path):

@@ -25,6 +25,6 @@ def staged(out: Path, overwrite: bool, folder: bool) -> Iterator[Path]:
         try:
             target = stack.enter_context(atomic_folder(out) if folder else atomic_file(out))
         except OSError as e:
-            raise TinyGPTError(f"cannot write to {out.parent}: {e.strerror}; choose a writable --out") \
-                from None
+            raise TinyGPTError(f"cannot write to {out.parent}: {e.strerror}; "
+                               "choose a writable --out") from None
         yield target
