@@ -1,5 +1,5 @@
-"""The run directory's owner (tinygpt.rundir): its names, its lock, the mode of what it writes, the atomic file and
-folder helpers that every writer shares, and which run a checkpoint folder belongs to."""
+"""The run directory's owner (tinygpt.rundir): its names, its lock, the mode of what it writes, the atomic
+file and folder helpers that every writer shares, and which run a checkpoint folder belongs to."""
 
 import os
 import re
@@ -12,7 +12,7 @@ import tinygpt
 from conftest import tiny_flags
 from tinygpt import rundir
 from tinygpt.cli import main
-from tinygpt.errors import UsageError
+from tinygpt.errors import TinyGPTError, UsageError
 from tinygpt.evaluate import evaluate_run
 from tinygpt.rundir import RunLock, atomic_file, atomic_folder, holder
 
@@ -21,10 +21,10 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "tinygpt"
 
 @pytest.fixture(scope="module")
 def run_022(tmp_path_factory):
-    """A run trained under the usual umask 022, with a cache of its own (so its data files are made under it too)."""
+    """A run trained under the usual umask 022, with a cache of its own (its data files are made under it)."""
     root = tmp_path_factory.mktemp("rundir")
     text = root / "text.txt"
-    text.write_text("".join(f"The {a} cat sat on mat number {i}.\n" for i, a in enumerate(["red", "old"] * 100)))
+    text.write_text("".join(f"The {a} cat sat on mat {i}.\n" for i, a in enumerate(["red", "old"] * 100)))
     mask = os.umask(0o022)
     try:
         with pytest.MonkeyPatch.context() as mp:
@@ -44,7 +44,8 @@ def litter(folder: Path) -> list[str]:
 def test_every_file_of_a_run_has_the_usual_mode(run_022):
     assert (run_022 / rundir.STATUS).is_file()
     modes = {str(p.relative_to(run_022)): oct(p.stat().st_mode & 0o777) for p in run_022.rglob("*")}
-    assert {k: v for k, v in modes.items() if v != (oct(0o755) if (run_022 / k).is_dir() else oct(0o644))} == {}
+    usual = {k: oct(0o755) if (run_022 / k).is_dir() else oct(0o644) for k in modes}
+    assert {k: v for k, v in modes.items() if v != usual[k]} == {}
     assert litter(run_022) == [] and litter(run_022 / rundir.CHECKPOINTS) == []
 
 
@@ -91,6 +92,18 @@ def test_atomic_folder_without_replace_keeps_what_another_process_finished_first
     with pytest.raises(OSError), atomic_folder(dest, replace=False) as tmp:
         (tmp / "meta.json").write_text("second")
     assert (dest / "meta.json").read_text() == "first" and litter(tmp_path) == []
+
+
+def test_writers_of_exports_and_reports_refuse_an_unwritable_place_in_one_line():
+    from tinygpt.export.output import staged
+    from tinygpt.report.document import _write_atomic
+
+    for folder in (True, False):
+        with pytest.raises(TinyGPTError, match="cannot write to /proc: .*; choose a writable --out"), \
+                staged(Path("/proc/tinygpt-export"), overwrite=False, folder=folder):
+            pass
+    with pytest.raises(TinyGPTError, match="cannot write /proc/tinygpt/report.md: .*; choose another --out"):
+        _write_atomic(Path("/proc/tinygpt/report.md"), b"report")
 
 
 def test_the_lock_is_held_by_one_holder_at_a_time_and_freed_on_release(tmp_path):

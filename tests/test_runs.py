@@ -1,5 +1,5 @@
 """`tinygpt runs` and the run lock: states told from real processes (finished, SIGTERM-interrupted, running, killed),
-and a second `train --resume` into a running run refused, naming the process (the lock itself: test_rundir.py)."""
+and a second `train --resume` into a running run refused, naming the process (the lock: test_rundir.py)."""
 
 import json
 import re

@@ -85,8 +85,8 @@ def shared(make: Callable[[], Run], d: Dist) -> Run:
     if d.main:
         return run
     ckpt = Path(made["checkpoint"]) if made["checkpoint"] else None
-    return Run(Path(made["dir"]), config.from_dict(made["config"]), load_prepared(Path(made["dir"]) / rundir.DATA), ckpt,
-               made["sizing_s"])
+    data = load_prepared(Path(made["dir"]) / rundir.DATA)
+    return Run(Path(made["dir"]), config.from_dict(made["config"]), data, ckpt, made["sizing_s"])
 
 
 def open_init_source(cfg: Config) -> Source:

@@ -1,5 +1,5 @@
-"""The run directory: the names in it, who is training it, what its last session said, and how anything in it (or
-in an export, a report or the data cache) is replaced whole.
+"""The run directory: the names in it, who is training it, what its last session said, and how anything in
+it (or in an export, a report or the data cache) is replaced whole.
 
 A run directory holds::
 
@@ -13,9 +13,9 @@ A run directory holds::
     export/          `tinygpt export`'s default output
     report.png       `tinygpt report`'s default output for one run
 
-Every file and folder that is rewritten in place goes through atomic_file or atomic_folder: it is built beside its
-final name under a hidden temporary one, fsynced and renamed, so a crash leaves the old version or the new one,
-never half of one. Files and folders are created with the mode every other file gets (0644 and 0755 under the
+Every file and folder that is rewritten in place goes through atomic_file or atomic_folder: it is built
+beside its final name under a hidden temporary one, fsynced and renamed, so a crash leaves the old version or
+the new one, never half of one. Files and folders get the mode every other file gets (0644 and 0755 under the
 usual umask 022), not the private mode of mkstemp, mkdtemp or a writer's own temporary file.
 """
 
@@ -93,9 +93,9 @@ def _fsync(path: Path) -> None:
 
 
 def _settle(root: Path) -> None:
-    """fsync every file and folder under root, root last, so that a rename of root publishes complete contents;
-    and give each file the mode a new file gets here (root's, less the execute bits), since some writers make
-    theirs private (safetensors 0.8 writes through a 0600 temporary file)."""
+    """fsync every file and folder under root, root last, so that a rename of root publishes complete
+    contents; and give each file the mode a new file gets here (root's, less the execute bits), since some
+    writers make theirs private (safetensors 0.8 writes through a 0600 temporary file)."""
     mode = root.stat().st_mode & 0o666
     for folder, _, files in os.walk(root, topdown=False):
         for name in files:
@@ -124,8 +124,8 @@ def _temporary(dest: Path) -> Path:
 
 
 def _move_into_place(new: Path, dest: Path) -> None:
-    """Rename new to dest. A file replaces a file in one step; a folder cannot, so the previous dest is kept as
-    .old-NAME until the new one is in place (a crash in between leaves it there to fall back on)."""
+    """Rename new to dest. A file replaces a file in one step; a folder cannot, so the previous dest is kept
+    as .old-NAME until the new one is in place (a crash in between leaves it there to fall back on)."""
     old = previous(dest)
     if (dest.exists() or dest.is_symlink()) and (new.is_dir() or (dest.is_dir() and not dest.is_symlink())):
         _remove(old)  # left by such a crash; dest supersedes it
@@ -137,8 +137,8 @@ def _move_into_place(new: Path, dest: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_file(dest: Path) -> Iterator[Path]:
-    """A new empty hidden file beside dest to write dest's new contents into; when the block ends it is fsynced
-    and renamed over dest, and when the block raises it is removed and dest is left as it was."""
+    """A new empty hidden file beside dest to write dest's new contents into; when the block ends it is
+    fsynced and renamed over dest, and when the block raises it is removed and dest is left as it was."""
     tmp = _temporary(dest)
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as to any file
     try:
@@ -173,39 +173,48 @@ def atomic_folder(dest: Path, replace: bool = True) -> Iterator[Path]:
 class RunLock:
     """The lock on one run directory, held from `acquire` until `release` or the end of the process.
 
-    train.lock is locked with flock(2) by the process that creates or resumes the run, and names it (pid, host,
-    command, start time). The kernel drops the lock when that process ends, however it ends (a SIGKILL, an
-    out-of-memory kill, a power cut on a local disk), so "is the run running?" is answered without guessing from
-    timestamps: `holder` asks for the same lock and is refused exactly while a trainer lives. flock is advisory
-    and per machine: two machines sharing a network folder may not see each other's locks."""
+    train.lock is locked with flock(2) by the process that creates or resumes the run, and names it (pid,
+    host, command, start time). The kernel drops the lock when that process ends, however it ends (a SIGKILL,
+    an out-of-memory kill, a power cut on a local disk), so "is the run running?" is answered without guessing
+    from timestamps: `holder` asks for the same lock and is refused exactly while a trainer lives. flock is
+    advisory and per machine: two machines sharing a network folder may not see each other's locks."""
 
     def __init__(self, run_dir: Path, file: IO[str]):
         self.run_dir, self.file = run_dir, file
 
     @classmethod
     def acquire(cls, run_dir: Path) -> RunLock:
-        """Lock run_dir (which must exist) for this process, or refuse in one line naming the process that holds it."""
+        """Lock run_dir (which must exist) for this process, or refuse in one line naming the process that
+        holds it."""
         f = open(run_dir / LOCK, "a+")
-        # A `tinygpt runs` probing at this very moment holds a shared lock for microseconds: try a few times.
-        for attempt in range(5):
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if attempt == 4:
-                    f.close()
-                    raise UsageError(f"run {run_dir} is already being trained by {describe(holder(run_dir))}; wait for "
-                                     "it to end, or stop it (kill -TERM <pid> saves a checkpoint) and resume then") from None
-                time.sleep(0.05)
+        if not _lock_exclusively(f):
+            f.close()
+            raise UsageError(f"run {run_dir} is already being trained by {describe(holder(run_dir))}; wait "
+                             "for it to end, or stop it (kill -TERM <pid> saves a checkpoint) and resume "
+                             "then")
         f.seek(0)
         f.truncate()
-        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "command": command(), "started": time.time()}, f)
+        who = {"pid": os.getpid(), "host": socket.gethostname(), "command": command(), "started": time.time()}
+        json.dump(who, f)
         f.flush()
         return cls(run_dir, f)
 
     def release(self) -> None:
         if not self.file.closed:
             self.file.close()  # closing the file drops the lock
+
+
+def _lock_exclusively(f: IO[str]) -> bool:
+    """Whether this process got the lock. A `tinygpt runs` probing at this very moment holds a shared lock for
+    microseconds: try a few times."""
+    for attempt in range(5):
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt < 4:
+                time.sleep(0.05)
+    return False
 
 
 def command() -> str:
@@ -216,7 +225,7 @@ def command() -> str:
 
 def holder(run_dir: Path) -> dict[str, Any] | None:
     """Who is training run_dir: the lock file's record (pid, host, command, started) while its process holds
-    the lock; None when nobody does (a finished, stopped or crashed run, or one from before this lock existed)."""
+    the lock; None when nobody does (a finished, stopped or crashed run, or one older than the lock)."""
     path = Path(run_dir) / LOCK
     if not path.is_file():
         return None
@@ -237,4 +246,5 @@ def describe(who: dict[str, Any] | None) -> str:
     if not who:
         return "another process"
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(who["started"])) if "started" in who else "?"
-    return f"process {who.get('pid', '?')} on {who.get('host', '?')} (`{who.get('command', '?')}`, started {started})"
+    return (f"process {who.get('pid', '?')} on {who.get('host', '?')} (`{who.get('command', '?')}`, "
+            f"started {started})")

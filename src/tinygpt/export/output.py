@@ -14,8 +14,8 @@ from tinygpt.rundir import atomic_file, atomic_folder
 
 @contextlib.contextmanager
 def staged(out: Path, overwrite: bool, folder: bool) -> Iterator[Path]:
-    """A temporary path beside `out` (a new empty folder, or a new empty file) to write the export into; when
-    the block finishes it replaces `out`, and when it raises it is removed (rundir.atomic_folder, atomic_file)."""
+    """A temporary path beside `out` (a new empty folder, or a new empty file) to write the export into;
+    when the block finishes it replaces `out`, and when it raises it is removed (rundir's atomic helpers)."""
     occupied = out.exists() and (not out.is_dir() or any(out.iterdir()))
     if occupied and not overwrite:
         raise UsageError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
@@ -25,5 +25,6 @@ def staged(out: Path, overwrite: bool, folder: bool) -> Iterator[Path]:
         try:
             target = stack.enter_context(atomic_folder(out) if folder else atomic_file(out))
         except OSError as e:
-            raise TinyGPTError(f"cannot write to {out.parent}: {e.strerror}; choose a writable --out") from None
+            raise TinyGPTError(f"cannot write to {out.parent}: {e.strerror}; "
+                               "choose a writable --out") from None
         yield target

@@ -54,7 +54,8 @@ def describe_run(run_dir: Path) -> RunLine:
     r = read_run(run_dir)
     step = r.status.get("step", r.last["step"] if r.last else 0)
     total = r.status.get("total")
-    files = [p for p in (run_dir / name for name in (rundir.STATUS, rundir.METRICS, rundir.CONFIG)) if p.exists()]
+    files = [run_dir / name for name in (rundir.STATUS, rundir.METRICS, rundir.CONFIG)]
+    files = [p for p in files if p.exists()]
     updated = r.status.get("updated") or max((p.stat().st_mtime for p in files), default=run_dir.stat().st_mtime)
     return RunLine(r, state_of(r), f"{step}/{total}" if total else str(step), time.time() - updated)
 

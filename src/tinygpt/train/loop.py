@@ -74,7 +74,8 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
                     trainer.save("last")
                 if stopping:
                     trainer.bar.close()
-                    raise Interrupted(stop.signum or signal.SIGTERM, rundir.checkpoint_dir(run_dir, "last"), run_dir)
+                    saved = rundir.checkpoint_dir(run_dir, "last")
+                    raise Interrupted(stop.signum or signal.SIGTERM, saved, run_dir)
         final = trainer.finish()
         trainer.close_logs("finished")
         return final
@@ -308,7 +309,8 @@ class Trainer:
         if d.main:
             trainer = {"optimizer": optimizer, "rng": rng_tensors, **({"rng_ranks": ranks_rng} if d.active else {})}
             try:
-                checkpoint.save(rundir.checkpoint_dir(self.run_dir, name), model, self.cfg, self.data.tokenizer,
+                dest = rundir.checkpoint_dir(self.run_dir, name)
+                checkpoint.save(dest, model, self.cfg, self.data.tokenizer,
                                 trainer=trainer, state={"progress": vars(self.progress), "rng": rng_plain})
             except TinyGPTError as e:
                 error = e

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from tinygpt.rundir import atomic_file
+
 
 def rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
     """RNG states split into tensors (for trainer.pt) and JSON-able values (for state.json)."""
@@ -49,7 +51,8 @@ def forget_metrics_after(path: Path, step: int) -> None:
                 keep.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             pass
-    path.write_text("".join(keep))
+    with atomic_file(path) as tmp:  # a crash while rewriting must not lose the lines kept
+        tmp.write_text("".join(keep))
 
 
 class StopOnSignal:
