@@ -1,1 +1,1 @@
-"""Decoding: sampling, the KV-cached decode loop, generate() and the chat session."""
+"""Decoding: the KV caches, sampling, the decode loop and generate(), continuous batching and the chat session."""
