@@ -32,9 +32,9 @@ from tinygpt.data.prepare import Dataset, check_length, copy_to, load_prepared, 
 from tinygpt.data.templates import TEMPLATES, ChatTemplate
 from tinygpt.device import autocast_dtype, resolve_device
 from tinygpt.errors import TinyGPTError, UsageError
-from tinygpt.evaluate import loss_over
 from tinygpt.infer.quantize import DTYPES, int8_speedup, quantize
 from tinygpt.init_from import Source, grow_vocab, open_source
+from tinygpt.split_loss import loss_over
 from tinygpt.tokenizer import GPT2Tokenizer
 from tinygpt.train import loggers
 from tinygpt.train.distributed import SINGLE, Dist, for_run

@@ -26,8 +26,8 @@ from tinygpt.data.batches import EpochSampler, Split
 from tinygpt.data.prepare import Dataset
 from tinygpt.device import autocast_dtype, peak_flops, resolve_device
 from tinygpt.errors import Interrupted, TinyGPTError, UsageError
-from tinygpt.evaluate import LossSum, loss_metrics, loss_over
 from tinygpt.model import GPT
+from tinygpt.split_loss import LossSum, loss_metrics, loss_over
 from tinygpt.train.distributed import (
     SINGLE,
     Dist,
