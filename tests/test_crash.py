@@ -30,7 +30,8 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, sig, code, m
                                       "--train.eval_interval", "5"), stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 600
-        while not (out / "metrics.jsonl").exists():  # the first evaluation: training, and its signal handlers, are on
+        # the first evaluation: training, and its signal handlers, are on
+        while not (out / "metrics.jsonl").exists():
             assert proc.poll() is None and time.monotonic() < deadline, "the run did not start training"
             time.sleep(0.1)
         proc.send_signal(sig)

@@ -69,8 +69,8 @@ def signal_tree(root: int, signum: int) -> None:
 
 
 def wait_until_training(out: Path, job: subprocess.Popen) -> None:
-    """Until the job's first evaluation is in metrics.jsonl: every process is then inside the training loop (an
-    evaluation needs them all), with its signal handlers in place, however slow the machine."""
+    """Until the job's first evaluation is in metrics.jsonl: every process is then inside the training loop
+    (an evaluation needs them all), with its signal handlers in place, however slow the machine."""
     deadline = time.monotonic() + 600
     while not (out / "metrics.jsonl").exists():
         assert job.poll() is None and time.monotonic() < deadline, "the job did not start training"
@@ -83,7 +83,8 @@ def last_step(run: Path) -> int:
     steps = []
     for name in ("last", ".old-last"):
         try:
-            steps.append(json.loads((run / "checkpoints" / name / "state.json").read_text())["progress"]["step"])
+            state = json.loads((run / "checkpoints" / name / "state.json").read_text())
+            steps.append(state["progress"]["step"])
         except FileNotFoundError:
             pass
     return max(steps, default=-1)
@@ -177,7 +178,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(text_file, tmp_path
     deadline = time.monotonic() + 600
     try:
         while last_step(out) < 80:
-            assert job.poll() is None and time.monotonic() < deadline, "the job ended before it could be killed"
+            assert job.poll() is None and time.monotonic() < deadline, "the job ended before the kill"
             time.sleep(0.05)
     finally:
         signal_tree(job.pid, signal.SIGKILL)  # torchrun and both workers, mid-run
@@ -277,8 +278,8 @@ class GroupStarted(Exception):
 
 
 def process_group_of_resume(out: Path, monkeypatch, *flags: str) -> list[tuple[str, datetime.timedelta, str]]:
-    """(backend, timeout, device set) that rank 0 of a two-process job resuming `out` starts its group with, on
-    a host where CUDA is available (faked: this machine has none)."""
+    """(backend, timeout, device set) that rank 0 of a two-process job resuming `out` starts its group
+    with, on a host where CUDA is available (faked: this machine has none)."""
     groups, devices = [], []
 
     def start_group(backend, *args, timeout=None, **kwargs):
@@ -289,9 +290,7 @@ def process_group_of_resume(out: Path, monkeypatch, *flags: str) -> list[tuple[s
                        "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda device: devices.append(str(torch.device("cuda", device)
-                                                                                      if isinstance(device, int)
-                                                                                      else device)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: devices.append(str(device)))
     monkeypatch.setattr(torch.distributed, "init_process_group", start_group)
     # the job's store, which rank 0 would host for the other process: one of this process's own
     monkeypatch.setattr(torch.distributed, "rendezvous",
@@ -305,12 +304,14 @@ def test_a_resumed_run_starts_its_process_group_from_its_saved_config(text_file,
     """A CPU run resumed under torchrun on a GPU host: gloo (not nccl around a CPU model), the saved timeout;
     the changes the command asks for (train.* may change on resume) count as well."""
     out = tmp_path / "run"
+    tiny = {k[2:]: v for k, v in zip(FLAGS[::2], FLAGS[1::2])}
     cfg = config.resolve(flags={"data.path": str(text_file), "data.tokenizer": "char", "train.device": "cpu",
-                                "train.dist_timeout": 30, **{k[2:]: v for k, v in zip(FLAGS[::2], FLAGS[1::2])}})
+                                "train.dist_timeout": 30, **tiny})
     tinygpt_run.create(cfg, out, log=lambda msg: None).lock.release()
     assert process_group_of_resume(out, monkeypatch) == [("gloo", datetime.timedelta(seconds=30), "none")]
-    assert process_group_of_resume(out, monkeypatch, "--train.device", "auto", "--train.dist_timeout", "45") == [
-        ("nccl", datetime.timedelta(seconds=45), "cuda:0")]
+    changed = process_group_of_resume(out, monkeypatch, "--train.device", "auto",
+                                      "--train.dist_timeout", "45")
+    assert changed == [("nccl", datetime.timedelta(seconds=45), "cuda:0")]
 
 
 def test_the_place_in_the_job_comes_from_torchruns_environment(monkeypatch):

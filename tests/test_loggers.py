@@ -55,8 +55,8 @@ def wandb_records(path):
 
 
 def wandb_history(path, count, timeout_s=300):
-    """The history records of a .wandb file, polled for until there are `count` of them (or the time is up): W&B's
-    own service process writes the file, and on a loaded machine it was seen to hold none yet when read."""
+    """The history records of a .wandb file, polled for until there are `count` of them (or the time is up):
+    W&B's own service process writes the file, which on a loaded machine was seen to hold none yet."""
     deadline = time.monotonic() + timeout_s
     while True:
         history = [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}

@@ -116,13 +116,14 @@ def cmd_train(argv: list[str]) -> int:
         raise UsageError("--resume needs --out DIR: the run directory to continue")
     dist = distributed.from_env()  # torchrun's processes, if any
     if args.resume:  # the config is the saved one with the command's changes: resume resolves it
-        # Resuming prepares no data, so the others wait for process 0 as long as a collective would by default.
+        # Resuming prepares no data: the others wait for process 0 as long as a collective would by default.
         setup_timeout = config.TrainConfig.dist_timeout
         make = functools.partial(tinygpt_run.resume, args.out, flags, args.preset, args.config, log=log)
     else:
         cfg = config.resolve(args.preset, args.config, flags)
         setup_timeout = cfg.train.dist_timeout
-        make = functools.partial(tinygpt_run.create, cfg, args.out, args.overwrite, log=log, preset=args.preset)
+        make = functools.partial(tinygpt_run.create, cfg, args.out, args.overwrite, log=log,
+                                 preset=args.preset)
     try:
         run = tinygpt_run.shared(make, dist, setup_timeout)
         run.train(log=log, dist=dist)

@@ -396,7 +396,7 @@ def from_dict(saved: dict[str, Any]) -> Config:
 
 def sample_settings(sampling: SampleConfig, settings: dict[str, Any], source: str = "sampling settings") -> None:
     """Set SampleConfig fields by name (max_new_tokens=20, temperature=0, ...) in place, coerced and checked
-    as every config value is: one gate for the command line, the Python API and HTTP requests (tinygpt serve)."""
+    as every config value is: one gate for the command line, the Python API and HTTP requests (serve)."""
     cfg = Config(sample=sampling)
     apply_overrides(cfg, {"sample": settings}, source)
     validate(cfg)

@@ -67,17 +67,18 @@ class Run:
             state = self.source.state if self.source else None
             dist = for_run(dist, self.config.train)
             logs = loggers.open_loggers(self.config, self.dir, self.preset) if dist.main else []
-            return train(self.config, self.dir, self.data, self.checkpoint, log, self.sizing_s, state, dist, logs)
+            return train(self.config, self.dir, self.data, self.checkpoint, log, self.sizing_s, state, dist,
+                         logs)
         finally:
             if self.lock is not None:
                 self.lock.release()
 
 
 def shared(make: Callable[[], Run], dist: Dist, setup_timeout: float) -> Run:
-    """The run that `make` creates or resumes, on every process of a torchrun job: rank 0 makes it (prepares the
-    data, sizes the model, writes the directory) while the others wait (up to setup_timeout seconds), then they
-    open the same run, so every decision in it is taken once; then every process joins the process group that
-    the run's config asks for (see start_group). A failure on rank 0 ends every process."""
+    """The run that `make` creates or resumes, on every process of a torchrun job: rank 0 makes it (prepares
+    the data, sizes the model, writes the directory) while the others wait (up to setup_timeout seconds),
+    then they open the same run, so every decision in it is taken once; then every process joins the process
+    group that the run's config asks for (see start_group). A failure on rank 0 ends every process."""
     if not dist.active:
         return make()
     store = meet(dist, setup_timeout)
@@ -88,15 +89,15 @@ def shared(make: Callable[[], Run], dist: Dist, setup_timeout: float) -> Run:
         except TinyGPTError as e:
             error = e
     made = from_main(store, dist, None if run is None else {
-        "dir": str(run.dir), "config": run.config.to_dict(), "checkpoint": run.checkpoint and str(run.checkpoint),
-        "sizing_s": run.sizing_s})
+        "dir": str(run.dir), "config": run.config.to_dict(),
+        "checkpoint": run.checkpoint and str(run.checkpoint), "sizing_s": run.sizing_s})
     if error is not None:
         raise error
     if made is None:
         raise TinyGPTError("process 0 could not set up the run; see its message")
     if run is None:
-        ckpt = Path(made["checkpoint"]) if made["checkpoint"] else None
-        run = Run(Path(made["dir"]), config.from_dict(made["config"]), load_prepared(Path(made["dir"]) / "data"), ckpt,
+        run_dir, ckpt = Path(made["dir"]), Path(made["checkpoint"]) if made["checkpoint"] else None
+        run = Run(run_dir, config.from_dict(made["config"]), load_prepared(run_dir / "data"), ckpt,
                   made["sizing_s"])
     try:
         start_group(dist, run.config.train, store)

@@ -1,4 +1,5 @@
-"""The next-token loss summed over a split's windows, and the figures it gives (loss, perplexity, bits per byte).
+"""The next-token loss summed over a split's windows, and the figures it gives: loss, perplexity, bits per
+byte.
 
 Training's evaluations, `tinygpt eval` and `--dtype auto`'s quality check all measure a model this way.
 """
@@ -24,7 +25,8 @@ class LossSum:
     bytes: int = 0
 
     def __iadd__(self, other: LossSum) -> LossSum:
-        self.nats, self.targets, self.bytes = self.nats + other.nats, self.targets + other.targets, self.bytes + other.bytes
+        self.nats, self.targets = self.nats + other.nats, self.targets + other.targets
+        self.bytes += other.bytes
         return self
 
     @property
@@ -33,9 +35,9 @@ class LossSum:
 
 
 @torch.no_grad()
-def loss_over(model: GPT, split: Split, batch_size: int, device: torch.device, dtype: torch.dtype | None = None,
-               max_windows: int | None = None, packed: bool = False, tokenizer: Tokenizer | None = None,
-               shard: tuple[int, int] = (0, 1)) -> LossSum:
+def loss_over(model: GPT, split: Split, batch_size: int, device: torch.device,
+              dtype: torch.dtype | None = None, max_windows: int | None = None, packed: bool = False,
+              tokenizer: Tokenizer | None = None, shard: tuple[int, int] = (0, 1)) -> LossSum:
     """Summed next-token loss over deterministic windows of a split (all of them when max_windows is None).
     With a tokenizer, also the UTF-8 bytes of the target text, for bits per byte (special tokens count 0).
 
@@ -59,7 +61,8 @@ def loss_over(model: GPT, split: Split, batch_size: int, device: torch.device, d
             out.targets += n
             if tokenizer is not None:
                 for row in y.tolist():
-                    out.bytes += len(tokenizer.decode([t for t in row if t >= 0 and t not in specials]).encode())
+                    text = tokenizer.decode([t for t in row if t >= 0 and t not in specials])
+                    out.bytes += len(text.encode())
     return out
 
 

@@ -32,10 +32,11 @@ def train_cmd(data: Path, out: Path, iters: int, *extra: str) -> list[str]:
 
 
 def run_with_kills(data: Path, out: Path, iters: int, kills: int, rng: random.Random, env: dict, log=print) -> int:
-    """Start the run, SIGKILL it `kills` times at random moments, resuming after each; return the launches used.
+    """Start the run, SIGKILL it `kills` times at random moments, resuming after each; return the launches.
 
-    Each kill comes a random fraction of a second after the run's last checkpoint passed a random step, so that
-    it lands mid-run (in a step, an evaluation or a checkpoint's write) however fast or loaded the machine is."""
+    Each kill comes a random fraction of a second after the run's last checkpoint passed a random step, so
+    that it lands mid-run (in a step, an evaluation or a checkpoint's write) however fast or loaded the
+    machine is."""
     targets = sorted(rng.sample(range(1, iters), kills))
     launches = 0
     for i in range(kills + 1):
@@ -63,11 +64,12 @@ def run_with_kills(data: Path, out: Path, iters: int, kills: int, rng: random.Ra
 
 
 def last_step(out: Path) -> int:
-    """The step of the run's newest last checkpoint (a swap keeps the previous one as .old-last); -1 if none."""
+    """The step of the run's newest last checkpoint (a swap keeps the previous one as .old-last); -1: none."""
     steps = []
     for name in ("last", ".old-last"):
         try:
-            steps.append(json.loads((out / CHECKPOINTS / name / "state.json").read_text())["progress"]["step"])
+            state = json.loads((out / CHECKPOINTS / name / "state.json").read_text())
+            steps.append(state["progress"]["step"])
         except FileNotFoundError:
             pass
     return max(steps, default=-1)

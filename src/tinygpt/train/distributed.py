@@ -3,10 +3,10 @@
 `Dist` describes this process's place in the job; outside torchrun it is one process of one and every
 collective below returns its input, so the single-process path runs exactly as before. The processes first
 meet at the job's store, where rank 0 hands the others the run it set up (`meet`, `from_main`); the process
-group starts after that (`start_group`), from the run's own config, so a resumed run trains on the device, with the
-backend and the timeout it was saved with (or that --resume changed). Everything that could differ between
-processes (a stop request, a skipped step, the time-budget plan, evaluation losses) goes through `agree` or
-`total`, so the ranks never disagree on the number of steps and never wait for each other forever
+group starts after that (`start_group`), from the run's own config, so a resumed run trains on the device,
+with the backend and the timeout it was saved with (or that --resume changed). Everything that could differ
+between processes (a stop request, a skipped step, the time-budget plan, evaluation losses) goes through
+`agree` or `total`, so the ranks never disagree on the number of steps and never wait for each other forever
 (`train.dist_timeout` bounds every collective).
 """
 
@@ -55,7 +55,8 @@ class Dist:
     @property
     def device(self) -> torch.device:
         """Where collectives run: this process's GPU under nccl, else the CPU."""
-        return torch.device("cuda", self.local_rank) if torch_dist.get_backend() == "nccl" else torch.device("cpu")
+        nccl = torch_dist.get_backend() == "nccl"
+        return torch.device("cuda", self.local_rank) if nccl else torch.device("cpu")
 
     def agree(self, *flags: bool) -> list[bool]:
         """Each flag true on every process if it is true on any (a stop request, a non-finite step)."""
@@ -214,8 +215,8 @@ def peer_failure(e: BaseException, dist: Dist) -> TinyGPTError | None:
     if not dist.active or not isinstance(e, RuntimeError | torch_dist.DistError):
         return None
     first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    return TinyGPTError(f"process {dist.rank} of {dist.world}: another process of the job failed or stopped answering "
-                        f"({first}); resume the job with --resume once every process can run")
+    return TinyGPTError(f"process {dist.rank} of {dist.world}: another process of the job failed or stopped "
+                        f"answering ({first}); resume the job with --resume once every process can run")
 
 
 def shutdown(dist: Dist) -> None:

@@ -69,7 +69,8 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
                     if not trainer.evaluate_and_keep():
                         trainer.stopped_early = True
                         break
-                (stopping,) = dist.agree(stop.signum is not None)  # a signal reaches the processes at different steps
+                # a signal reaches the processes at different steps
+                (stopping,) = dist.agree(stop.signum is not None)
                 if trainer.progress.step % cfg.train.checkpoint_interval == 0 and not last_step or stopping:
                     trainer.save("last")
                 if stopping:
@@ -97,9 +98,9 @@ def ending(e: BaseException) -> tuple[str, str | None]:
 class Trainer:
     """One training session's moving parts: model, optimizer, data order, progress and the files they go to."""
 
-    def __init__(self, cfg: Config, run_dir: Path, data: Dataset, log: Callable[[str], None], dist: Dist = SINGLE,
-                 loggers: Sequence[Logger] = (), resume_from: Path | None = None, elapsed_s: float = 0.0,
-                 init_state: dict[str, torch.Tensor] | None = None):
+    def __init__(self, cfg: Config, run_dir: Path, data: Dataset, log: Callable[[str], None],
+                 dist: Dist = SINGLE, loggers: Sequence[Logger] = (), resume_from: Path | None = None,
+                 elapsed_s: float = 0.0, init_state: dict[str, torch.Tensor] | None = None):
         """The model from resume_from (or init_state's weights, or a random init), sharded or wrapped for the
         processes, its optimizer, the run's planned length, the clocks and the progress bar (see train)."""
         t = cfg.train
@@ -137,7 +138,7 @@ class Trainer:
         self.session_start, self.elapsed_before, self.first_step = time.perf_counter(), p.elapsed_s, p.step
 
     def new_model(self, init_state: dict[str, torch.Tensor] | None) -> GPT:
-        """The same init on every process (init_state's weights where given), after seeding every generator."""
+        """The same init on every process (init_state's weights where given), every generator seeded."""
         t = self.cfg.train
         torch.manual_seed(t.seed)
         random.seed(t.seed)
@@ -151,19 +152,20 @@ class Trainer:
         return model
 
     def announce(self) -> None:
-        """Check that a step fits in an epoch, forget metrics past the restored step, and say what trains on what."""
+        """Check that a step fits in an epoch, forget metrics past the restored step, say what trains."""
         t, dist, p = self.cfg.train, self.dist, self.progress
-        step_windows = dist.world * t.grad_accum * t.batch_size
-        if self.sampler.windows_per_epoch < step_windows:
-            raise UsageError(f"a step takes {dist.world} process(es) x {t.grad_accum} x {t.batch_size} = {step_windows} "
-                             f"windows, but an epoch has only {self.sampler.windows_per_epoch}: use fewer processes, "
+        step_windows, epoch = dist.world * t.grad_accum * t.batch_size, self.sampler.windows_per_epoch
+        if epoch < step_windows:
+            raise UsageError(f"a step takes {dist.world} process(es) x {t.grad_accum} x {t.batch_size} = "
+                             f"{step_windows} windows, but an epoch has only {epoch}: use fewer processes, "
                              "a smaller train.batch_size or more data")
         if dist.main:
             forget_metrics_after(self.run_dir / METRICS, p.step)
-        procs = f", {dist.world} processes ({dist.parallel}), global batch {step_windows} windows" if dist.active else ""
+        procs = (f", {dist.world} processes ({dist.parallel}), global batch {step_windows} windows"
+                 if dist.active else "")
         self.log(f"model: {self.model.num_params() / 1e6:.2f}M parameters, device {self.device}"
-                 f"{', bf16 autocast' if self.dtype else ''}{procs}; data: {len(self.data.train.tokens):,} train / "
-                 f"{len(self.data.val.tokens):,} val tokens, {self.sampler.windows_per_epoch:,} windows per epoch")
+                 f"{', bf16 autocast' if self.dtype else ''}{procs}; data: {len(self.data.train.tokens):,} "
+                 f"train / {len(self.data.val.tokens):,} val tokens, {epoch:,} windows per epoch")
 
     def start(self) -> None:
         """Start the loggers (with the session's facts) and put the model in training mode."""
@@ -191,9 +193,9 @@ class Trainer:
         else:  # more processes than the job that saved: a fresh dropout stream for this one
             torch.manual_seed(self.cfg.train.seed + dist.rank)
         if self.progress.world != dist.world:
-            self.log(f"resuming a job of {self.progress.world} process(es) with {dist.world}: the data position carries "
-                     "over (it counts windows of the whole job), the global batch changes with the number of "
-                     "processes, and this is not a bit-exact continuation")
+            self.log(f"resuming a job of {self.progress.world} process(es) with {dist.world}: the data "
+                     "position carries over (it counts windows of the whole job), the global batch changes "
+                     "with the number of processes, and this is not a bit-exact continuation")
         self.log(f"resuming from {ckpt} at step {self.progress.step}")
 
     def step(self) -> None:
@@ -292,8 +294,9 @@ class Trainer:
         """The loss summed over the windows, each process scoring its share; the target text's bytes too with
         count_bytes (for bits per byte)."""
         dist = self.dist
+        tokenizer = self.data.tokenizer if count_bytes else None
         s = loss_over(self.model, split, self.cfg.train.batch_size, self.device, self.dtype, max_windows,
-                      self.data.packed, self.data.tokenizer if count_bytes else None, shard=(dist.rank, dist.world))
+                      self.data.packed, tokenizer, shard=(dist.rank, dist.world))
         nats, targets, n_bytes = dist.total(s.nats, s.targets, s.bytes)
         return LossSum(nats, int(targets), int(n_bytes))
 
@@ -324,7 +327,8 @@ class Trainer:
         model, optimizer = whole_state(self.model, self.optimizer, dist)
         error = None
         if dist.main:
-            trainer = {"optimizer": optimizer, "rng": rng_tensors, **({"rng_ranks": ranks_rng} if dist.active else {})}
+            trainer = {"optimizer": optimizer, "rng": rng_tensors,
+                       **({"rng_ranks": ranks_rng} if dist.active else {})}
             try:
                 checkpoint.save(self.run_dir / checkpoint.CHECKPOINTS / name, model, self.cfg, self.data.tokenizer,
                                 trainer=trainer, state={"progress": vars(self.progress), "rng": rng_plain})
