@@ -252,3 +252,27 @@ def test_a_really_full_disk_while_checkpointing(text_file, small_disk, capsys):
     filler.unlink()
     assert snapshot(out / "checkpoints") == before
     assert run(capsys, "sample", "--run", out, "--max-new-tokens", 3)[0] == 0
+
+
+def test_a_train_command_resolves_its_config_and_checks_its_loggers_once(text_file, tmp_path, capsys,
+                                                                          monkeypatch):
+    """Once per command, new or resumed (with --preset, resume compares the command with the saved config)."""
+    from tinygpt import config
+    from tinygpt.train import loggers
+
+    calls = {"resolve": 0, "require": 0}
+
+    def counted(name, real):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(config, "resolve", counted("resolve", config.resolve))
+    monkeypatch.setattr(loggers, "require", counted("require", loggers.require))
+    command = ["train", "--data", text_file, "--tokenizer", "char", "--preset", "cpu-tiny",
+               "--out", tmp_path / "run", *tiny_flags()]
+    assert run(capsys, *command)[0] == 0
+    assert calls == {"resolve": 1, "require": 1}
+    assert run(capsys, *command, "--resume", "--train.max_iters", 9)[0] == 0
+    assert calls == {"resolve": 2, "require": 2}

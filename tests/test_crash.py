@@ -28,11 +28,16 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, sig, code, m
     out = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(data, out, 100_000, "--train.checkpoint_interval", "100000",
                                       "--train.eval_interval", "5"), stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists() and time.time() < deadline:  # the first evaluation: training is on
-        time.sleep(0.1)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 600
+        # the first evaluation: training, and its signal handlers, are on
+        while not (out / "metrics.jsonl").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start training"
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()  # whatever a failure left running
     assert proc.returncode == code, err
     assert "checkpoint saved in" in err and f"tinygpt train --out {out} --resume" in err
     state = json.loads((out / "checkpoints" / "last" / "state.json").read_text())

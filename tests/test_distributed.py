@@ -2,6 +2,7 @@
 exact resume after SIGKILL, a checkpoint on SIGTERM, clear errors for set-ups that cannot work."""
 
 import contextlib
+import datetime
 import json
 import os
 import signal
@@ -15,9 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import free_port, tiny_flags
+from tinygpt import config
+from tinygpt import run as tinygpt_run
+from tinygpt.cli import main
 from tinygpt.config import Config
 from tinygpt.data.batches import EpochSampler, Split
 from tinygpt.data.prepare import Dataset
+from tinygpt.train import distributed
 from tinygpt.train.distributed import Dist, gradient_sync
 from tinygpt.train.step import micro_batches
 
@@ -31,7 +36,7 @@ def train(out: Path, data: Path, *extra: str, procs: int = 2, check: bool = True
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
     cmd = [sys.executable, *launcher, "-m", "tinygpt", "train", "--data", str(data), "--tokenizer", "char",
            "--out", str(out), *FLAGS, *extra]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, **popen)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **popen)  # a hang guard
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -64,12 +69,25 @@ def signal_tree(root: int, signum: int) -> None:
 
 
 def wait_until_training(out: Path, job: subprocess.Popen) -> None:
-    """Until the job has written its run directory, and a few seconds more: it is then inside the training loop."""
-    deadline = time.monotonic() + 120
-    while not (out / "config.yaml").exists():
-        assert job.poll() is None and time.monotonic() < deadline, "the job did not start"
+    """Until the job's first evaluation is in metrics.jsonl: every process is then inside the training loop
+    (an evaluation needs them all), with its signal handlers in place, however slow the machine."""
+    deadline = time.monotonic() + 600
+    while not (out / "metrics.jsonl").exists():
+        assert job.poll() is None and time.monotonic() < deadline, "the job did not start training"
         time.sleep(0.1)
-    time.sleep(4)
+
+
+def last_step(run: Path) -> int:
+    """The step of the run's newest last checkpoint, counting the previous one that a swap keeps as .old-last
+    (a kill may land inside the swap); -1 while there is none."""
+    steps = []
+    for name in ("last", ".old-last"):
+        try:
+            state = json.loads((run / "checkpoints" / name / "state.json").read_text())
+            steps.append(state["progress"]["step"])
+        except FileNotFoundError:
+            pass
+    return max(steps, default=-1)
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -157,14 +175,15 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(text_file, tmp_path
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tinygpt", "train",
            "--data", str(text_file), "--tokenizer", "char", "--out", str(out), *FLAGS, *long]
     job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    state = out / "checkpoints" / "last" / "state.json"
-    deadline = time.monotonic() + 120
-    while not (state.exists() and json.loads(state.read_text())["progress"]["step"] >= 80):
-        assert job.poll() is None and time.monotonic() < deadline, "the job ended before it could be killed"
-        time.sleep(0.05)
-    signal_tree(job.pid, signal.SIGKILL)  # torchrun and both workers, mid-run
-    job.wait()
-    killed_at = json.loads(state.read_text())["progress"]["step"]
+    deadline = time.monotonic() + 600
+    try:
+        while last_step(out) < 80:
+            assert job.poll() is None and time.monotonic() < deadline, "the job ended before the kill"
+            time.sleep(0.05)
+    finally:
+        signal_tree(job.pid, signal.SIGKILL)  # torchrun and both workers, mid-run
+        job.wait()
+    killed_at = last_step(out)
     assert killed_at < 400
     resumed = train(out, text_file, *long, "--resume")
     assert f"at step {killed_at}" in resumed.stderr, resumed.stderr[-3000:]
@@ -177,11 +196,15 @@ def test_sigterm_checkpoints_once_and_exits(text_file, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tinygpt", "train",
            "--data", str(text_file), "--tokenizer", "char", "--out", str(out), *FLAGS, "--train.max_iters", "100000",
-           "--train.checkpoint_interval", "100000", "--train.eval_interval", "100000"]
+           "--train.checkpoint_interval", "100000"]  # so the last checkpoint is the signal's
     job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_until_training(out, job)
-    os.kill(job.pid, signal.SIGTERM)  # to torchrun, which passes it on to its workers
-    _, err = job.communicate(timeout=120)
+    try:
+        wait_until_training(out, job)
+        os.kill(job.pid, signal.SIGTERM)  # to torchrun, which passes it on to its workers
+        _, err = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:  # what a failure left running
+            signal_tree(job.pid, signal.SIGKILL)
     state = json.loads((out / "checkpoints" / "last" / "state.json").read_text())
     assert 0 < state["progress"]["step"] < 100000 and state["progress"]["world"] == 2
     assert err.count("stopped by SIGTERM; checkpoint saved") == 1, err[-2000:]  # rank 0 says it, once
@@ -211,11 +234,14 @@ def test_a_crashed_peer_ends_the_others_with_a_clear_message(text_file, tmp_path
            "--out", str(tmp_path / "run"), *FLAGS, "--train.max_iters", "100000", "--train.dist_timeout", "30"]
     procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for r in range(2)]
-    wait_until_training(tmp_path / "run", procs[0])
-    procs[1].kill()
-    started = time.monotonic()
-    _, err = procs[0].communicate(timeout=90)
-    assert procs[0].returncode != 0 and time.monotonic() - started < 60
+    try:
+        wait_until_training(tmp_path / "run", procs[0])
+        procs[1].kill()
+        _, err = procs[0].communicate(timeout=300)  # not forever: train.dist_timeout (30 s) bounds the wait
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert procs[0].returncode != 0
     assert "error: process 0 of 2: another process of the job failed or stopped answering" in err, err[-2000:]
 
 
@@ -245,3 +271,54 @@ def test_a_different_number_of_processes_may_resume_and_is_told(text_file, tmp_p
     assert "resuming a job of 2 process(es) with 1: the data position carries over" in resumed.stderr
     state = json.loads((out / "checkpoints" / "last" / "state.json").read_text())
     assert state["progress"]["step"] == 12 and state["progress"]["world"] == 1
+
+
+class GroupStarted(Exception):
+    """Raised by the stand-in init_process_group: the test has seen what the group would have been."""
+
+
+def process_group_of_resume(out: Path, monkeypatch, *flags: str) -> list[tuple[str, datetime.timedelta, str]]:
+    """(backend, timeout, device set) that rank 0 of a two-process job resuming `out` starts its group
+    with, on a host where CUDA is available (faked: this machine has none)."""
+    groups, devices = [], []
+
+    def start_group(backend, *args, timeout=None, **kwargs):
+        groups.append((backend, timeout, devices[-1] if devices else "none"))
+        raise GroupStarted
+
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: devices.append(str(device)))
+    monkeypatch.setattr(torch.distributed, "init_process_group", start_group)
+    # the job's store, which rank 0 would host for the other process: one of this process's own
+    monkeypatch.setattr(torch.distributed, "rendezvous",
+                        lambda *args, **kwargs: iter([(torch.distributed.HashStore(), 0, 2)]))
+    with pytest.raises(GroupStarted):
+        main(["train", "--out", str(out), "--resume", *flags])
+    return groups
+
+
+def test_a_resumed_run_starts_its_process_group_from_its_saved_config(text_file, tmp_path, monkeypatch):
+    """A CPU run resumed under torchrun on a GPU host: gloo (not nccl around a CPU model), the saved timeout;
+    the changes the command asks for (train.* may change on resume) count as well."""
+    out = tmp_path / "run"
+    tiny = {k[2:]: v for k, v in zip(FLAGS[::2], FLAGS[1::2])}
+    cfg = config.resolve(flags={"data.path": str(text_file), "data.tokenizer": "char", "train.device": "cpu",
+                                "train.dist_timeout": 30, **tiny})
+    tinygpt_run.create(cfg, out, log=lambda msg: None).lock.release()
+    assert process_group_of_resume(out, monkeypatch) == [("gloo", datetime.timedelta(seconds=30), "none")]
+    changed = process_group_of_resume(out, monkeypatch, "--train.device", "auto",
+                                      "--train.dist_timeout", "45")
+    assert changed == [("nccl", datetime.timedelta(seconds=45), "cuda:0")]
+
+
+def test_the_place_in_the_job_comes_from_torchruns_environment(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert distributed.from_env() == distributed.SINGLE
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.from_env() == Dist(3, 4, 1, "ddp") and not distributed.from_env().main

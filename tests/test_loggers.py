@@ -4,6 +4,7 @@ import glob
 import json
 import struct
 import sys
+import time
 
 import pytest
 
@@ -43,6 +44,8 @@ def wandb_records(path):
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # a chunk still being written
+            return
         chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
         buf = chunk if kind in (1, 2) else buf + chunk
         if kind in (1, 4):
@@ -51,14 +54,25 @@ def wandb_records(path):
             yield record
 
 
+def wandb_history(path, count, timeout_s=300):
+    """The history records of a .wandb file, polled for until there are `count` of them (or the time is up):
+    W&B's own service process writes the file, which on a loaded machine was seen to hold none yet."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        history = [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
+                   for r in wandb_records(path) if r.WhichOneof("record_type") == "history"]
+        if len(history) >= count or time.monotonic() > deadline:
+            return history
+        time.sleep(0.2)
+
+
 def test_wandb_offline_run_holds_every_logged_scalar(tmp_path, text_file, monkeypatch):
     pytest.importorskip("wandb", reason="wandb is not installed (pip install 'tinygpt[wandb]')")
     for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"):
         monkeypatch.delenv(var, raising=False)
     out, metrics = train(tmp_path, text_file, "--train.log", "wandb")
     (run_file,) = glob.glob(str(out / "wandb" / "offline-run-*" / "*.wandb"))  # offline: nothing configured
-    history = [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
-               for r in wandb_records(run_file) if r.WhichOneof("record_type") == "history"]
+    history = wandb_history(run_file, len(metrics))
     assert [h["_step"] for h in history] == [m["step"] for m in metrics]
     for h, m in zip(history, metrics):
         for key in ("train_loss", "val_loss", "lr", "tokens_seen"):

@@ -9,7 +9,7 @@ from tinygpt import checkpoint, config
 from tinygpt.data import files, prepare
 from tinygpt.errors import TinyGPTError
 from tinygpt.model import GPT
-from tinygpt.train.loop import train
+from tinygpt.train.loop import Trainer, train
 from tinygpt.train.optim import make_optimizer
 from tinygpt.train.schedule import lr_at, planned_steps
 from tinygpt.train.step import MaybeCompiled
@@ -163,3 +163,15 @@ def test_auto_size_picks_the_largest_shape_the_budget_can_feed(text_file, tmp_pa
 def test_auto_size_needs_a_time_budget():
     with pytest.raises(config.UsageError, match="time_budget"):
         config.resolve(flags={"model.auto_size": True})
+
+
+def test_the_trainer_has_all_its_parts_once_it_is_made(text_file, tmp_path):
+    """Starting, stepping, evaluating and finishing add no attribute that __init__ did not declare."""
+    cfg = tiny_config()
+    trainer = Trainer(cfg, tmp_path, prepared(text_file, cfg, tmp_path), log=lambda m: None)
+    parts = set(vars(trainer))
+    trainer.start()
+    trainer.step()
+    trainer.evaluate_and_keep()
+    trainer.finish()
+    assert set(vars(trainer)) == parts

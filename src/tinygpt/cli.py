@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import functools
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -95,11 +95,14 @@ def parse_train(argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset")
     pre.add_argument("--config")
+    pre.add_argument("-h", "--help", action="store_true")
     known, _ = pre.parse_known_args(argv)
-    try:  # show the preset's and file's values as defaults in --help
-        shown = config.resolve(known.preset, known.config)
-    except UsageError:
-        shown = config.Config()
+    shown = config.Config()
+    if known.help:  # the preset's and the file's values, shown as the defaults in --help
+        try:
+            shown = config.resolve(known.preset, known.config)
+        except UsageError:
+            pass
     args = train_parser(shown, known.preset).parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if "." in k}
     return args, flags
@@ -111,23 +114,22 @@ def cmd_train(argv: list[str]) -> int:
         raise UsageError("--resume and --overwrite contradict each other; pick one")
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out DIR: the run directory to continue")
-    try:
+    dist = distributed.from_env()  # torchrun's processes, if any
+    if args.resume:  # the config is the saved one with the command's changes: resume resolves it
+        # Resuming prepares no data: the others wait for process 0 as long as a collective would by default.
+        setup_timeout = config.TrainConfig.dist_timeout
+        make = functools.partial(tinygpt_run.resume, args.out, flags, args.preset, args.config, log=log)
+    else:
         cfg = config.resolve(args.preset, args.config, flags)
-    except UsageError:
-        if not args.resume:
-            raise
-        cfg = config.Config()  # flags that only make sense on the saved config: resume() checks them against it
-    d = distributed.init(cfg.train)  # torchrun's processes, if any
+        setup_timeout = cfg.train.dist_timeout
+        make = functools.partial(tinygpt_run.create, cfg, args.out, args.overwrite, log=log,
+                                 preset=args.preset)
     try:
-        if args.resume:
-            run = tinygpt_run.shared(lambda: tinygpt_run.resume(args.out, flags, args.preset, args.config, log=log), d)
-        else:
-            run = tinygpt_run.shared(lambda: tinygpt_run.create(cfg, args.out, args.overwrite, log=log,
-                                                                preset=args.preset), d)
-        run.train(log=log if d.main else lambda msg: None, d=d)
+        run = tinygpt_run.shared(make, dist, setup_timeout)
+        run.train(log=log, dist=dist)
     finally:
-        distributed.shutdown(d)
-    if d.main:
+        distributed.shutdown(dist)
+    if dist.main:
         log(f"done. Next:\n  tinygpt sample --run {run.dir}\n  tinygpt report {run.dir}   # loss curves, figures and samples")
     return 0
 
@@ -349,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         # Under torchrun every process meets the same refusal or stop; rank 0 says it for all of them.
-        if not (isinstance(e, UsageError | Interrupted) and os.environ.get("RANK", "0") != "0"):
+        if not (isinstance(e, UsageError | Interrupted) and not distributed.from_env().main):
             print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -114,7 +114,7 @@ class TrainConfig:
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr: float = 1e-4
-    """Learning rate at the end of the cosine decay."""
+    """Learning rate at the end of the decay (cosine or wsd)."""
     warmup_iters: int = 100
     """Linear warm-up steps."""
     lr_decay_iters: int | None = None
@@ -159,7 +159,8 @@ class TrainConfig:
     device: str = "auto"
     """'auto' (cuda if present, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Autocast compute type; auto is bf16 on CUDA, fp32 on CPU."""
+    """Autocast compute type; auto is bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), float32
+    elsewhere."""
     parallel: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: ddp keeps a whole copy of the model on every process and averages gradients; fsdp
     (FSDP2) shards weights, gradients and optimizer state over the processes, for models that do not fit one."""
@@ -412,10 +413,10 @@ def resolve(preset: str | None = None, config_file: str | Path | None = None,
     return cfg
 
 
-def from_dict(d: dict[str, Any]) -> Config:
+def from_dict(saved: dict[str, Any]) -> Config:
     """Rebuild a saved (fully resolved) config."""
     cfg = Config()
-    apply_overrides(cfg, d, "saved config")
+    apply_overrides(cfg, saved, "saved config")
     validate(cfg)
     return cfg
 
@@ -430,10 +431,10 @@ def sample_settings(sampling: SampleConfig, settings: dict[str, Any], source: st
 
 
 def validate(cfg: Config) -> None:
-    m, d, t, s = cfg.model, cfg.data, cfg.train, cfg.sample
+    m, data, t, s = cfg.model, cfg.data, cfg.train, cfg.sample
     positive = {
         "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
-        "model.block_size": m.block_size, "data.vocab_size": d.vocab_size,
+        "model.block_size": m.block_size, "data.vocab_size": data.vocab_size,
         "train.max_iters": t.max_iters, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
         "train.eval_interval": t.eval_interval, "train.eval_iters": t.eval_iters,
         "train.checkpoint_interval": t.checkpoint_interval,
@@ -459,8 +460,8 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"rope needs an even head size, got n_embd/n_head = {m.n_embd // m.n_head}")
     if not 0 <= m.dropout < 1:
         raise UsageError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if not 0 < d.val_fraction < 1:
-        raise UsageError(f"data.val_fraction must be between 0 and 1 (exclusive), got {d.val_fraction}")
+    if not 0 < data.val_fraction < 1:
+        raise UsageError(f"data.val_fraction must be between 0 and 1 (exclusive), got {data.val_fraction}")
     if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
         raise UsageError(f"train.beta1 and train.beta2 must be in [0, 1), got {t.beta1}, {t.beta2}")
     if not 0 < t.decay_fraction <= 1:

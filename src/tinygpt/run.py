@@ -22,13 +22,13 @@ from tinygpt.data.prepare import Dataset, check_length, copy_to, load_prepared, 
 from tinygpt.data.templates import TEMPLATES, ChatTemplate
 from tinygpt.device import autocast_dtype, resolve_device
 from tinygpt.errors import TinyGPTError, UsageError
-from tinygpt.evaluate import loss_over
 from tinygpt.infer.quantize import DTYPES, int8_speedup, quantize
 from tinygpt.init_from import Source, grow_vocab, open_source
 from tinygpt.rundir import RunLock, describe, holder
+from tinygpt.split_loss import loss_over
 from tinygpt.tokenizer import GPT2Tokenizer
 from tinygpt.train import loggers
-from tinygpt.train.distributed import SINGLE, Dist, for_run
+from tinygpt.train.distributed import SINGLE, Dist, for_run, from_main, meet, start_group
 from tinygpt.train.loop import train
 from tinygpt.train.schedule import choose_size
 
@@ -48,45 +48,54 @@ class Run:
     lock: RunLock | None = None  # held while this process may train the run (rank 0's only, under torchrun)
     preset: str | None = None  # the recipe it was made from, for `tinygpt runs`
 
-    def train(self, log: Log = print, d: Dist = SINGLE) -> dict[str, Any]:
-        """Train to the end of the schedule (as process d of a torchrun job); returns the final metrics.
+    def train(self, log: Log = print, dist: Dist = SINGLE) -> dict[str, Any]:
+        """Train to the end of the schedule (as process `dist` of a torchrun job); returns the final metrics.
         The run's lock is released when training ends, however it ends."""
         try:
             if self.checkpoint is None and self.config.train.init_from and self.source is None:
                 self.source = grow_vocab(open_init_source(self.config), self.data.tokenizer)  # resumed before step 1
             state = self.source.state if self.source else None
-            d = for_run(d, self.config.train)
-            logs = loggers.open_loggers(self.config, self.dir, self.preset) if d.main else []
-            return train(self.config, self.dir, self.data, self.checkpoint, log, self.sizing_s, state, d, logs)
+            dist = for_run(dist, self.config.train)
+            logs = loggers.open_loggers(self.config, self.dir, self.preset) if dist.main else []
+            return train(self.config, self.dir, self.data, self.checkpoint, log, self.sizing_s, state, dist,
+                         logs)
         finally:
             if self.lock is not None:
                 self.lock.release()
 
 
-def shared(make: Callable[[], Run], d: Dist) -> Run:
-    """The run that `make` creates or resumes, on every process of a torchrun job: rank 0 makes it (prepares the
-    data, sizes the model, writes the directory) while the others wait, then they open the same run, so every
-    decision in it is taken once. A failure on rank 0 ends every process."""
-    if not d.active:
+def shared(make: Callable[[], Run], dist: Dist, setup_timeout: float) -> Run:
+    """The run that `make` creates or resumes, on every process of a torchrun job: rank 0 makes it (prepares
+    the data, sizes the model, writes the directory) while the others wait (up to setup_timeout seconds),
+    then they open the same run, so every decision in it is taken once; then every process joins the process
+    group that the run's config asks for (see start_group). A failure on rank 0 ends every process."""
+    if not dist.active:
         return make()
+    store = meet(dist, setup_timeout)
     run, error = None, None
-    if d.main:
+    if dist.main:
         try:
             run = make()
         except TinyGPTError as e:
             error = e
-    made = d.from_main(None if run is None else {"dir": str(run.dir), "config": run.config.to_dict(),
-                                                 "checkpoint": run.checkpoint and str(run.checkpoint),
-                                                 "sizing_s": run.sizing_s})
+    made = from_main(store, dist, None if run is None else {
+        "dir": str(run.dir), "config": run.config.to_dict(),
+        "checkpoint": run.checkpoint and str(run.checkpoint), "sizing_s": run.sizing_s})
     if error is not None:
         raise error
     if made is None:
         raise TinyGPTError("process 0 could not set up the run; see its message")
-    if d.main:
-        return run
-    ckpt = Path(made["checkpoint"]) if made["checkpoint"] else None
-    data = load_prepared(Path(made["dir"]) / rundir.DATA)
-    return Run(Path(made["dir"]), config.from_dict(made["config"]), data, ckpt, made["sizing_s"])
+    if run is None:
+        run_dir, ckpt = Path(made["dir"]), Path(made["checkpoint"]) if made["checkpoint"] else None
+        run = Run(run_dir, config.from_dict(made["config"]), load_prepared(run_dir / rundir.DATA), ckpt,
+                  made["sizing_s"])
+    try:
+        start_group(dist, run.config.train, store)
+    except BaseException:
+        if run.lock is not None:
+            run.lock.release()
+        raise
+    return run
 
 
 def open_init_source(cfg: Config) -> Source:

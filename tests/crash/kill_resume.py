@@ -9,6 +9,7 @@ tests/test_crash.py runs a short version of this in `make test`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import signal
@@ -31,7 +32,12 @@ def train_cmd(data: Path, out: Path, iters: int, *extra: str) -> list[str]:
 
 
 def run_with_kills(data: Path, out: Path, iters: int, kills: int, rng: random.Random, env: dict, log=print) -> int:
-    """Start the run, SIGKILL it `kills` times at random moments, resuming after each; return the launches used."""
+    """Start the run, SIGKILL it `kills` times at random moments, resuming after each; return the launches.
+
+    Each kill comes a random fraction of a second after the run's last checkpoint passed a random step, so
+    that it lands mid-run (in a step, an evaluation or a checkpoint's write) however fast or loaded the
+    machine is."""
+    targets = sorted(rng.sample(range(1, iters), kills))
     launches = 0
     for i in range(kills + 1):
         resumable = (out / "config.yaml").exists()
@@ -39,15 +45,15 @@ def run_with_kills(data: Path, out: Path, iters: int, kills: int, rng: random.Ra
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         launches += 1
         if i < kills:
-            delay = rng.uniform(1.0, 6.0)
-            try:
-                proc.wait(timeout=delay)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                log(f"kill {i + 1}: SIGKILL after {delay:.1f} s")
-                continue
-            log(f"kill {i + 1}: the run finished before the kill ({delay:.1f} s)")
+            if wait_for_step(out, targets[i], proc):
+                time.sleep(rng.uniform(0.0, 0.3))  # the random moment past the step
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    log(f"kill {i + 1}: SIGKILL past step {targets[i]}")
+                    continue
+            proc.wait()
+            log(f"kill {i + 1}: the run finished before the kill (step {targets[i]})")
             if proc.returncode != 0:
                 raise RuntimeError(f"training failed: {proc.stderr.read()}")
             return launches
@@ -55,6 +61,31 @@ def run_with_kills(data: Path, out: Path, iters: int, kills: int, rng: random.Ra
         if proc.returncode != 0:
             raise RuntimeError(f"training failed: {err}")
     return launches
+
+
+def last_step(out: Path) -> int:
+    """The step of the run's newest last checkpoint (a swap keeps the previous one as .old-last); -1: none."""
+    steps = []
+    for name in ("last", ".old-last"):
+        try:
+            state = json.loads((out / CHECKPOINTS / name / "state.json").read_text())
+            steps.append(state["progress"]["step"])
+        except FileNotFoundError:
+            pass
+    return max(steps, default=-1)
+
+
+def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout_s: float = 600) -> bool:
+    """Poll until the run's last checkpoint is at `step` or later: True, or False once the run has ended."""
+    deadline = time.monotonic() + timeout_s
+    while last_step(out) < step:
+        if proc.poll() is not None:
+            return False
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the run did not reach step {step} in {timeout_s:.0f} s")
+        time.sleep(0.02)
+    return True
 
 
 def check(kills: int, iters: int, seed: int, workdir: Path, log=print) -> tuple[str, str]:

@@ -157,6 +157,6 @@ def require(cfg: Config) -> None:
 
 
 def open_loggers(cfg: Config, run_dir: Path, preset: str | None = None) -> list[Logger]:
-    """The run's loggers: metrics.jsonl and status.json, then each of train.log."""
-    require(cfg)
+    """The run's loggers: metrics.jsonl and status.json, then each of train.log (whose packages `require`
+    checked when the run was created or resumed)."""
     return [JsonlLog(run_dir), StatusLog(run_dir, preset), *(EXTRA[name][0](run_dir) for name in log_targets(cfg.train.log))]

@@ -12,7 +12,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +24,16 @@ from tinygpt import checkpoint, rundir
 from tinygpt.config import Config
 from tinygpt.data.batches import EpochSampler, Split
 from tinygpt.data.prepare import Dataset
-from tinygpt.device import autocast_dtype, peak_flops, resolve_device
+from tinygpt.device import autocast_dtype, peak_flops
 from tinygpt.errors import Interrupted, TinyGPTError, UsageError
-from tinygpt.evaluate import LossSum, loss_metrics, loss_over
 from tinygpt.model import GPT
+from tinygpt.split_loss import LossSum, loss_metrics, loss_over
 from tinygpt.train.distributed import (
     SINGLE,
     Dist,
-    device_for,
     load_optimizer_state,
     peer_failure,
+    train_device,
     whole_state,
     wrap,
 )
@@ -46,21 +46,21 @@ from tinygpt.train.step import MaybeCompiled, StepResult, micro_batches, train_s
 
 def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = None,
           log: Callable[[str], None] = print, elapsed_s: float = 0.0,
-          init_state: dict[str, torch.Tensor] | None = None, d: Dist = SINGLE,
+          init_state: dict[str, torch.Tensor] | None = None, dist: Dist = SINGLE,
           loggers: list[Logger] | None = None) -> dict[str, Any]:
     """Train cfg.model on data, writing checkpoints and metrics.jsonl into run_dir; returns the final metrics.
 
     resume_from is a checkpoint that checkpoint.newest or checkpoint.find returned (they verify it);
     elapsed_s is time already spent on the run before training (auto-sizing), counted against a budget;
-    init_state holds the weights to start from instead of a random init (train.init_from); d is this
+    init_state holds the weights to start from instead of a random init (train.init_from); dist is this
     process's place in a torchrun job (every process calls train; rank 0 alone writes and logs); loggers
-    receive every evaluation (default: metrics.jsonl and status.json, see open_loggers)."""
-    trainer = Trainer(cfg, run_dir, data, log, d)
-    if init_state is not None and resume_from is None:
-        trainer.model.load_state_dict(init_state)
-    trainer.loggers = (open_loggers(cfg, run_dir) if loggers is None else loggers) if d.main else []
+    receive every evaluation (default: metrics.jsonl and status.json on rank 0, see open_loggers)."""
+    if loggers is None:
+        loggers = open_loggers(cfg, run_dir) if dist.main else []
+    trainer = None
     try:
-        trainer.start(resume_from, elapsed_s)
+        trainer = Trainer(cfg, run_dir, data, log, dist, loggers, resume_from, elapsed_s, init_state)
+        trainer.start()
         with StopOnSignal() as stop:
             while trainer.progress.step < trainer.progress.total:
                 trainer.step()
@@ -69,7 +69,8 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
                     if not trainer.evaluate_and_keep():
                         trainer.stopped_early = True
                         break
-                (stopping,) = d.agree(stop.signum is not None)  # a signal reaches the processes at different steps
+                # a signal reaches the processes at different steps
+                (stopping,) = dist.agree(stop.signum is not None)
                 if trainer.progress.step % cfg.train.checkpoint_interval == 0 and not last_step or stopping:
                     trainer.save("last")
                 if stopping:
@@ -80,8 +81,9 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
         trainer.close_logs("finished")
         return final
     except BaseException as e:
-        failure = peer_failure(e, d) if isinstance(e, RuntimeError | torch.distributed.DistError) else None
-        trainer.close_logs(*ending(failure or e))
+        failure = peer_failure(e, dist) if isinstance(e, RuntimeError | torch.distributed.DistError) else None
+        if trainer is not None:
+            trainer.close_logs(*ending(failure or e))
         if failure is None:
             raise
         raise failure from None
@@ -97,33 +99,27 @@ def ending(e: BaseException) -> tuple[str, str | None]:
 class Trainer:
     """One training session's moving parts: model, optimizer, data order, progress and the files they go to."""
 
-    def __init__(self, cfg: Config, run_dir: Path, data: Dataset, log: Callable[[str], None], d: Dist = SINGLE):
+    def __init__(self, cfg: Config, run_dir: Path, data: Dataset, log: Callable[[str], None],
+                 dist: Dist = SINGLE, loggers: Sequence[Logger] = (), resume_from: Path | None = None,
+                 elapsed_s: float = 0.0, init_state: dict[str, torch.Tensor] | None = None):
+        """The model from resume_from (or init_state's weights, or a random init), sharded or wrapped for the
+        processes, its optimizer, the run's planned length, the clocks and the progress bar (see train)."""
         t = cfg.train
-        self.cfg, self.run_dir, self.data, self.dist = cfg, run_dir, data, d
-        self.log = log if d.main else (lambda msg: None)
-        self.device = device_for(d, resolve_device(t.device))
+        self.cfg, self.run_dir, self.data, self.dist = cfg, run_dir, data, dist
+        self.log = log if dist.main else (lambda msg: None)
+        self.loggers = list(loggers)
+        self.started: list[Logger] = []  # the loggers whose start ran, and so need a close
+        self.device = train_device(dist, t)
         self.dtype = autocast_dtype(t, self.device)
-        torch.manual_seed(t.seed)
-        random.seed(t.seed)
-        np.random.seed(t.seed)
-        self.model = GPT(cfg.model).to(self.device)  # the same init on every process
-        if d.rank > 0:  # but each its own dropout masks (rank 0 keeps the single-process stream)
-            torch.manual_seed(t.seed + d.rank)
-        self.model.activation_checkpointing = t.activation_checkpointing
+        self.model = self.new_model(init_state if resume_from is None else None)
         self.peak = peak_flops(self.device)
         self.sampler = EpochSampler(len(data.train.tokens), cfg.model.block_size, t.batch_size, t.seed, data.packed)
-        self.tokens_per_step = d.world * t.batch_size * t.grad_accum * cfg.model.block_size
+        self.tokens_per_step = dist.world * t.batch_size * t.grad_accum * cfg.model.block_size
         self.progress = Progress()
         self.stopped_early = False
-        self.loggers: list[Logger] = []
-        self.started: list[Logger] = []  # the loggers whose start ran, and so need a close
-
-    def start(self, resume_from: Path | None, elapsed_s: float) -> None:
-        """Restore a checkpoint (or start at step 0), shard or wrap the model for the processes, plan the length,
-        start the clocks and the progress bar."""
-        t, d = self.cfg.train, self.dist
+        self.lr = 0.0  # the latest step's learning rate
         saved = self.restore_weights(resume_from) if resume_from is not None else None
-        self.wrapped = wrap(self.model, d)  # after the weights are in: FSDP shards them in place
+        self.wrapped = wrap(self.model, dist)  # after the weights are in: FSDP shards them in place
         self.step_model = MaybeCompiled(self.wrapped, t.compile, self.log)  # the model, or its compiled form
         self.optimizer = make_optimizer(self.model, t, self.device)
         if saved is not None:
@@ -131,26 +127,50 @@ class Trainer:
         else:
             self.progress.elapsed_s = elapsed_s
         p = self.progress
-        step_windows = d.world * t.grad_accum * t.batch_size
-        if self.sampler.windows_per_epoch < step_windows:
-            raise UsageError(f"a step takes {d.world} process(es) x {t.grad_accum} x {t.batch_size} = {step_windows} "
-                             f"windows, but an epoch has only {self.sampler.windows_per_epoch}: use fewer processes, "
-                             "a smaller train.batch_size or more data")
-        if d.main:
-            forget_metrics_after(self.run_dir / rundir.METRICS, p.step)
-        procs = f", {d.world} processes ({d.parallel}), global batch {step_windows} windows" if d.active else ""
-        self.log(f"model: {self.model.num_params() / 1e6:.2f}M parameters, device {self.device}"
-                 f"{', bf16 autocast' if self.dtype else ''}{procs}; data: {len(self.data.train.tokens):,} train / "
-                 f"{len(self.data.val.tokens):,} val tokens, {self.sampler.windows_per_epoch:,} windows per epoch")
+        self.announce()
         if t.time_budget is None:  # from the config, which --resume may have changed
-            p.total = planned_steps(t, self.sampler.windows_per_epoch // d.world)
+            p.total = planned_steps(t, self.sampler.windows_per_epoch // dist.world)
         elif not p.total:  # a provisional length until the speed is known
             p.total = PROVISIONAL
         self.planner = BudgetPlanner(t.time_budget, p.step > 0) if t.time_budget is not None else None
         self.bar = tqdm(total=p.total, initial=p.step, desc="train", file=sys.stderr, dynamic_ncols=True,
-                        disable=None if d.main else True, unit="step")
+                        disable=None if dist.main else True, unit="step")
         self.interval_tokens, self.interval_start = 0, time.perf_counter()
         self.session_start, self.elapsed_before, self.first_step = time.perf_counter(), p.elapsed_s, p.step
+
+    def new_model(self, init_state: dict[str, torch.Tensor] | None) -> GPT:
+        """The same init on every process (init_state's weights where given), every generator seeded."""
+        t = self.cfg.train
+        torch.manual_seed(t.seed)
+        random.seed(t.seed)
+        np.random.seed(t.seed)
+        model = GPT(self.cfg.model).to(self.device)
+        if self.dist.rank > 0:  # but each its own dropout masks (rank 0 keeps the single-process stream)
+            torch.manual_seed(t.seed + self.dist.rank)
+        model.activation_checkpointing = t.activation_checkpointing
+        if init_state is not None:
+            model.load_state_dict(init_state)
+        return model
+
+    def announce(self) -> None:
+        """Check that a step fits in an epoch, forget metrics past the restored step, say what trains."""
+        t, dist, p = self.cfg.train, self.dist, self.progress
+        step_windows, epoch = dist.world * t.grad_accum * t.batch_size, self.sampler.windows_per_epoch
+        if epoch < step_windows:
+            raise UsageError(f"a step takes {dist.world} process(es) x {t.grad_accum} x {t.batch_size} = "
+                             f"{step_windows} windows, but an epoch has only {epoch}: use fewer processes, "
+                             "a smaller train.batch_size or more data")
+        if dist.main:
+            forget_metrics_after(self.run_dir / rundir.METRICS, p.step)
+        procs = (f", {dist.world} processes ({dist.parallel}), global batch {step_windows} windows"
+                 if dist.active else "")
+        self.log(f"model: {self.model.num_params() / 1e6:.2f}M parameters, device {self.device}"
+                 f"{', bf16 autocast' if self.dtype else ''}{procs}; data: {len(self.data.train.tokens):,} "
+                 f"train / {len(self.data.val.tokens):,} val tokens, {epoch:,} windows per epoch")
+
+    def start(self) -> None:
+        """Start the loggers (with the session's facts) and put the model in training mode."""
+        p = self.progress
         facts = dict(step=p.step, total=p.total, params=self.model.num_params(non_embedding=False), device=str(self.device),
                      dtype="bfloat16" if self.dtype == torch.bfloat16 else "float32")
         for logger in self.loggers:
@@ -164,19 +184,19 @@ class Trainer:
         return loaded.trainer_state(), loaded.state
 
     def restore_state(self, ckpt: Path, trainer: dict[str, Any], state: dict[str, Any]) -> None:
-        d = self.dist
-        load_optimizer_state(self.model, self.optimizer, trainer["optimizer"], d)
+        dist = self.dist
+        load_optimizer_state(self.model, self.optimizer, trainer["optimizer"], dist)
         self.progress = Progress(**state["progress"])
         self.sampler.load_state_dict(self.progress.sampler)
         saved_ranks = trainer.get("rng_ranks") or [trainer["rng"]]
-        if d.rank < len(saved_ranks):
-            set_rng_state(saved_ranks[d.rank], state["rng"])
+        if dist.rank < len(saved_ranks):
+            set_rng_state(saved_ranks[dist.rank], state["rng"])
         else:  # more processes than the job that saved: a fresh dropout stream for this one
-            torch.manual_seed(self.cfg.train.seed + d.rank)
-        if self.progress.world != d.world:
-            self.log(f"resuming a job of {self.progress.world} process(es) with {d.world}: the data position carries "
-                     "over (it counts windows of the whole job), the global batch changes with the number of "
-                     "processes, and this is not a bit-exact continuation")
+            torch.manual_seed(self.cfg.train.seed + dist.rank)
+        if self.progress.world != dist.world:
+            self.log(f"resuming a job of {self.progress.world} process(es) with {dist.world}: the data "
+                     "position carries over (it counts windows of the whole job), the global batch changes "
+                     "with the number of processes, and this is not a bit-exact continuation")
         self.log(f"resuming from {ckpt} at step {self.progress.step}")
 
     def step(self) -> None:
@@ -274,10 +294,11 @@ class Trainer:
     def loss(self, split: Split, max_windows: int | None, count_bytes: bool = False) -> LossSum:
         """The loss summed over the windows, each process scoring its share; the target text's bytes too with
         count_bytes (for bits per byte)."""
-        d = self.dist
+        dist = self.dist
+        tokenizer = self.data.tokenizer if count_bytes else None
         s = loss_over(self.model, split, self.cfg.train.batch_size, self.device, self.dtype, max_windows,
-                      self.data.packed, self.data.tokenizer if count_bytes else None, shard=(d.rank, d.world))
-        nats, targets, n_bytes = d.total(s.nats, s.targets, s.bytes)
+                      self.data.packed, tokenizer, shard=(dist.rank, dist.world))
+        nats, targets, n_bytes = dist.total(s.nats, s.targets, s.bytes)
         return LossSum(nats, int(targets), int(n_bytes))
 
     def metrics(self, train_loss: float, val_loss: float, lr: float, tok_s: float) -> dict[str, Any]:
@@ -300,21 +321,22 @@ class Trainer:
 
     def save(self, name: str) -> None:
         """Every process takes part (its RNG state; FSDP gathers the shards); rank 0 writes the checkpoint."""
-        d = self.dist
-        self.progress.sampler, self.progress.world = self.sampler.state_dict(), d.world
+        dist = self.dist
+        self.progress.sampler, self.progress.world = self.sampler.state_dict(), dist.world
         rng_tensors, rng_plain = rng_state()
-        ranks_rng = d.gather(rng_tensors)
-        model, optimizer = whole_state(self.model, self.optimizer, d)
+        ranks_rng = dist.gather(rng_tensors)
+        model, optimizer = whole_state(self.model, self.optimizer, dist)
         error = None
-        if d.main:
-            trainer = {"optimizer": optimizer, "rng": rng_tensors, **({"rng_ranks": ranks_rng} if d.active else {})}
+        if dist.main:
+            trainer = {"optimizer": optimizer, "rng": rng_tensors,
+                       **({"rng_ranks": ranks_rng} if dist.active else {})}
             try:
                 dest = rundir.checkpoint_dir(self.run_dir, name)
                 checkpoint.save(dest, model, self.cfg, self.data.tokenizer,
                                 trainer=trainer, state={"progress": vars(self.progress), "rng": rng_plain})
             except TinyGPTError as e:
                 error = e
-        (failed,) = d.agree(error is not None)  # so that the other processes stop too, instead of waiting
+        (failed,) = dist.agree(error is not None)  # so that the other processes stop too, instead of waiting
         if error is not None:
             raise error
         if failed:

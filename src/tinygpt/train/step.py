@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,16 +25,16 @@ class StepResult:
 
 
 def micro_batches(data: Dataset, sampler: EpochSampler, cfg: Config, device: torch.device,
-                  d: Dist = SINGLE) -> list[Batch]:
+                  dist: Dist = SINGLE) -> list[Batch]:
     """This process's train.grad_accum micro-batches of the next step's training windows, on the device.
 
     Every process draws the whole step's world * grad_accum micro-batches from the same sampler and keeps
     its own consecutive share, so the shares are disjoint, their union is exactly what one process with
     world * grad_accum micro-batches would see, and the sampler's position is the same everywhere."""
     batches: list[Batch] = []
-    for i in range(d.world * cfg.train.grad_accum):
+    for i in range(dist.world * cfg.train.grad_accum):
         starts = sampler.next_starts()
-        if i // cfg.train.grad_accum != d.rank:
+        if i // cfg.train.grad_accum != dist.rank:
             continue
         x, y, segments = windows(data.train, starts, cfg.model.block_size)
         batches.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True),
@@ -42,20 +42,23 @@ def micro_batches(data: Dataset, sampler: EpochSampler, cfg: Config, device: tor
     return batches
 
 
-def train_step(forward: Callable, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Sequence[Batch],
-               grad_clip: float, dtype: torch.dtype | None, d: Dist = SINGLE) -> StepResult:
+def train_step(step_model: torch.nn.Module | MaybeCompiled, model: torch.nn.Module,
+               optimizer: torch.optim.Optimizer, batches: Sequence[Batch], grad_clip: float,
+               dtype: torch.dtype | None, dist: Dist = SINGLE) -> StepResult:
     """Forward and backward over the micro-batches (gradients averaged over them and, under torchrun, over
     the processes at the last one), the global gradient norm clipped to grad_clip (0: not clipped), then the
     update, skipped on every process when the loss or the norm is not finite on any.
-    `forward` is the model, its DDP wrapper or their compiled form; `model` owns the parameters."""
+    `step_model` computes the loss: the model, its DDP wrapper or their compiled form (MaybeCompiled);
+    `model` owns the parameters."""
+    wrapped = step_model.model if isinstance(step_model, MaybeCompiled) else step_model
     for i, (x, y, segments) in enumerate(batches):
-        with gradient_sync(forward.model if isinstance(forward, MaybeCompiled) else forward, d, i == len(batches) - 1):
+        with gradient_sync(wrapped, dist, i == len(batches) - 1):
             with autocast(x.device, dtype):
-                _, loss = forward(x, y, segments=segments)
+                _, loss = step_model(x, y, segments=segments)
             (loss / len(batches)).backward()
     # clip_grad_norm_ also returns the norm, so one check catches a NaN/inf anywhere in the gradients
     norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf")))
-    (bad,) = d.agree(not bool(torch.isfinite(norm + loss.detach())))
+    (bad,) = dist.agree(not bool(torch.isfinite(norm + loss.detach())))
     if not bad:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
