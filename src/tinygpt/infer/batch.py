@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from tinygpt.config import SampleConfig
-from tinygpt.infer.generate import OneDNNLinears, TextPieces, TokenHistory, decoding, sample_token
+from tinygpt.infer.generate import TextPieces, TokenHistory, decoding, sample_token
+from tinygpt.infer.kernels import OneDNNLinears
 from tinygpt.model import GPT, SlotCache
 from tinygpt.tokenizer import Tokenizer
 
