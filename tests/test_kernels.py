@@ -1,4 +1,4 @@
-"""Kernel selection (tinygpt.infer.kernels): the race every probe runs, the int8 kernels and the probe weights."""
+"""Kernel selection (tinygpt.infer.kernels): the race every probe runs, the int8 kernels, the probes."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ from tinygpt.infer.kernels import KERNELS, Int8Linear, fastest, int8_kernel_work
 
 def skip_unless_working(kernel: str) -> None:
     if not int8_kernel_works(kernel):
-        pytest.skip(f"the {kernel} kernel does not run here (the probe leaves it out, so the product never takes it)")
+        pytest.skip(f"the {kernel} kernel does not run here (the check leaves it out, so no layer takes it)")
 
 
 def test_the_race_times_only_candidates_that_pass_and_puts_the_fastest_first(monkeypatch):
@@ -27,7 +27,8 @@ def test_the_race_times_only_candidates_that_pass_and_puts_the_fastest_first(mon
     seconds = {"slow": 3.0, "fast": 1.0, "tied": 1.0}
     monkeypatch.setattr(kernels, "fastest_seconds", lambda fn, calls, repeats: seconds[timed[-1]])
     race = fastest(("slow", "missing", "fast", "wrong", "tied"), check, run)
-    assert list(race) == ["fast", "tied", "slow"] and timed == ["slow", "fast", "tied"]  # a tie keeps the order
+    assert list(race) == ["fast", "tied", "slow"]  # a tie keeps the order
+    assert timed == ["slow", "fast", "tied"]
     assert list(fastest(("slow", "fast"), check, run, handicap={"slow": 0.3})) == ["slow", "fast"]
     timed.clear()
     assert fastest(("wrong", "fast"), check, run) == {"fast": 0.0} and not timed  # nothing to choose between
@@ -42,7 +43,8 @@ def test_nothing_is_probed_at_import():
     code = ("import tinygpt.cli, tinygpt.serve.app, tinygpt.device as d, tinygpt.infer.kernels as k; "
             "print(sum(f.cache_info().currsize for f in (d.cpu_flags, k.onednn_wins, k.fastest_kernel, "
             "k.int8_kernel_works, k.int8_speedup)))")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "0\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout == "0\n"
 
 
 def test_streamed_copies_exceed_the_cache_in_separate_memory():

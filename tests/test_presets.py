@@ -83,18 +83,19 @@ def preset_run(tmp_path_factory):
         if name not in runs:
             with pytest.MonkeyPatch.context() as mp:
                 use_gpt2_ranks(config.resolve(name), mp)
-                flags = [a for k, v in {**SCALED_DOWN, "train.max_iters": 2}.items() for a in (f"--{k}", str(v))]
-                runs[name] = train_run(tmp_path_factory, root / name, "--preset", name, "--data", str(dialogs), *flags)
+                flags = {**SCALED_DOWN, "train.max_iters": 2, "data.path": dialogs}
+                args = [arg for k, v in flags.items() for arg in (f"--{k}", str(v))]
+                runs[name] = train_run(tmp_path_factory, root / name, "--preset", name, *args)
         return runs[name]
     return run_of
 
 
-# Defect: on a CPU where --dtype auto picked int8, a run of the tinygpt preset (adaptive softmax head) crashed in
-# sample and chat. Each kernel is forced, and auto is told int8 is faster, so this CPU's probes hide nothing.
+# Defect: on a CPU where --dtype auto picked int8, a run of the tinygpt preset (adaptive softmax head) crashed
+# in sample and chat. Each kernel is forced and auto is told int8 is faster: this CPU's probes hide nothing.
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("name", list(config.PRESETS))
-def test_every_presets_run_samples_and_chats_in_int8_through_each_kernel(name, kernel, preset_run, monkeypatch,
-                                                                          capsys):
+def test_every_presets_run_samples_and_chats_in_int8_through_each_kernel(name, kernel, preset_run,
+                                                                          monkeypatch, capsys):
     if not int8_kernel_works(kernel):
         pytest.skip(f"the {kernel} kernel does not run here")
     run = preset_run(name)
@@ -102,12 +103,14 @@ def test_every_presets_run_samples_and_chats_in_int8_through_each_kernel(name, k
     monkeypatch.setattr(Int8Linear, "kernel", kernel)
     monkeypatch.setattr(quantize, "int8_speedup", lambda: 3.0)
     for dtype in ("auto", "int8"):
-        assert main(["sample", "--run", str(run), "--dtype", dtype, "--max-new-tokens", "4", "--seed", "0"]) == 0
-        monkeypatch.setattr("sys.stdin", io.StringIO("what is 2 plus 3?\nexit\n"))  # in every tokenizer's vocabulary
-        assert main(["chat", "--run", str(run), "--dtype", dtype, "--max-new-tokens", "4", "--seed", "0"]) == 0
+        flags = ["--run", str(run), "--dtype", dtype, "--max-new-tokens", "4", "--seed", "0"]
+        assert main(["sample", *flags]) == 0
+        monkeypatch.setattr("sys.stdin", io.StringIO("what is 2 plus 3?\nexit\n"))  # every vocabulary has it
+        assert main(["chat", *flags]) == 0
         out, err = capsys.readouterr()
         assert not out.splitlines()[-1].startswith("(cannot reply"), out  # the reply was decoded
-        assert ("dtype auto: int8" in err or "would move the val perplexity" in err) == (dtype == "auto"), err
+        checked = "dtype auto: int8" in err or "would move the val perplexity" in err  # auto tried int8
+        assert checked == (dtype == "auto"), err
 
 
 def test_presets_reproduce_their_documented_settings():

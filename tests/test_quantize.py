@@ -1,5 +1,6 @@
-"""Decoding with fewer bytes per weight (tinygpt.infer.quantize): int8 and bf16 logits stay close to float32's
-through every int8 kernel, every head kind converts, and the commands and the Python API take --dtype / dtype=."""
+"""Decoding with fewer bytes per weight (tinygpt.infer.quantize): int8 and bf16 logits stay close to
+float32's through every int8 kernel, every head kind converts, and the commands and the Python API take
+--dtype / dtype=."""
 
 import copy
 
@@ -47,8 +48,8 @@ def test_int8_logits_are_close_to_float32(kernel, variant, monkeypatch):
     assert {layer.choose(idx) for layer in q.modules() if isinstance(layer, Int8Linear)} <= {kernel, "widen"}
 
 
-# Defect: the adaptive head casts its input to its weights' dtype, which int8 made int8 too, and sample, chat and
-# --dtype auto's quality check ended in "log_softmax_lastdim_kernel_impl" not implemented for 'Char'.
+# Defect: the adaptive head casts its input to its weights' dtype, which int8 made int8 too, and sample, chat
+# and --dtype auto's quality check ended in "log_softmax_lastdim_kernel_impl" not implemented for 'Char'.
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_int8_leaves_an_adaptive_softmax_head_in_float32(kernel, monkeypatch):
     skip_unless_working(kernel)
@@ -62,7 +63,8 @@ def test_int8_leaves_an_adaptive_softmax_head_in_float32(kernel, monkeypatch):
         assert relative_error(q(idx[:, 1:])[0], ref(idx[:, 1:])[0]) < (0.06 if kernel == "fbgemm" else 0.03)
         a, b = ref(idx[:, :-1], idx[:, 1:])[1], q(idx[:, :-1], idx[:, 1:])[1]
     assert abs(a.item() - b.item()) / a.item() < 0.01
-    assert len(list(stream_tokens(q, idx[:1, :4], SampleConfig(max_new_tokens=8, temperature=0.8, top_k=None)))) == 8
+    sampling = SampleConfig(max_new_tokens=8, temperature=0.8, top_k=None)
+    assert len(list(stream_tokens(q, idx[:1, :4], sampling))) == 8
 
 
 def test_bf16_logits_are_close_to_float32_and_decode():

@@ -239,7 +239,8 @@ def load(path: str | Path, which: str = "last", device: str = "auto", warn: Log 
 
 def val_loss(model: GPT, data: Dataset, windows: int) -> float:
     """The mean loss over `windows` windows of data's val split, in one batch (auto_dtype's quality check)."""
-    return loss_over(model, data.val, windows, model.transformer.wte.weight.device, None, windows, data.packed).loss
+    device = model.transformer.wte.weight.device
+    return loss_over(model, data.val, windows, device, None, windows, data.packed).loss
 
 
 def trained_template(ckpt: checkpoint.Checkpoint) -> ChatTemplate | None:

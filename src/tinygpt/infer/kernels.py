@@ -1,8 +1,9 @@
 """Which op computes a linear layer while decoding here, chosen by one-time probes.
 
-Every probe is one race (`fastest`): the candidates that pass a correctness check are timed on the same probe
-weight (PROBE_SHAPE; as copies exceeding the cache when a decode step streams such weights from memory) and the
-fastest wins. Probes run lazily, once per process, the first time a model decodes: nothing is probed at import.
+Every probe is one race (`fastest`): the candidates that pass a correctness check are timed on the same
+probe weight (PROBE_SHAPE; as copies exceeding the cache where a decode step streams such weights from
+memory) and the fastest wins. Probes run lazily, once per process, the first time a model decodes: nothing
+is probed at import.
 Two choices are made this way:
 
 * float32 one-token steps: nn.Linear (MKL) or oneDNN's inner product (OneDNNLinears);
@@ -30,8 +31,8 @@ from tinygpt.device import cpu_has_vnni
 
 PROBE_SHAPE = (2048, 1024)  # a large weight: streaming it from memory outweighs a call's set-up
 SMALL_PROBE_SHAPE = (512, 512)  # a weight that stays in cache, where a call's set-up counts
-# More than a server CPU's last-level cache: a decode step streams each weight from memory once, and a probe that
-# timed one weight sitting in cache picked the slower kernel for that.
+# More than a server CPU's last-level cache: a decode step streams each weight from memory once, and a probe
+# that timed one weight sitting in cache picked the slower kernel for that.
 STREAMED_BYTES = 64 << 20
 PROBE_FAILURES = (AttributeError, RuntimeError, NotImplementedError)  # an op this build or CPU lacks
 
@@ -68,11 +69,12 @@ def passes(check: Callable[[], object]) -> bool:
         return False
 
 
-def fastest(candidates: Sequence[str], check: Callable[[str], object], timed: Callable[[str], Callable[[], object]],
-            calls: int = 10, repeats: int = 5, handicap: Mapping[str, float] | None = None) -> dict[str, float]:
+def fastest(candidates: Sequence[str], check: Callable[[str], object],
+            timed: Callable[[str], Callable[[], object]], calls: int = 10, repeats: int = 5,
+            handicap: Mapping[str, float] | None = None) -> dict[str, float]:
     """The candidates that pass `check` here, fastest first (the earlier one on a tie), with the seconds that
-    `calls` calls of their timed() function took (the best of `repeats`), times their handicap. A lone candidate
-    that passes is not timed (0 seconds); none passing gives {}."""
+    `calls` calls of their timed() function took (the best of `repeats`), times their handicap. A lone
+    candidate that passes is not timed (0 seconds); none passing gives {}."""
     works = [c for c in candidates if passes(functools.partial(check, c))]
     if len(works) == 1:
         return {works[0]: 0.0}
@@ -87,8 +89,8 @@ def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> t
 
 
 def onednn_agrees() -> bool:
-    """Whether oneDNN's fused linear op agrees with F.linear: the op (what Inductor's CPU backend emits for linear
-    layers) is not public API, so this build may lack it."""
+    """Whether oneDNN's fused linear op agrees with F.linear: the op (what Inductor's CPU backend emits for
+    linear layers) is not public API, so this build may lack it."""
     if not torch.backends.mkldnn.is_available():
         return False
     g = torch.Generator().manual_seed(0)
@@ -98,8 +100,8 @@ def onednn_agrees() -> bool:
 
 @functools.cache
 def onednn_wins() -> bool:
-    """Whether oneDNN's inner product works here and computes one-row products with large float32 weights streamed
-    from memory at least 5% faster than F.linear: which of the two is faster depends on the CPU."""
+    """Whether oneDNN's inner product works here and computes one-row products with large float32 weights
+    streamed from memory at least 5% faster than F.linear: which of the two is faster depends on the CPU."""
     w, x = probe_operands(PROBE_SHAPE)
     linears = {"linear": lambda c: F.linear(x, c), "onednn": lambda c: onednn_linear(x, c, None)}
     weights = functools.cache(lambda: streamed_copies(w))  # made only when both pass
@@ -107,20 +109,20 @@ def onednn_wins() -> bool:
     def timed(name: str) -> Callable[[], object]:
         return lambda: [linears[name](copy) for copy in weights()]
 
-    race = fastest(("linear", "onednn"), lambda name: name == "linear" or onednn_agrees(), timed, calls=2, repeats=3,
-                   handicap={"linear": 0.95})
+    race = fastest(("linear", "onednn"), lambda name: name == "linear" or onednn_agrees(), timed,
+                   calls=2, repeats=3, handicap={"linear": 0.95})
     return next(iter(race)) == "onednn"
 
 
 class OneDNNLinears:
     """While active, the model's float32 CPU nn.Linear layers compute single-row inputs with oneDNN.
 
-    A one-token decode step multiplies one row by each weight matrix, a matrix-vector product that only has to
-    stream the weight from memory. oneDNN's inner product does that straight from the weight as stored (no copy,
-    no repacking); the result agrees with F.linear to float32 rounding (the sums run in a different order).
+    A one-token decode step multiplies one row by each weight matrix, a matrix-vector product that only has
+    to stream the weight from memory. oneDNN's inner product does that straight from the weight as stored (no
+    copy, no repacking); the result agrees with F.linear to float32 rounding (the sums run in another order).
 
-    Only weights of at least MIN_WEIGHT_ELEMENTS take this path: a oneDNN call costs more to set up, which only
-    pays where streaming the weight takes longer than that.
+    Only weights of at least MIN_WEIGHT_ELEMENTS take this path: a oneDNN call costs more to set up, which
+    only pays where streaming the weight takes longer than that.
 
     Installed around each decode step only, as an instance attribute that shadows Linear.forward, so the model
     is untouched whenever the generator is suspended. Other inputs (several rows, autocast, other dtypes) take
@@ -161,15 +163,16 @@ def _single_row_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor
 # The int8 weights are symmetric: each output row is divided by its largest magnitude / 127 and rounded.
 # Three kernels compute such a layer, and each layer takes the fastest working one for its size:
 #
-# * fbgemm (PyTorch's quantized.linear_dynamic): the weights packed for VNNI int8 dot products, the activations
-#   quantized to 8 bits on the fly (one scale per call, so rows of a call share it); fast on large weights,
-#   but a call costs more to set up, so it can lose on small ones.
-# * int8pack (torch._weight_int8pack_mm, not public API): weight-only, bf16 activations; fast where bf16 is native.
+# * fbgemm (PyTorch's quantized.linear_dynamic): the weights packed for VNNI int8 dot products, the
+#   activations quantized to 8 bits on the fly (one scale per call, so rows of a call share it); fast on
+#   large weights, but a call costs more to set up, so it can lose on small ones.
+# * int8pack (torch._weight_int8pack_mm, not public API): weight-only, bf16 activations; fast where bf16 is
+#   native.
 # * widen: the int8 weights widened for each call (correct everywhere, fast nowhere).
 
 KERNELS = ("fbgemm", "int8pack", "widen")
 FBGEMM_MAX_ROWS = 16  # the server's default batch; calls with more rows (prefill, evaluation) widen instead
-LARGE = 1 << 20  # weights of this many elements and more are "large": streaming them outweighs a call's set-up
+LARGE = 1 << 20  # weights of this many elements and more are "large": streaming outweighs a call's set-up
 
 
 def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +184,7 @@ def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fbgemm_pack(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject:
     """The int8 rows as fbgemm's packed weight (per-channel scales, zero points 0), bias included."""
-    with warnings.catch_warnings():  # quantized tensors are deprecated; the probe notices the day they are gone
+    with warnings.catch_warnings():  # quantized tensors are deprecated; the check notices the day they go
         warnings.simplefilter("ignore", UserWarning)
         zero_points = torch.zeros(q.size(0), dtype=torch.long)
         weight = torch._make_per_channel_quantized_tensor(q, scales.double(), zero_points, 0)
@@ -192,8 +195,8 @@ def kernel_call(kernel: str, q: torch.Tensor, scales: torch.Tensor, bias: torch.
     """A function computing x (N, in) float32 -> (N, out) float32 with `kernel` on these int8 rows."""
     if kernel == "fbgemm":
         packed = fbgemm_pack(q, scales, bias)
-        # Without VNNI, fbgemm multiplies u8 x s8 pairs into saturating int16 sums; 7-bit activations keep them
-        # in range.
+        # Without VNNI, fbgemm multiplies u8 x s8 pairs into saturating int16 sums; 7-bit activations keep
+        # them in range.
         reduce_range = not cpu_has_vnni()
         return lambda x: torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
     if kernel == "int8pack":  # its fast path wants bf16 activations
@@ -204,9 +207,9 @@ def kernel_call(kernel: str, q: torch.Tensor, scales: torch.Tensor, bias: torch.
 
 
 def agrees(y: torch.Tensor, want: torch.Tensor) -> bool:
-    """Whether a kernel's product is the dequantized one up to its activations' rounding. Measured against the
-    largest output, not element by element: fbgemm's 7-bit activations (CPUs without VNNI) miss an element-wise
-    tolerance on near-zero outputs."""
+    """Whether a kernel's product is the dequantized one up to its activations' rounding. Measured against
+    the largest output, not element by element: fbgemm's 7-bit activations (CPUs without VNNI) miss an
+    element-wise tolerance on near-zero outputs."""
     return bool((y - want).abs().max() <= 0.03 * want.abs().max())
 
 
@@ -224,9 +227,9 @@ def int8_kernel_works(kernel: str) -> bool:
 
 @functools.cache
 def fastest_kernel(large: bool) -> str:
-    """The working int8 kernel that computes one-row products fastest here: for large weights streamed from memory
-    (as a decode step reads them), or for one small weight. Widening reads the int8 weight and then writes and
-    reads a float32 copy, so for large weights it is only the fallback."""
+    """The working int8 kernel that computes one-row products fastest here: for large weights streamed from
+    memory (as a decode step reads them), or for one small weight. Widening reads the int8 weight and then
+    writes and reads a float32 copy, so for large weights it is only the fallback."""
     w, x = probe_operands(PROBE_SHAPE if large else SMALL_PROBE_SHAPE)
     q, s = int8_rows(w)
     weights = streamed_copies(q) if large else [q]
@@ -236,12 +239,13 @@ def fastest_kernel(large: bool) -> str:
         return lambda: [call(x) for call in calls]
 
     with torch.no_grad():
-        race = fastest(KERNELS[:-1] if large else KERNELS, int8_kernel_works, timed, 10 // len(weights) or 1, 3)
+        candidates = KERNELS[:-1] if large else KERNELS
+        race = fastest(candidates, int8_kernel_works, timed, calls=10 // len(weights) or 1, repeats=3)
     return next(iter(race), "widen")
 
 
 class Int8Linear(nn.Module):
-    """A linear layer holding int8 weights and per-output-channel scales (see above); its bias stays float32."""
+    """A linear layer of int8 weights and per-output-channel scales (see above); the bias stays float32."""
 
     kernel: str | None = None  # one of KERNELS; None: the probe's choice. Tests set it to force a path.
 
@@ -263,9 +267,9 @@ class Int8Linear(nn.Module):
         # several rows whose width is not a multiple of 16 (24, 40, 65, 72, ...); such layers widen instead.
         if kernel == "int8pack" and self.in_features % 32:
             return "widen"
-        # fbgemm rounds all the rows of a call with one activation scale: fine for a decode step's few rows, but
-        # it moves an evaluation's perplexity over thousands. Many rows are compute-bound anyway, where widening
-        # once per call costs little.
+        # fbgemm rounds all the rows of a call with one activation scale: fine for a decode step's few rows,
+        # but it moves an evaluation's perplexity over thousands. Many rows are compute-bound anyway, where
+        # widening once per call costs little.
         return "widen" if kernel == "fbgemm" and x.numel() > FBGEMM_MAX_ROWS * x.size(-1) else kernel
 
     def call(self, x: torch.Tensor) -> Callable:
@@ -278,8 +282,8 @@ class Int8Linear(nn.Module):
         return self.chosen[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The choice is looked up once per (kernel, device), and conversions that would not change anything are
-        # skipped: a decode step makes a few such calls per layer, and each op costs a few us.
+        # The choice is looked up once per (kernel, device), and conversions that would not change anything
+        # are skipped: a decode step makes a few such calls per layer, and each op costs a few us.
         flat = x.reshape(-1, x.size(-1))
         y = self.call(x)(flat if flat.dtype == torch.float32 else flat.float())
         y = y.view(*x.shape[:-1], -1) if x.dim() != 2 else y
@@ -288,8 +292,8 @@ class Int8Linear(nn.Module):
 
 @functools.cache
 def int8_speedup() -> float:
-    """How many times faster a one-row product with a large weight runs through Int8Linear than in float32 here
-    (timed once against F.linear): int8 decoding only pays where its kernels beat float32's on this CPU."""
+    """How many times faster a one-row product with a large weight runs through Int8Linear than in float32
+    here (timed once against F.linear): int8 decoding only pays where its kernels beat float32's here."""
     w, x = probe_operands(PROBE_SHAPE)
     layer = Int8Linear(w, None)
     products = {"float32": lambda: F.linear(x, w), "int8": lambda: layer(x)}

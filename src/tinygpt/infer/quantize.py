@@ -35,7 +35,7 @@ def quantize(model: nn.Module, dtype: str) -> nn.Module:
     if dtype == "bfloat16":
         return model.to(torch.bfloat16)
     if dtype == "int8":
-        # An adaptive softmax computes in its weights' dtype (its log-probs need a float one): it stays float32.
+        # An adaptive softmax computes in its weights' dtype (log-probs need a float one): it stays float32.
         adaptive = {m for head in model.modules() if isinstance(head, nn.AdaptiveLogSoftmaxWithLoss)
                     for m in head.modules()}
         for parent in list(model.modules()):
