@@ -3,15 +3,14 @@
 Every probe is one race (`fastest`): the candidates that pass a correctness check are timed on the same
 probe weight (PROBE_SHAPE; as copies exceeding the cache where a decode step streams such weights from
 memory) and the fastest wins. Probes run lazily, once per process, the first time a model decodes: nothing
-is probed at import.
-Two choices are made this way:
+is probed at import. Two choices are made this way:
 
 * float32 one-token steps: nn.Linear (MKL) or oneDNN's inner product (OneDNNLinears);
 * int8 layers (Int8Linear): fbgemm, int8pack or widen, for large and for small weights.
 
-This module owns the int8 layer with its kernels; infer/quantize.py only converts a model's weights into such
-layers and chooses the decoding dtype, so the kernels never depend on how a model is converted.
-The measurements behind each rule are in docs/benchmarks.md ("Kernel probes").
+The int8 layer lives here with its kernels because its kernel choice is its behaviour. infer/quantize.py keeps
+the conversion of a model's weights and --dtype auto's choice, which reads a run's val split: the kernels need
+neither a checkpoint nor data. The measurements behind each rule are in docs/benchmarks.md ("Kernel probes").
 """
 
 from __future__ import annotations
@@ -104,7 +103,7 @@ def onednn_wins() -> bool:
     streamed from memory at least 5% faster than F.linear: which of the two is faster depends on the CPU."""
     w, x = probe_operands(PROBE_SHAPE)
     linears = {"linear": lambda c: F.linear(x, c), "onednn": lambda c: onednn_linear(x, c, None)}
-    weights = functools.cache(lambda: streamed_copies(w))  # made only when both pass
+    weights = functools.cache(lambda: streamed_copies(w))  # made only when oneDNN passes its check
 
     def timed(name: str) -> Callable[[], object]:
         return lambda: [linears[name](copy) for copy in weights()]
