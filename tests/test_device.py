@@ -26,13 +26,3 @@ def test_resolve_device_names_the_problem():
         assert device.resolve_device("auto") == torch.device("cpu")
         with pytest.raises(TinyGPTError, match="no CUDA GPU"):
             device.resolve_device("cuda")
-
-
-def test_streamed_copies_exceed_the_cache_in_separate_memory():
-    from tinygpt.device import STREAMED_BYTES, streamed_copies
-
-    t = torch.randn(512, 256)
-    copies = streamed_copies(t)
-    assert sum(c.numel() * c.element_size() for c in copies) >= STREAMED_BYTES
-    assert len({c.data_ptr() for c in copies}) == len(copies) and all(torch.equal(c, t) for c in copies)
-    assert len(streamed_copies(torch.zeros(STREAMED_BYTES, dtype=torch.int8))) == 1

@@ -197,13 +197,13 @@ def test_packed_segments_are_processed_as_if_alone(variant):
 
 
 def test_one_token_steps_through_onednn_give_the_same_greedy_tokens(monkeypatch):
-    from tinygpt.infer import generate
-    from tinygpt.infer.generate import OneDNNLinears, onednn_linear_works
-    if not onednn_linear_works():
+    from tinygpt.infer import kernels
+    from tinygpt.infer.kernels import OneDNNLinears
+    if not kernels.passes(kernels.onednn_agrees):
         pytest.skip("this PyTorch build has no oneDNN linear op")
-    monkeypatch.setattr(generate, "onednn_is_faster", lambda: False)  # where the timing finds it slower: unused
+    monkeypatch.setattr(kernels, "onednn_wins", lambda: False)  # where the timing finds it slower: unused
     assert not OneDNNLinears(GPT(tiny(n_layer=1, n_head=4, n_embd=256, vocab_size=1024))).forwards
-    monkeypatch.setattr(generate, "onednn_is_faster", lambda: True)  # forced, whatever this machine's timing says
+    monkeypatch.setattr(kernels, "onednn_wins", lambda: True)  # forced, whatever this machine's timing says
     torch.manual_seed(0)
     # 256 x 1024 weights (c_fc, c_proj, the head) are exactly the size the decode loop hands to oneDNN
     model = perturbed(GPT(tiny(n_layer=1, n_head=4, n_embd=256, vocab_size=1024)))

@@ -1,5 +1,6 @@
-"""Decoding with fewer bytes per weight (tinygpt.infer.quantize): int8 and bf16 logits stay close to float32's,
-every int8 kernel path gives the same numbers, and the commands and the Python API take --dtype / dtype=."""
+"""Decoding with fewer bytes per weight (tinygpt.infer.quantize): int8 and bf16 logits stay close to
+float32's through every int8 kernel, every head kind converts, and the commands and the Python API take
+--dtype / dtype=."""
 
 import copy
 
@@ -11,7 +12,8 @@ from conftest import perturbed_gpt, tiny_flags
 from tinygpt.config import SampleConfig
 from tinygpt.infer import quantize as quantize_module
 from tinygpt.infer.generate import stream_tokens
-from tinygpt.infer.quantize import KERNELS, Int8Linear, int8_rows, quantize, working_kernels
+from tinygpt.infer.kernels import KERNELS, Int8Linear, int8_kernel_works
+from tinygpt.infer.quantize import quantize
 from tinygpt.model import GPT
 
 
@@ -23,15 +25,8 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-def test_int8_rows_round_trip_within_half_a_step():
-    w = torch.randn(16, 40)
-    q, scales = int8_rows(w)
-    assert q.dtype == torch.int8 and q.abs().max() == 127
-    assert ((q.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-6).all()
-
-
 def skip_unless_working(kernel: str) -> None:
-    if kernel not in working_kernels():
+    if not int8_kernel_works(kernel):
         pytest.skip(f"the {kernel} kernel does not run here (the probe leaves it out, so the product never takes it)")
 
 
@@ -53,39 +48,23 @@ def test_int8_logits_are_close_to_float32(kernel, variant, monkeypatch):
     assert {layer.choose(idx) for layer in q.modules() if isinstance(layer, Int8Linear)} <= {kernel, "widen"}
 
 
-@pytest.mark.parametrize("kernel", KERNELS[:-1])
-def test_the_int8_kernels_agree_with_the_widened_product(kernel):
+# Defect: the adaptive head casts its input to its weights' dtype, which int8 made int8 too, and sample, chat
+# and --dtype auto's quality check ended in "log_softmax_lastdim_kernel_impl" not implemented for 'Char'.
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int8_leaves_an_adaptive_softmax_head_in_float32(kernel, monkeypatch):
     skip_unless_working(kernel)
-    layer = Int8Linear(torch.randn(48, 64), torch.randn(48))
-    x = torch.randn(3, 5, 64)
-    outs = {}
-    for k in (kernel, "widen"):
-        layer.kernel = k
-        outs[k] = layer(x)
-    assert outs[kernel].shape == (3, 5, 48) and relative_error(outs[kernel], outs["widen"]) < 0.02
-
-
-def test_fbgemm_with_7_bit_activations_passes_the_probe(monkeypatch):
-    # Without VNNI fbgemm rounds activations to 7 bits (REDUCE_RANGE), on any CPU; the probe must take it there.
-    # (8 bits without VNNI overflow fbgemm's 16-bit pair sums: the probe rightly refuses that.)
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
-        pytest.skip("this PyTorch build has no fbgemm engine")
-    monkeypatch.setattr(quantize_module, "REDUCE_RANGE", True)
-    g = torch.Generator().manual_seed(0)
-    w, x, b = torch.randn(64, 64, generator=g), torch.randn(2, 64, generator=g), torch.randn(64, generator=g)
-    q, s = int8_rows(w)
-    want = x @ (q.float() * s[:, None]).T + b
-    assert quantize_module.agrees(quantize_module.kernel_call("fbgemm", q, s, b)(x), want)
-    assert not quantize_module.agrees(quantize_module.kernel_call("fbgemm", q, s * 1.1, b)(x), want)  # a wrong scale
-
-
-def test_each_layer_takes_the_probes_fastest_kernel_for_its_size(monkeypatch):
-    assert quantize_module.fastest_kernel(True) in working_kernels()  # the real probe, timed here
-    monkeypatch.setattr(quantize_module, "fastest_kernel", lambda large: "fbgemm" if large else "int8pack")
-    big, small, odd = (Int8Linear(torch.randn(*shape), None) for shape in ((2048, 1024), (64, 64), (64, 40)))
-    assert big.choose(torch.zeros(1, 1024)) == "fbgemm" and small.choose(torch.zeros(1, 64)) == "int8pack"
-    assert odd.choose(torch.zeros(1, 40)) == "widen"  # int8pack crashes on such widths
-    assert set(working_kernels()) <= set(KERNELS) and working_kernels()[-1] == "widen"
+    monkeypatch.setattr(Int8Linear, "kernel", kernel)
+    ref = model(head="adaptive")
+    q = quantize(copy.deepcopy(ref), "int8")
+    assert all(type(m) is not Int8Linear for m in q.adaptive_head.modules())
+    assert sum(type(m) is Int8Linear for m in q.modules()) == 4 * 2  # the blocks' layers
+    idx = torch.randint(0, 96, (2, 33))
+    with torch.no_grad():
+        assert relative_error(q(idx[:, 1:])[0], ref(idx[:, 1:])[0]) < (0.06 if kernel == "fbgemm" else 0.03)
+        a, b = ref(idx[:, :-1], idx[:, 1:])[1], q(idx[:, :-1], idx[:, 1:])[1]
+    assert abs(a.item() - b.item()) / a.item() < 0.01
+    sampling = SampleConfig(max_new_tokens=8, temperature=0.8, top_k=None)
+    assert len(list(stream_tokens(q, idx[:1, :4], sampling))) == 8
 
 
 def test_bf16_logits_are_close_to_float32_and_decode():
@@ -138,24 +117,14 @@ def test_auto_takes_int8_only_where_it_is_faster_and_close(text_file, tmp_path, 
     def auto() -> torch.nn.Module:
         return tinygpt_run.load(out, dtype="auto", warn=said.append).model.lm_head
 
-    monkeypatch.setattr(tinygpt_run, "int8_speedup", lambda: 0.6)  # what a CPU emulating bf16 measures
+    monkeypatch.setattr(quantize_module, "int8_speedup", lambda: 0.6)  # what a CPU emulating bf16 measures
     assert type(auto()) is torch.nn.Linear and "int8 decoding is 0.60x as fast here" in said[-1]
-    monkeypatch.setattr(tinygpt_run, "int8_speedup", lambda: 3.0)
+    monkeypatch.setattr(quantize_module, "int8_speedup", lambda: 3.0)
     assert isinstance(auto(), Int8Linear) and said[-1].startswith("dtype auto: int8 (3.0x")
-    monkeypatch.setattr(tinygpt_run, "INT8_PERPLEXITY_BOUND", 0.0)  # no change is small enough
+    monkeypatch.setattr(quantize_module, "INT8_PERPLEXITY_BOUND", 0.0)  # no change is small enough
     assert type(auto()) is torch.nn.Linear and "would move the val perplexity" in said[-1]
-    monkeypatch.setattr(tinygpt_run, "INT8_PERPLEXITY_BOUND", 0.01)
+    monkeypatch.setattr(quantize_module, "INT8_PERPLEXITY_BOUND", 0.01)
     lone = tmp_path / "lone"  # a checkpoint folder away from its run: no val split to check int8 against
     (out / "checkpoints" / "last").rename(lone)
     assert type(tinygpt_run.load(lone, dtype="auto", warn=said.append).model.lm_head) is torch.nn.Linear
     assert "no val split" in said[-1]
-
-
-def test_fbgemm_only_takes_calls_of_a_few_rows(monkeypatch):
-    # One activation scale per call: an evaluation's many rows would share it, so they widen instead.
-    monkeypatch.setattr(Int8Linear, "kernel", "fbgemm")
-    layer = Int8Linear(torch.randn(64, 64), None)
-    few, many = torch.zeros(2, 8, 64), torch.zeros(2, 9, 64)
-    assert layer.choose(few) == "fbgemm" and layer.choose(many) == "widen"
-    skip_unless_working("fbgemm")
-    assert layer(torch.randn(4, 9, 64)).shape == (4, 9, 64) and set(layer.chosen) == {("fbgemm", "cpu", True)}

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -73,26 +71,3 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-
-
-def fastest_seconds(fn: Callable[[], object], calls: int = 10, repeats: int = 5) -> float:
-    """The fastest of `repeats` timings of `calls` calls of fn: for the one-time probes that pick a kernel by
-    speed (the minimum, because on a shared machine noise only ever adds time)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-# More than a server CPU's last-level cache (32 MB on the AMD EPYCs measured): a decode step streams each weight
-# from memory once, and a probe that timed one weight sitting in cache picked the slower kernel for that.
-STREAMED_BYTES = 64 << 20
-
-
-def streamed_copies(t: torch.Tensor) -> list[torch.Tensor]:
-    """Copies of t that together exceed the last-level cache, for a probe to time one pass over (see above)."""
-    return [t.clone() for _ in range(max(1, STREAMED_BYTES // (t.numel() * t.element_size())))]
-

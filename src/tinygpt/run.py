@@ -6,9 +6,7 @@ chat, eval and everything that starts from a trained model.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -22,8 +20,9 @@ from tinygpt.data.prepare import Dataset, check_length, copy_to, load_prepared, 
 from tinygpt.data.templates import TEMPLATES, ChatTemplate
 from tinygpt.device import autocast_dtype, resolve_device
 from tinygpt.errors import TinyGPTError, UsageError
-from tinygpt.infer.quantize import DTYPES, int8_speedup, quantize
+from tinygpt.infer.quantize import DTYPES, auto_dtype, quantize
 from tinygpt.init_from import Source, grow_vocab, open_source
+from tinygpt.model import GPT
 from tinygpt.rundir import RunLock, describe, holder
 from tinygpt.split_loss import loss_over
 from tinygpt.tokenizer import GPT2Tokenizer
@@ -231,43 +230,16 @@ def load(path: str | Path, which: str = "last", device: str = "auto", warn: Log 
         raise UsageError(f"dtype must be auto or one of {', '.join(DTYPES)}, not {dtype!r}")
     ckpt = checkpoint.load(checkpoint.locate(Path(path), which, warn=warn), resolve_device(device), verified=True)
     if dtype == "auto":
-        auto_dtype(ckpt, warn or (lambda msg: None))
+        auto_dtype(ckpt, val_loss, warn or (lambda msg: None))
     else:
         quantize(ckpt.model, dtype)
     return ckpt
 
 
-INT8_MIN_SPEEDUP = 1.2  # below this, int8's approximation is not worth it
-INT8_PERPLEXITY_BOUND = 0.01  # the most int8 may move the run's val perplexity (issue #14's quality bound)
-
-
-def auto_dtype(ckpt: checkpoint.Checkpoint, log: Log) -> str:
-    """--dtype auto: int8 where a one-time probe finds it faster here and it moves the run's val perplexity
-    (measured on a few windows) by less than 1%; otherwise float32, the exact path. Returns the choice; with
-    int8, ckpt.model becomes the quantized model."""
-    if ckpt.model.transformer.wte.weight.device.type != "cpu":
-        return "float32"
-    speedup = int8_speedup()
-    if speedup < INT8_MIN_SPEEDUP:
-        log(f"dtype auto: float32 (int8 decoding is {speedup:.2f}x as fast here)")
-        return "float32"
-    try:
-        data = load_prepared(ckpt.run_dir / rundir.DATA) if ckpt.run_dir else None
-    except (OSError, ValueError, KeyError):
-        data = None
-    if data is None:  # a checkpoint folder on its own, or a run whose data/ is gone
-        log("dtype auto: float32 (no val split beside this checkpoint to check int8's quality on)")
-        return "float32"
-    int8 = quantize(copy.deepcopy(ckpt.model), "int8")
-    losses = [loss_over(m, data.val, 4, m.transformer.wte.weight.device, None, 4, data.packed).loss
-              for m in (ckpt.model, int8)]
-    change = math.exp(losses[1] - losses[0]) - 1
-    if abs(change) >= INT8_PERPLEXITY_BOUND:
-        log(f"dtype auto: float32 (int8 would move the val perplexity by {change:+.2%})")
-        return "float32"
-    log(f"dtype auto: int8 ({speedup:.1f}x as fast per layer here; val perplexity {change:+.2%} on 4 windows)")
-    ckpt.model = int8
-    return "int8"
+def val_loss(model: GPT, data: Dataset, windows: int) -> float:
+    """The mean loss over `windows` windows of data's val split, in one batch (auto_dtype's quality check)."""
+    device = model.transformer.wte.weight.device
+    return loss_over(model, data.val, windows, device, None, windows, data.packed).loss
 
 
 def trained_template(ckpt: checkpoint.Checkpoint) -> ChatTemplate | None:

@@ -18,7 +18,8 @@ import torch
 
 from tinygpt.config import SampleConfig
 from tinygpt.infer.cache import SlotCache
-from tinygpt.infer.generate import OneDNNLinears, TextPieces, TokenHistory, decoding, sample_token
+from tinygpt.infer.generate import TextPieces, TokenHistory, decoding, sample_token
+from tinygpt.infer.kernels import OneDNNLinears
 from tinygpt.model import GPT
 from tinygpt.tokenizer import Tokenizer
 

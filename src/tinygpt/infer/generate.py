@@ -8,25 +8,22 @@ Two things keep the loop close to that bound (bench/generate.py measures them):
 
 * the per-token work outside the model is a handful of small ops on preallocated buffers, and
   the stop check (which needs a device sync) only runs when there are stop ids;
-* one-token steps run their linear layers through oneDNN's inner product where a one-time timing
-  finds it faster than nn.Linear's MKL path (twice as fast on an AMD EPYC, slower on an Intel Xeon
-  with AVX-512); see OneDNNLinears.
+* one-token steps run their linear layers through oneDNN's inner product where a one-time probe
+  finds it faster than nn.Linear's MKL path (OneDNNLinears, infer/kernels.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from tinygpt.checkpoint import Checkpoint
 from tinygpt.config import SampleConfig, sample_settings
-from tinygpt.device import fastest_seconds, streamed_copies
 from tinygpt.infer.cache import KVCache
+from tinygpt.infer.kernels import OneDNNLinears
 from tinygpt.model import GPT, eval_mode
 from tinygpt.tokenizer import Tokenizer
 
@@ -80,88 +77,6 @@ class TokenHistory:
         newest `context` tokens, and when its cache fills up the cache restarts from the newest context // 2
         of them (the latest included), so re-reading the context costs one prefill per context // 2 tokens."""
         return self.last(self.context // 2)
-
-
-@functools.cache
-def onednn_linear_works() -> bool:
-    """Whether this PyTorch build has oneDNN's fused linear op and it agrees with F.linear.
-
-    The op (torch.ops.mkldnn._linear_pointwise, which Inductor's CPU backend emits for linear layers)
-    is not public API, so it is probed once, and without it the decode loop keeps nn.Linear."""
-    try:
-        if not torch.backends.mkldnn.is_available():
-            return False
-        g = torch.Generator().manual_seed(0)
-        x, w, b = (torch.randn(*shape, generator=g) for shape in ((1, 16), (8, 16), (8,)))
-        y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-        return bool(torch.allclose(y, F.linear(x, w, b), atol=1e-5))
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
-
-
-@functools.cache
-def onednn_is_faster() -> bool:
-    """Whether oneDNN's inner product computes one-row products with large float32 weights streamed from memory
-    faster than F.linear on this machine (timed once, ~0.2 s). It streamed them 1.5-2x as fast on AMD EPYCs with
-    AVX2, and was 0.85x as fast on an Intel Xeon with AVX-512, where the whole 124M decode went 34 -> 39 tok/s
-    without it. Timed over weights that together exceed the cache, as a decode step reads them: one weight
-    sitting in cache favoured F.linear on an EPYC where oneDNN streamed 11.5 GB/s from memory against its 7.4."""
-    g = torch.Generator().manual_seed(0)
-    weights, x = streamed_copies(torch.randn(2048, 1024, generator=g)), torch.randn(1, 1024, generator=g)
-
-    def one_pass(linear: Callable) -> float:
-        return fastest_seconds(lambda: [linear(w) for w in weights], calls=2, repeats=3)
-
-    onednn = one_pass(lambda w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
-    return onednn < 0.95 * one_pass(lambda w: F.linear(x, w))
-
-
-class OneDNNLinears:
-    """While active, the model's float32 CPU nn.Linear layers compute single-row inputs with oneDNN.
-
-    A one-token decode step multiplies one row by each weight matrix, a matrix-vector product that
-    only has to stream the weight from memory. oneDNN's inner product does that at close to the
-    machine's read bandwidth straight from the weight as stored (no copy, no repacking), while the
-    BLAS path behind nn.Linear reached about half of it on the CPU measured. The result agrees with
-    F.linear to float32 rounding (the sums run in a different order).
-
-    Only weights of at least MIN_WEIGHT_ELEMENTS take this path: a oneDNN call costs ~30 us more to
-    set up, which only pays where streaming the weight takes longer than that (about 1 MB and up,
-    measured on a 2-core AMD EPYC; below that, and for weights small enough to stay in cache,
-    nn.Linear is faster).
-
-    Installed around each decode step only, as an instance attribute that shadows Linear.forward,
-    so the model is untouched whenever the generator is suspended. Other inputs (several rows,
-    autocast, other dtypes) take F.linear exactly as before.
-    """
-
-    MIN_WEIGHT_ELEMENTS = 1 << 18  # 1 MiB of float32
-
-    def __init__(self, model: torch.nn.Module):
-        self.forwards: dict[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]] = {}
-        if not onednn_linear_works() or not onednn_is_faster():
-            return
-        for module in model.modules():
-            w = module.weight if type(module) is torch.nn.Linear else None
-            if (w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()
-                    and w.numel() >= self.MIN_WEIGHT_ELEMENTS
-                    and "forward" not in vars(module)):  # leave a forward someone else replaced alone
-                self.forwards[module] = functools.partial(_single_row_linear, module)
-
-    def __enter__(self) -> OneDNNLinears:
-        for module, forward in self.forwards.items():
-            vars(module)["forward"] = forward  # a plain dict write: nn.Module.__setattr__ is slower
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for module in self.forwards:
-            vars(module).pop("forward", None)
-
-
-def _single_row_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if x.numel() == x.size(-1) and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
-        return torch.ops.mkldnn._linear_pointwise(x, module.weight, module.bias, "none", [], "")
-    return F.linear(x, module.weight, module.bias)
 
 
 def decoding() -> torch.inference_mode:
