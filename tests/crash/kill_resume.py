@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tinygpt.checkpoint import CHECKPOINTS, weights_hash
+from tinygpt.checkpoint import weights_hash
+from tinygpt.rundir import CHECKPOINTS
 
 FLAGS = ["--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "32", "--model.block_size", "32",
          "--model.dropout", "0.1", "--train.batch_size", "8", "--train.eval_interval", "40", "--train.eval_iters", "2",
