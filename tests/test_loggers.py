@@ -81,13 +81,15 @@ def test_wandb_offline_run_holds_every_logged_scalar(tmp_path, text_file, monkey
 
 
 def test_an_unknown_log_target_is_refused_before_anything_is_written(tmp_path, text_file, capsys):
-    assert main(["train", "--data", str(text_file), "--out", str(tmp_path / "r"), *tiny_flags(), "--train.log", "mlflow"]) == 2
+    assert main(["train", "--data", str(text_file), "--out", str(tmp_path / "r"), *tiny_flags(),
+                 "--train.log", "mlflow"]) == 2
     assert "train.log: unknown mlflow; choose from tensorboard, wandb" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 
 def test_a_missing_logger_package_is_named_with_its_extra(tmp_path, text_file, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` meets where it is not installed
-    assert main(["train", "--data", str(text_file), "--out", str(tmp_path / "r"), *tiny_flags(), "--train.log", "wandb"]) == 1
+    assert main(["train", "--data", str(text_file), "--out", str(tmp_path / "r"), *tiny_flags(),
+                 "--train.log", "wandb"]) == 1
     assert "error: --train.log wandb needs wandb: pip install 'tinygpt[wandb]'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # refused before the run directory was made

@@ -224,7 +224,8 @@ class Range:
 # top_p 0 would keep no mass at all.
 SAMPLE_RANGES = {"max_new_tokens": Range(1, MAX_NEW_TOKENS), "temperature": Range(0, 2), "top_k": Range(1),
                  "top_p": Range(0, 1, open_low=True)}
-SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+SECTIONS: dict[str, type] = {f.name: f.default_factory
+                             for f in dataclasses.fields(Config)}  # type: ignore[misc]
 
 
 
@@ -267,7 +268,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if base is bool:
             if isinstance(value, bool):
                 return value
-            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0",
+                                                            "off"):
                 return value.lower() in ("true", "yes", "1", "on")
             raise ValueError
         if base is int:
@@ -300,7 +302,8 @@ def field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
     for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt,
+                                                          ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
     return docs
 
@@ -321,7 +324,8 @@ def flatten(overrides: Any, source: str) -> dict[str, Any]:
     """A nested ({'model': {'n_layer': 4}}) or dotted ({'model.n_layer': 4}) mapping as dotted keys,
     with unknown sections and keys refused (values are coerced later, by apply_overrides)."""
     if not isinstance(overrides, dict):
-        raise UsageError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(overrides).__name__}")
+        raise UsageError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), got "
+                         f"{type(overrides).__name__}")
     flat: dict[str, Any] = {}
     for key, value in overrides.items():
         section, _, name = str(key).partition(".")
@@ -333,7 +337,8 @@ def flatten(overrides: Any, source: str) -> dict[str, Any]:
         known = [f.name for f in dataclasses.fields(SECTIONS[section])]
         for fname, fvalue in items:
             if fname not in known:
-                raise UsageError(f"{source}: unknown config key '{section}.{fname}' (known in {section}: {', '.join(known)})")
+                raise UsageError(f"{source}: unknown config key '{section}.{fname}' (known in {section}: "
+                                 f"{', '.join(known)})")
             flat[f"{section}.{fname}"] = fvalue
     return flat
 
@@ -353,14 +358,16 @@ SHAPE_KEYS = ("model.n_layer", "model.n_head", "model.n_embd")
 
 
 def apply_layer(cfg: Config, overrides: dict[str, Any], source: str) -> set[str]:
-    """apply_overrides for one layer of settings (a preset, a YAML file, the flags), returning the keys it gave.
+    """apply_overrides for one layer of settings (a preset, a YAML file, the flags), returning the keys it
+    gave.
     A layer that says how long to train replaces the earlier layers' length, whichever kind it was (without
     this, `--train.max_iters 20` on a preset that trains by epochs was silently ignored); within one layer
     time_budget wins over epochs, and epochs over max_iters."""
     flat = flatten(overrides, source)
     apply_overrides(cfg, flat, source)
     if any(k in flat for k in LENGTH_KEYS):
-        for key in ("train.epochs", "train.time_budget"):  # max_iters always has a value; it counts when these are empty
+        # max_iters always has a value; it counts when these are empty
+        for key in ("train.epochs", "train.time_budget"):
             if key not in flat:
                 setattr(cfg.train, key.split(".")[1], None)
     return set(flat)
@@ -405,9 +412,10 @@ def resolve(preset: str | None = None, config_file: str | Path | None = None,
         given |= apply_layer(cfg, flags, "command line")
     architecture = sorted(k for k in given if k.startswith("model.") and k != "model.dropout")
     if cfg.train.init_from and architecture:
-        raise UsageError(f"--init-from takes the architecture from its source, so {', '.join(architecture)} cannot "
-                         "be set with it (model.dropout can)")
-    if cfg.train.time_budget is not None and not given & {"model.auto_size", *SHAPE_KEYS} and not cfg.train.init_from:
+        raise UsageError(f"--init-from takes the architecture from its source, so {', '.join(architecture)} "
+                         "cannot be set with it (model.dropout can)")
+    if cfg.train.time_budget is not None and not given & {"model.auto_size",
+                                                          *SHAPE_KEYS} and not cfg.train.init_from:
         cfg.model.auto_size = True
     validate(cfg)
     return cfg
@@ -421,7 +429,8 @@ def from_dict(saved: dict[str, Any]) -> Config:
     return cfg
 
 
-def sample_settings(sampling: SampleConfig, settings: dict[str, Any], source: str = "sampling settings") -> None:
+def sample_settings(sampling: SampleConfig, settings: dict[str, Any],
+                    source: str = "sampling settings") -> None:
     """Set SampleConfig fields by name (max_new_tokens=20, temperature=0, ...) in place, coerced and checked
     as every config value is (within SAMPLE_RANGES): one gate for the command line, the Python API and HTTP
     requests."""
@@ -481,7 +490,8 @@ def log_targets(value: str) -> list[str]:
     names = [n.strip() for n in value.split(",") if n.strip()]
     unknown = [n for n in names if n not in LOG_TARGETS]
     if unknown:
-        raise UsageError(f"train.log: unknown {', '.join(unknown)}; choose from {', '.join(LOG_TARGETS)} (comma-separated)")
+        raise UsageError(f"train.log: unknown {', '.join(unknown)}; choose from {', '.join(LOG_TARGETS)} "
+                         "(comma-separated)")
     return names
 
 

@@ -177,10 +177,12 @@ class CharTokenizer(Tokenizer):
 
 
 def byte_level_alphabet() -> list[str]:
-    """GPT-2's byte-level alphabet: entry b is the printable character that stands for byte b in its vocab.json
+    """GPT-2's byte-level alphabet: entry b is the printable character that stands for byte b in its
+    vocab.json
     and merges (and in every byte-level BPE, GGUF's included). Printable Latin-1 bytes stand for themselves;
     the other 68 (controls, space, ...) are moved, in byte order, to the code points from 256 up."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), 256)]
     moved = iter(range(256, 512))
     return [chr(b) if b in keep else chr(next(moved)) for b in range(256)]
 
@@ -314,7 +316,8 @@ class SentencePieceTokenizer(Tokenizer):
         cls, texts: Sequence[str], vocab_size: int, specials: Sequence[str], model_type: str
     ) -> SentencePieceTokenizer:
         if model_type not in cls.MODEL_TYPES:
-            raise UsageError(f"unknown sentencepiece model type {model_type!r}; choose {' or '.join(cls.MODEL_TYPES)}")
+            raise UsageError(f"unknown sentencepiece model type {model_type!r}; choose "
+                             f"{' or '.join(cls.MODEL_TYPES)}")
         names = _special_names(specials)
         # SentencePiece trains on sentences; newlines reach the model through byte fallback,
         # which round-trips them (and any other unseen character) exactly.
@@ -376,7 +379,8 @@ def build_tokenizer(
     if isinstance(texts, str):  # a bare string would otherwise train on single characters
         texts = [texts]
     if not any(texts):
-        raise UsageError(f"the {kind} tokenizer learns its vocabulary from the corpus, which is empty; check the data")
+        raise UsageError(f"the {kind} tokenizer learns its vocabulary from the corpus, which is empty; check "
+                         "the data")
     size = DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size
     if kind == "char":
         return CharTokenizer.train(texts, special_tokens)

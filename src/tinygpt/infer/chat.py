@@ -75,7 +75,8 @@ class ChatSession:
 HELP = "commands: /reset clears the conversation, /help shows this, exit or quit (or Ctrl-D) leaves"
 
 
-def console(session: ChatSession, lines: Iterable[str], out: TextIO | None = None, interactive: bool = True) -> None:
+def console(session: ChatSession, lines: Iterable[str], out: TextIO | None = None,
+            interactive: bool = True) -> None:
     """The chat loop. Interactive: 'You:' prompts and streamed replies. Piped: one reply line per input line."""
     out = out or sys.stdout
     if interactive:

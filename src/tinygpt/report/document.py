@@ -1,4 +1,5 @@
-"""`tinygpt report`: one file comparing runs: their curves, their final figures, how their configs differ and a few
+"""`tinygpt report`: one file comparing runs: their curves, their final figures, how their configs differ and
+a few
 samples from each. A .png is the figure alone; .html and .md embed it as a data URI, so the report is one file
 that can be mailed or attached to an issue without the run directories."""
 
@@ -42,7 +43,8 @@ class Report:
 
 def write_report(runs: list[Path], out: Path, samples: int = 2, sample_tokens: int = 120,
                  log: Callable[[str], None] = print) -> Path:
-    """Write the report on the run directories `runs` to `out`, whose suffix (.png, .html or .md) picks the format,
+    """Write the report on the run directories `runs` to `out`, whose suffix (.png, .html or .md) picks the
+    format,
     with `samples` texts of up to `sample_tokens` tokens from each run's last checkpoint (not in a .png)."""
     out = Path(out)
     if out.suffix.lower() not in FORMATS:
@@ -76,7 +78,8 @@ def describe(record: RunRecord) -> str:
     if last is None:
         return "no evaluations yet"
     where = "final" if record.final else "last"
-    return f"{len(record.metrics)} evaluations, {where} step {last.get('step')} val loss {_number(last.get('val_loss'), 4)}"
+    return (f"{len(record.metrics)} evaluations, {where} step {last.get('step')} val loss "
+            f"{_number(last.get('val_loss'), 4)}")
 
 
 def run_samples(record: RunRecord, n: int, tokens: int) -> list[str]:
@@ -183,7 +186,8 @@ def _html_table(headers: list[str], rows: list[list[str]]) -> str:
 def markdown(report: Report) -> str:
     """The report as Markdown: the figure as a data-URI image, Markdown tables, samples in fenced blocks."""
     parts = ["# tinygpt report", f"![training curves]({_data_uri(report.png)})", "## Final figures",
-             _md_table(*final_table(report)), "## Config differences", config_note(report) or _md_table(*config_table(report))]
+             _md_table(*final_table(report)), "## Config differences", config_note(report)
+             or _md_table(*config_table(report))]
     if report.sampled:
         parts.append("## Samples")
         for label in report.labels:
