@@ -124,7 +124,8 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
 
 
 def _busy_cpu_seconds() -> float | None:
-    """CPU seconds all processes have spent busy since boot, from /proc/stat (None where it does not exist)."""
+    """CPU seconds all processes have spent busy since boot, from /proc/stat (None where it does not
+    exist)."""
     try:
         fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
     except OSError:

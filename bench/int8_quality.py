@@ -73,7 +73,8 @@ def continuations(run_dir: Path, dtype: str) -> list[list[int]]:
 
 
 def compare(fp32: list[list[int]], int8: list[list[int]]) -> list[dict[str, int]]:
-    """Per prompt: how many of the new tokens are equal position by position, and where the first difference is."""
+    """Per prompt: how many of the new tokens are equal position by position, and where the first difference
+    is."""
     rows = []
     for a, b in zip(fp32, int8):
         first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))

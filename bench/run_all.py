@@ -43,7 +43,8 @@ def find(results: list[dict[str, Any]] | None, **match: Any) -> dict[str, Any] |
 
 
 def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
-    """(benchmark, tinygpt, transformers, ratio, goal, verdict) for each goal of the issue, and a few extras."""
+    """(benchmark, tinygpt, transformers, ratio, goal, verdict) for each goal of the issue, and a few
+    extras."""
     rows = []
 
     def speed(name: str, r: dict[str, Any] | None, unit: str, goal: float | None) -> None:

@@ -32,7 +32,8 @@ def text_file(tmp_path) -> Path:
 
 
 def perturbed_gpt(scale: float, **cfg):
-    """A small GPT (seeded) with noise on every parameter, so that zero- and one-initialised pieces matter too."""
+    """A small GPT (seeded) with noise on every parameter, so that zero- and one-initialised pieces matter
+    too."""
     import torch
 
     from tinygpt.config import ModelConfig
@@ -80,7 +81,8 @@ def tok_for(template, kind="char"):
 # serve tests
 
 def train_run(tmp_path_factory, out: Path, *flags: str) -> Path:
-    """`tinygpt train` for a session-wide fixture, which runs before the per-test _private_cache: same cache."""
+    """`tinygpt train` for a session-wide fixture, which runs before the per-test _private_cache: same
+    cache."""
     from tinygpt.cli import main
 
     with pytest.MonkeyPatch.context() as mp:

@@ -222,7 +222,8 @@ def test_sigterm_checkpoints_once_and_exits(text_file, tmp_path):
 
 
 def test_a_time_budget_and_auto_size_are_decided_once_for_all(text_file, tmp_path):
-    """Rank 0 sizes the model and plans the steps from its clock; the others follow, so nobody waits forever."""
+    """Rank 0 sizes the model and plans the steps from its clock; the others follow, so nobody waits
+    forever."""
     out = tmp_path / "run"
     result = train(out, text_file, "--train.time_budget", "4", "--model.auto_size", "true",
                    "--train.eval_interval", "50")
@@ -262,7 +263,8 @@ def test_a_crashed_peer_ends_the_others_with_a_clear_message(text_file, tmp_path
 
 @pytest.mark.slow
 def test_two_nodes_on_one_machine(text_file, tmp_path):
-    """Two torchrun "nodes" of one process each, meeting at a c10d rendezvous on localhost, as two machines would."""
+    """Two torchrun "nodes" of one process each, meeting at a c10d rendezvous on localhost, as two machines
+    would."""
     port = free_port()
     out = tmp_path / "run"
     launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",

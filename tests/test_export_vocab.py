@@ -1,4 +1,5 @@
-"""tinygpt tokenizers as Hugging Face tokenizer.json and as GGUF vocabularies (src/tinygpt/export/vocab.py)."""
+"""tinygpt tokenizers as Hugging Face tokenizer.json and as GGUF vocabularies
+(src/tinygpt/export/vocab.py)."""
 
 from __future__ import annotations
 

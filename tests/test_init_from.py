@@ -24,7 +24,8 @@ needs_ranks = pytest.mark.skipif(not GPT2_RANKS.exists(), reason=f"{GPT2_RANKS} 
 
 
 def gpt2_tokenizer_files(folder) -> None:
-    """GPT-2's tokenizer as transformers itself writes it, converted by transformers from the tiktoken ranks."""
+    """GPT-2's tokenizer as transformers itself writes it, converted by transformers from the tiktoken
+    ranks."""
     # GPT-2's split pattern (the converter's default is cl100k's)
     from tiktoken_ext.openai_public import r50k_pat_str
     from transformers.convert_slow_tokenizer import TikTokenConverter

@@ -1,4 +1,5 @@
-"""train.log: TensorBoard's and W&B's files, read back with their own readers, hold metrics.jsonl's scalars."""
+"""train.log: TensorBoard's and W&B's files, read back with their own readers, hold metrics.jsonl's
+scalars."""
 
 import glob
 import json

@@ -1,4 +1,5 @@
-"""Every preset builds, trains a few steps on a scaled-down copy of its setup, checkpoints, reloads and samples."""
+"""Every preset builds, trains a few steps on a scaled-down copy of its setup, checkpoints, reloads and
+samples."""
 
 import io
 import json

@@ -54,7 +54,8 @@ def model_name(base_url, key=None):
 
 
 def screenshot(pg, tmp_path, name):
-    """A full-page screenshot in the test's tmp dir, copied to $TINYGPT_ARTIFACTS when set (to look at, not commit)."""
+    """A full-page screenshot in the test's tmp dir, copied to $TINYGPT_ARTIFACTS when set (to look at, not
+    commit)."""
     path = tmp_path / name
     pg.screenshot(path=str(path), full_page=True)
     if os.environ.get("TINYGPT_ARTIFACTS"):

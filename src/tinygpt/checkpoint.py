@@ -91,7 +91,8 @@ def weights_hash(ckpt: Path) -> str:
 
 
 def verify(ckpt: Path) -> None:
-    """Raise TinyGPTError unless every file listed in the manifest is present with its recorded size and hash."""
+    """Raise TinyGPTError unless every file listed in the manifest is present with its recorded size and
+    hash."""
     manifest_path = ckpt / MANIFEST
     if not manifest_path.is_file():
         raise TinyGPTError(f"checkpoint {ckpt} is incomplete (no manifest.json)")

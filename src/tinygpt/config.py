@@ -49,7 +49,8 @@ class ModelConfig:
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     """Normalisation layer."""
     norm_placement: Literal["pre", "post"] = "pre"
-    """'pre' normalises each branch's input (GPT-2); 'post' normalises after each residual add (original Transformer)."""
+    """'pre' normalises each branch's input (GPT-2); 'post' normalises after each residual add (original
+    Transformer)."""
     mlp: Literal["gelu", "relu", "relu2", "swiglu"] = "gelu"
     """Feed-forward type: gelu is GPT-2's tanh-approximated GELU, relu2 is squared ReLU, swiglu is gated."""
     mlp_hidden: int | None = None
@@ -57,17 +58,22 @@ class ModelConfig:
     tie_weights: bool = True
     """Share the token embedding with the output head (GPT-2 does)."""
     head: Literal["linear", "adaptive"] = "linear"
-    """Output layer: a full softmax, or an adaptive softmax (Grave et al. 2017) that is cheaper for big vocabularies."""
+    """Output layer: a full softmax, or an adaptive softmax (Grave et al. 2017) that is cheaper for big
+    vocabularies."""
     adaptive_cutoffs: str = "auto"
-    """Adaptive softmax cluster boundaries as comma-separated ids (e.g. 2000,10000); auto derives them from the vocabulary."""
+    """Adaptive softmax cluster boundaries as comma-separated ids (e.g. 2000,10000); auto derives them from
+    the vocabulary."""
     attn: Literal["sdpa", "einsum"] = "sdpa"
-    """Attention kernel: PyTorch's fused scaled_dot_product_attention, or explicit einsum (can return the weights)."""
+    """Attention kernel: PyTorch's fused scaled_dot_product_attention, or explicit einsum (can return the
+    weights)."""
     qk_norm: bool = False
     """Normalise queries and keys per head before attention (stabilises training at higher learning rates)."""
     zero_init_proj: bool = False
-    """Initialise the projections that write into the residual stream to zero, so each block starts as identity."""
+    """Initialise the projections that write into the residual stream to zero, so each block starts as
+    identity."""
     auto_size: bool = False
-    """With train.time_budget: replace n_layer, n_embd and n_head by the size that learns most in the budget on
+    """With train.time_budget: replace n_layer, n_embd and n_head by the size that learns most in the budget
+    on
     this machine, chosen from a ladder of shapes by timing a few steps of each (the README says how)."""
 
 
@@ -79,7 +85,8 @@ class DataConfig:
     """A text file, a dialog file (.jsonl, chatterbot .yml, DailyDialog .txt), a folder of them, or a saved
     Hugging Face dataset; empty trains on the built-in chat corpus."""
     format: Literal["auto", "text", "jsonl", "chatterbot", "dailydialog", "hf"] = "auto"
-    """How to read data.path: auto picks by file extension and content; hf loads a datasets name or save_to_disk folder."""
+    """How to read data.path: auto picks by file extension and content; hf loads a datasets name or
+    save_to_disk folder."""
     chat_template: Literal["default", "litegpt", "tinygpt"] = "default"
     """How conversations become tokens: default (<|user|>...<|end|>), LiteGPT's or TinyGPT's format."""
     loss_on: Literal["assistant", "all"] = "assistant"
@@ -126,7 +133,8 @@ class TrainConfig:
     """wsd: share of training spent decaying."""
     optimizer: Literal["adamw", "muon"] = "adamw"
     """adamw for every parameter, or muon: Muon (orthogonalised momentum; Jordan et al. 2024) for the weight
-    matrices inside the blocks and AdamW for embeddings, head, norms and biases, at the same lr and schedule."""
+    matrices inside the blocks and AdamW for embeddings, head, norms and biases, at the same lr and
+    schedule."""
     weight_decay: float = 0.1
     """Weight decay (applied to matrices only, not to norms, biases or embeddings)."""
     beta1: float = 0.9
@@ -144,10 +152,12 @@ class TrainConfig:
     patience: int = 0
     """Stop after this many evaluations without a better val loss; 0 never stops early."""
     compile: bool = False
-    """torch.compile the model: about 30 s of start-up, then faster steps (~1.35x measured on a small CPU GPT);
+    """torch.compile the model: about 30 s of start-up, then faster steps (~1.35x measured on a small CPU
+    GPT);
     falls back to eager mode, with a notice, where compiling fails."""
     activation_checkpointing: bool = False
-    """Recompute each block's activations in the backward pass instead of storing them (less memory, more compute)."""
+    """Recompute each block's activations in the backward pass instead of storing them (less memory, more
+    compute)."""
     skip_nonfinite: bool = False
     """Skip an optimizer step whose loss or gradient is NaN/inf instead of stopping the run."""
     seed: int = 1337
@@ -163,9 +173,11 @@ class TrainConfig:
     elsewhere."""
     parallel: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: ddp keeps a whole copy of the model on every process and averages gradients; fsdp
-    (FSDP2) shards weights, gradients and optimizer state over the processes, for models that do not fit one."""
+    (FSDP2) shards weights, gradients and optimizer state over the processes, for models that do not fit
+    one."""
     dist_timeout: float = 600.0
-    """Under torchrun: seconds a process waits for the others at a collective before it gives up (a crashed peer)."""
+    """Under torchrun: seconds a process waits for the others at a collective before it gives up (a crashed
+    peer)."""
     log: str = ""
     """Also send the metrics to: a comma-separated subset of tensorboard (files in RUN/tensorboard) and wandb
     (offline into RUN/wandb unless WANDB_MODE or WANDB_API_KEY is set); metrics.jsonl is always written."""

@@ -26,7 +26,8 @@ def resolve_device(name: str) -> torch.device:
 
 @functools.cache
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere, which makes every check below say no)."""
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere, which makes every check below say
+    no)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -31,7 +31,8 @@ GPT2_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 
 @dataclass
 class Source:
-    """What a run starts from: the architecture, the tokenizer and the weights (tinygpt names, float32, CPU)."""
+    """What a run starts from: the architecture, the tokenizer and the weights (tinygpt names, float32,
+    CPU)."""
 
     description: str
     model: ModelConfig
@@ -143,7 +144,8 @@ def from_run(path: Path) -> Source:
 
 
 def open_source(path: str | Path, fallback_tokenizer: Callable[[], Tokenizer]) -> Source:
-    """The weights a new run starts from: a tinygpt run or checkpoint folder, or a Hugging Face GPT-2 folder."""
+    """The weights a new run starts from: a tinygpt run or checkpoint folder, or a Hugging Face GPT-2
+    folder."""
     path = Path(path)
     if not path.is_dir():
         raise UsageError(f"cannot start from {path}: no such folder (give a tinygpt run directory or a "

@@ -174,7 +174,8 @@ class Cache(Protocol):
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None,
                    dropout_p: float) -> tuple[torch.Tensor, None]:
-    """PyTorch's fused kernel (flash / memory-efficient attention where available); never builds the weights."""
+    """PyTorch's fused kernel (flash / memory-efficient attention where available); never builds the
+    weights."""
     causal = visible is None and q.size(2) > 1  # a single new query sees every key: no mask at all
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=causal,
                                           dropout_p=dropout_p), None

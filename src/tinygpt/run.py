@@ -36,7 +36,8 @@ Log = Callable[[str], None]
 
 @dataclass
 class Run:
-    """A run directory ready to train: its config, its prepared data and, when resuming, the verified checkpoint."""
+    """A run directory ready to train: its config, its prepared data and, when resuming, the verified
+    checkpoint."""
 
     dir: Path
     config: Config

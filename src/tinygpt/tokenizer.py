@@ -188,7 +188,8 @@ def byte_level_alphabet() -> list[str]:
 
 
 def ranks_from_vocab(vocab: dict[str, int], fix: str) -> dict[bytes, int]:
-    """tiktoken ranks from a Hugging Face GPT-2 vocab.json (byte-level strings -> ids, which are the ranks)."""
+    """tiktoken ranks from a Hugging Face GPT-2 vocab.json (byte-level strings -> ids, which are the
+    ranks)."""
     back = {c: b for b, c in enumerate(byte_level_alphabet())}
     try:
         return {bytes(back[c] for c in token): int(i) for token, i in vocab.items()}

@@ -64,7 +64,8 @@ def encode_documents(tok: Tokenizer, docs: Sequence[str]) -> np.ndarray:
 
 
 def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
-    """The smallest unsigned type that holds every id: token files are read once per epoch, so half the bytes count."""
+    """The smallest unsigned type that holds every id: token files are read once per epoch, so half the bytes
+    count."""
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 

@@ -89,7 +89,8 @@ def padded(vocab: GGUFVocab, rows: int) -> GGUFVocab:
 
 
 def add_architecture(writer, family: Family, cfg) -> None:
-    """The hyper-parameters llama.cpp reads for the architecture (one epsilon serves every norm, as in tinygpt)."""
+    """The hyper-parameters llama.cpp reads for the architecture (one epsilon serves every norm, as in
+    tinygpt)."""
     writer.add_context_length(cfg.block_size)
     writer.add_embedding_length(cfg.n_embd)
     writer.add_block_count(cfg.n_layer)

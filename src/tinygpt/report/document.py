@@ -206,7 +206,8 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _fenced(text: str) -> str:
-    """text in a code block whose fence is longer than any run of backticks in it, so no sample can close it."""
+    """text in a code block whose fence is longer than any run of backticks in it, so no sample can close
+    it."""
     fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", text)), default=0))
     return f"{fence}text\n{text}\n{fence}"
 

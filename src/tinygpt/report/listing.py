@@ -36,7 +36,8 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 
 def state_of(record: RunRecord) -> str:
-    """running (its lock is held), finished, interrupted (resumable), or failed (an error, or nothing to resume)."""
+    """running (its lock is held), finished, interrupted (resumable), or failed (an error, or nothing to
+    resume)."""
     who = holder(record.dir)
     if who is not None:
         return f"running (pid {who.get('pid', '?')})"

@@ -42,7 +42,8 @@ class RunRecord:
 
 
 def read_run(path: Path) -> RunRecord:
-    """The record of the run directory `path`; UsageError when it holds neither config.yaml nor metrics.jsonl."""
+    """The record of the run directory `path`; UsageError when it holds neither config.yaml nor
+    metrics.jsonl."""
     path = Path(path)
     if not rundir.is_run(path):
         raise UsageError(f"{path} is not a run directory (it has no {rundir.CONFIG} or {rundir.METRICS})")

@@ -25,7 +25,8 @@ from tinygpt.errors import TinyGPTError
 
 
 class Logger:
-    """One destination for a run's metrics. `facts`: step (where this session starts), total, params, device, dtype."""
+    """One destination for a run's metrics. `facts`: step (where this session starts), total, params, device,
+    dtype."""
 
     def start(self, cfg: Config, facts: dict[str, Any]) -> None:
         pass
@@ -44,7 +45,8 @@ def scalars(entry: dict[str, Any]) -> dict[str, float]:
 
 
 class JsonlLog(Logger):
-    """metrics.jsonl: one JSON object per evaluation, appended (a crash loses at most the line being written)."""
+    """metrics.jsonl: one JSON object per evaluation, appended (a crash loses at most the line being
+    written)."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / rundir.METRICS
@@ -114,7 +116,8 @@ class TensorBoardLog(Logger):
 
 
 def hyperparameters(cfg: Config) -> dict[str, Any]:
-    """The config as flat dotted keys with values TensorBoard's HParams accepts (numbers, strings, booleans)."""
+    """The config as flat dotted keys with values TensorBoard's HParams accepts (numbers, strings,
+    booleans)."""
     flat = {f"{s}.{k}": v for s, fields in cfg.to_dict().items() for k, v in fields.items()}
     return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flat.items()}
 
@@ -151,7 +154,8 @@ EXTRA = {"tensorboard": (TensorBoardLog, "torch.utils.tensorboard"), "wandb": (W
 
 
 def require(cfg: Config) -> None:
-    """Fail in one line, before a run directory is touched, where a package that train.log needs is missing."""
+    """Fail in one line, before a run directory is touched, where a package that train.log needs is
+    missing."""
     for name in log_targets(cfg.train.log):
         try:
             importlib.import_module(EXTRA[name][1])

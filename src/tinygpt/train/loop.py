@@ -90,14 +90,16 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
 
 
 def ending(e: BaseException) -> tuple[str, str | None]:
-    """How a session that raised e ended, for the loggers: interrupted (a signal, Ctrl-C) or failed (and why)."""
+    """How a session that raised e ended, for the loggers: interrupted (a signal, Ctrl-C) or failed (and
+    why)."""
     if isinstance(e, Interrupted | KeyboardInterrupt):
         return "interrupted", None
     return "failed", (str(e).splitlines() or [type(e).__name__])[0]
 
 
 class Trainer:
-    """One training session's moving parts: model, optimizer, data order, progress and the files they go to."""
+    """One training session's moving parts: model, optimizer, data order, progress and the files they go
+    to."""
 
     def __init__(self, cfg: Config, run_dir: Path, data: Dataset, log: Callable[[str], None],
                  dist: Dist = SINGLE, loggers: Sequence[Logger] = (), resume_from: Path | None = None,
@@ -202,7 +204,8 @@ class Trainer:
         self.log(f"resuming from {ckpt} at step {self.progress.step}")
 
     def step(self) -> None:
-        """One optimizer step at the scheduled learning rate, and its bookkeeping (progress, bar, budget plan)."""
+        """One optimizer step at the scheduled learning rate, and its bookkeeping (progress, bar, budget
+        plan)."""
         p, t = self.progress, self.cfg.train
         self.lr = lr_at(p.step, t, p.total)
         for group in self.optimizer.param_groups:
@@ -232,7 +235,8 @@ class Trainer:
                 p.total = self.bar.total = new_total
 
     def nonfinite(self, result: StepResult) -> None:
-        """A NaN/inf step (already skipped by train_step): stop the run, or go on with train.skip_nonfinite."""
+        """A NaN/inf step (already skipped by train_step): stop the run, or go on with
+        train.skip_nonfinite."""
         step = self.progress.step + 1
         if not self.cfg.train.skip_nonfinite:
             last = checkpoint.valid_checkpoints(self.run_dir, ("last", "best"))
@@ -243,7 +247,8 @@ class Trainer:
         self.log(f"warning: step {step}: non-finite loss or gradient, step skipped")
 
     def evaluate_and_keep(self) -> bool:
-        """Periodic evaluation: log and record it, keep the best checkpoint; False to stop early (patience)."""
+        """Periodic evaluation: log and record it, keep the best checkpoint; False to stop early
+        (patience)."""
         p, t = self.progress, self.cfg.train
         tok_s = self.interval_tokens / (time.perf_counter() - self.interval_start)
         p.elapsed_s = self.elapsed()
@@ -265,7 +270,8 @@ class Trainer:
         return True
 
     def finish(self) -> dict[str, Any]:
-        """The final evaluation (the whole val split), recorded and logged; the best and last checkpoints saved."""
+        """The final evaluation (the whole val split), recorded and logged; the best and last checkpoints
+        saved."""
         p, t = self.progress, self.cfg.train
         self.bar.close()
         p.elapsed_s = self.elapsed()
@@ -317,7 +323,8 @@ class Trainer:
             logger.log(entry, self.progress.total)
 
     def close_logs(self, outcome: str, error: str | None = None) -> None:
-        """Tell the started loggers how the session ended (a failing logger must not hide the run's own error)."""
+        """Tell the started loggers how the session ended (a failing logger must not hide the run's own
+        error)."""
         for logger in self.started:
             try:
                 logger.close(outcome, error)
