@@ -20,7 +20,8 @@ def test_history_is_trimmed_oldest_first_and_keeps_the_system_message():
     assert tok.decode(full).endswith("<|user|>hello there<|end|><|assistant|>")
     budget = len(full) - 5
     trimmed = tok.decode(fit_history(tok, template, history, budget))
-    assert trimmed.startswith("<|endoftext|><|system|>be brief<|end|>") and "how are you" not in trimmed and "2 plus 3" in trimmed
+    assert (trimmed.startswith("<|endoftext|><|system|>be brief<|end|>") and "how are you" not in trimmed
+            and "2 plus 3" in trimmed)
     # most recent tokens of a huge turn
     assert len(fit_history(tok, template, [U("hello there " * 50)], 20)) == 20
 

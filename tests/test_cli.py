@@ -110,7 +110,8 @@ def test_bad_input_gives_one_line_and_leaves_disk_alone(tmp_path, text_file, cap
         out_dir = tmp_path / "bad-run"
         got, _, err = run(capsys, "train", *flags, "--out", out_dir)
         assert (got, message in err) == (code, True), (flags, err)
-        assert err.splitlines()[-1].startswith("error: ") and err.count("error") == 1 and "Traceback" not in err
+        assert (err.splitlines()[-1].startswith("error: ") and err.count("error") == 1
+                and "Traceback" not in err)
         assert snapshot(tmp_path) == before and not out_dir.exists()
 
 
@@ -218,7 +219,8 @@ def test_full_disk_inside_the_checkpoint_writers_is_one_line(trained, capsys, mo
     monkeypatch.setattr(writer, disk_full)
     code, _, err = run(capsys, "train", "--out", trained, "--resume", "--train.max_iters", 9)
     assert code == 1 and "Traceback" not in err, err
-    assert err.splitlines()[-1].startswith("error: could not write checkpoint") and "free some disk space" in err
+    assert (err.splitlines()[-1].startswith("error: could not write checkpoint")
+            and "free some disk space" in err)
     assert snapshot(trained / "checkpoints") == before
     monkeypatch.undo()
     # the earlier checkpoint still loads

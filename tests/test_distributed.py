@@ -238,7 +238,8 @@ def test_set_ups_that_cannot_work_fail_in_one_line(text_file, tmp_path):
     assert "error: a step takes 2 process(es) x 1 x 400 = 800 windows, but an epoch has only" in too_many.stderr
     muon = train(tmp_path / "b", text_file, "--train.parallel", "fsdp", "--train.optimizer", "muon",
                  check=False)
-    assert muon.returncode != 0 and "error: train.optimizer muon needs each weight matrix whole" in muon.stderr
+    assert (muon.returncode != 0
+            and "error: train.optimizer muon needs each weight matrix whole" in muon.stderr)
 
 
 def test_a_crashed_peer_ends_the_others_with_a_clear_message(text_file, tmp_path):

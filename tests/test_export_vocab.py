@@ -150,7 +150,8 @@ def test_gguf_file_holds_the_vocabulary(kind: str, toks: dict[str, Tokenizer], v
         assert keys["tokenizer.ggml.merges"] == v.merges and v.merges
         assert "tokenizer.ggml.scores" not in keys and set(types[:tok.eot_id]) == {TokenType.NORMAL}
     else:
-        assert keys["tokenizer.ggml.remove_extra_whitespaces"] is False and "tokenizer.ggml.merges" not in keys
+        assert (keys["tokenizer.ggml.remove_extra_whitespaces"] is False
+                and "tokenizer.ggml.merges" not in keys)
         assert keys["tokenizer.ggml.scores"] == pytest.approx(v.scores)
         sp = tok._sp
         assert types[0] == TokenType.UNKNOWN and types[sp.piece_to_id("<0x41>")] == TokenType.BYTE

@@ -82,7 +82,8 @@ def test_create_writes_the_config_once_and_resume_verifies_each_checkpoint_once(
     real_save = config.save
     monkeypatch.setattr(config, "save", lambda c, p: (saves.append(p), real_save(c, p)))
     run = runs.create(cfg, tmp_path / "run", log=lambda m: None)
-    assert saves == [tmp_path / "run" / "config.yaml"] and run.config.model.vocab_size == run.data.tokenizer.vocab_size
+    assert (saves == [tmp_path / "run" / "config.yaml"]
+            and run.config.model.vocab_size == run.data.tokenizer.vocab_size)
     run.train(log=lambda m: None)
 
     verified = []

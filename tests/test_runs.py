@@ -58,7 +58,8 @@ def test_runs_lists_finished_interrupted_and_running_runs_and_refuses_a_second_t
         listing = capsys.readouterr().out
         assert listing.splitlines()[0].split() == ["run", "preset", "state", "step", "best", "val", "final",
                                                    "val", "age"]
-        assert f"running (pid {running.pid})" in listing and "interrupted (resumable)" in listing and "finished" in listing
+        assert (f"running (pid {running.pid})" in listing and "interrupted (resumable)" in listing
+                and "finished" in listing)
 
         # A second trainer into the running run: refused in one line that names the process, the run
         # untouched.

@@ -87,7 +87,8 @@ def test_chat_page_streams_a_reply_and_shows_tokens_per_second(chat_run, page, t
         assert page.is_visible("#message") and not page.is_visible("#prompt")
 
         body = send(page, "hello")
-        assert body["model"] == name and body["stream"] is True and body["stream_options"] == {"include_usage": True}
+        assert (body["model"] == name and body["stream"] is True
+                and body["stream_options"] == {"include_usage": True})
         assert body["messages"] == [{"role": "user", "content": "hello"}]
         assert body["max_tokens"] == 128 and body["temperature"] == 0
         first = page.locator("#conversation .assistant").last.text_content()

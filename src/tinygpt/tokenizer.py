@@ -112,7 +112,8 @@ class Tokenizer(ABC):
             for name, data in self._files().items():
                 (directory / name).write_bytes(data)
         except OSError as e:
-            raise TinyGPTError(f"cannot save the tokenizer to {directory}: {e.strerror}; use a writable path") from None
+            raise TinyGPTError(f"cannot save the tokenizer to {directory}: {e.strerror}; use a writable "
+                               "path") from None
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
@@ -237,7 +238,8 @@ class GPT2Tokenizer(Tokenizer):
         try:  # tiktoken's own download and cache, as used by tiktoken.get_encoding("gpt2")
             ranks = openai_public.gpt2()["mergeable_ranks"]
         except Exception as e:  # network, proxy and hash failures all surface differently
-            raise TinyGPTError(f"could not download the GPT-2 vocabulary ({type(e).__name__}); {fix}") from None
+            raise TinyGPTError(f"could not download the GPT-2 vocabulary ({type(e).__name__}); "
+                               f"{fix}") from None
         return cls(ranks, specials)
 
     def _encode(self, text: str) -> list[int]:
@@ -339,7 +341,8 @@ class SentencePieceTokenizer(Tokenizer):
         except RuntimeError as e:
             # Drop the C++ source location and assertion that precede sentencepiece's reason.
             reason = " ".join(str(e).split()).rsplit("] ", 1)[-1].rstrip(".")
-            raise TinyGPTError(f"sentencepiece training failed: {reason} (vocab_size is {vocab_size})") from None
+            raise TinyGPTError(f"sentencepiece training failed: {reason} (vocab_size is "
+                               f"{vocab_size})") from None
         return cls(writer.getvalue(), names)
 
     def _encode(self, text: str) -> list[int]:
@@ -397,12 +400,14 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise TinyGPTError(f"no tokenizer at {directory} ({CONFIG_FILE} is missing); point at a saved run") from None
+        raise TinyGPTError(f"no tokenizer at {directory} ({CONFIG_FILE} is missing); point at a saved "
+                           "run") from None
     except (OSError, ValueError):
         raise TinyGPTError(corrupt) from None
     kind = config.get("kind") if isinstance(config, dict) else None
     if not isinstance(kind, str) or kind not in _KINDS:
-        raise TinyGPTError(f"{path} names unknown tokenizer kind {kind!r}; expected one of {', '.join(KINDS)}")
+        raise TinyGPTError(f"{path} names unknown tokenizer kind {kind!r}; expected one of "
+                           f"{', '.join(KINDS)}")
     try:
         specials = config["special_tokens"]
         tokenizer = _KINDS[kind]._restore(directory, config, sorted(specials, key=specials.__getitem__))

@@ -103,7 +103,8 @@ def chatterbot_english() -> list[Conversation]:
     try:
         english = importlib.resources.files("chatterbot_corpus") / "data" / "english"
     except ModuleNotFoundError:
-        raise TinyGPTError("the chatterbot corpus is not installed: `pip install chatterbot-corpus`") from None
+        raise TinyGPTError("the chatterbot corpus is not installed: `pip install "
+                           "chatterbot-corpus`") from None
     # read through importlib.resources rather than as paths, which a zipped install does not have
     files = sorted((f for f in english.iterdir() if f.name.endswith(".yml")), key=lambda f: f.name)
     return [c for f in files for c in _kept(_chatterbot(f.read_text(encoding="utf-8"), f.name), f.name)]
@@ -181,7 +182,8 @@ def _chatterbot(text: str, where: str) -> Iterator[Conversation]:
     except yaml.YAMLError as e:
         line = yaml_error_line(e)
         at = f" line {line}" if line else ""
-        raise TinyGPTError(f"{where}{at}: invalid YAML ({getattr(e, 'problem', None) or e}); fix the file") from None
+        raise TinyGPTError(f"{where}{at}: invalid YAML ({getattr(e, 'problem', None) or e}); fix the "
+                           "file") from None
     convs = doc.get("conversations") if isinstance(doc, dict) else None
     if not isinstance(convs, list):
         raise TinyGPTError(f"{where}: no `conversations:` list; a chatterbot file lists conversations as "
@@ -206,7 +208,8 @@ def _read_hf(source: str | Path) -> list[Conversation]:
     try:
         import datasets  # optional dependency, only needed here
     except ImportError:
-        raise TinyGPTError("reading Hugging Face datasets needs the datasets package: `pip install datasets`") from None
+        raise TinyGPTError("reading Hugging Face datasets needs the datasets package: `pip install "
+                           "datasets`") from None
     local = Path(source).expanduser()
     if local.exists():
         try:

@@ -48,7 +48,8 @@ def write_report(runs: list[Path], out: Path, samples: int = 2, sample_tokens: i
     with `samples` texts of up to `sample_tokens` tokens from each run's last checkpoint (not in a .png)."""
     out = Path(out)
     if out.suffix.lower() not in FORMATS:
-        raise UsageError(f"a report is written as {', '.join(FORMATS)}; {out.name} has none of these suffixes")
+        raise UsageError(f"a report is written as {', '.join(FORMATS)}; {out.name} has none of these "
+                         "suffixes")
     if not runs:
         raise UsageError("name at least one run directory to report on")
     records = []

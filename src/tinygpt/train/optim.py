@@ -90,7 +90,8 @@ class Optimizers:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state) != set(self.optimizers):
-            raise ValueError(f"optimizer state holds {sorted(state)}, this run uses {sorted(self.optimizers)}")
+            raise ValueError(f"optimizer state holds {sorted(state)}, this run uses "
+                             f"{sorted(self.optimizers)}")
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state[name])
 
