@@ -102,8 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = dict(demo=dict(perplexity=perplexities(demo), same_replies=None),
                       big=dict(perplexity=perplexities(big),
                                continuations=compare(continuations(big, "float32"),
-                                                                                  continuations(big,
-                                                                                                "int8"))))
+                                                     continuations(big, "int8"))))
         fp32, int8 = chat_replies(demo, "float32"), chat_replies(demo, "int8")
         result["demo"]["same_replies"] = sum(a == b for a, b in zip(fp32, int8))
         result["demo"]["replies"] = len(QUESTIONS)

@@ -67,8 +67,8 @@ def tiny_flags(**extra) -> list[str]:
 
 
 # Conversations and tokenizers for the chat-template, packing and chat-session tests.
-U, A, S = (lambda t: Message("user", t)), (lambda t: Message("assistant",
-                                                             t)), (lambda t: Message("system", t))
+U, A, S = ((lambda t: Message("user", t)), (lambda t: Message("assistant", t)),
+           (lambda t: Message("system", t)))
 TEXTS = ["hello there", "hi! how are you?", "what is 2 plus 3?", "5", "be brief"]
 
 

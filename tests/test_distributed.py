@@ -235,7 +235,8 @@ def test_a_time_budget_and_auto_size_are_decided_once_for_all(text_file, tmp_pat
 def test_set_ups_that_cannot_work_fail_in_one_line(text_file, tmp_path):
     too_many = train(tmp_path / "a", text_file, "--train.batch_size", "400", check=False)
     assert too_many.returncode != 0
-    assert "error: a step takes 2 process(es) x 1 x 400 = 800 windows, but an epoch has only" in too_many.stderr
+    assert ("error: a step takes 2 process(es) x 1 x 400 = 800 windows, but an epoch has only"
+            in too_many.stderr)
     muon = train(tmp_path / "b", text_file, "--train.parallel", "fsdp", "--train.optimizer", "muon",
                  check=False)
     assert (muon.returncode != 0

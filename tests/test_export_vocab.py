@@ -30,7 +30,8 @@ SAMPLES = [
     "  leading and trailing  ",
     "<|user|",  # half a special is ordinary text
 ]
-WORDS = "the quick brown fox jumps over lazy dog café naïve über model said hello 12345 3.14 ---- aaaa !!".split()
+WORDS = ("the quick brown fox jumps over lazy dog café naïve über model said hello 12345 3.14 ---- "
+         "aaaa !!").split()
 NEEDS_RANKS = pytest.mark.skipif(not RANKS.exists(), reason=f"GPT-2 ranks file {RANKS} not present")
 KINDS = ["char", "bpe", "sentencepiece", pytest.param("gpt2", marks=NEEDS_RANKS)]
 
@@ -226,6 +227,5 @@ def test_gguf_char_merges_build_characters_that_share_utf8_prefixes() -> None:
     tok = build_tokenizer("char", [text])
     v = gguf_vocab(tok)
     assert len(v.tokens) == tok.vocab_size
-    assert _reference_encode(v,
-                             text) == tok.encode(text) and _reference_encode(v,
-                                                                             text[::-1]) == tok.encode(text[::-1])
+    assert (_reference_encode(v, text) == tok.encode(text)
+            and _reference_encode(v, text[::-1]) == tok.encode(text[::-1]))

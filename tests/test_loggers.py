@@ -30,7 +30,8 @@ def test_tensorboard_event_file_holds_every_logged_scalar_and_the_config(tmp_pat
         assert [e.step for e in events] == [m["step"] for m in metrics]
         assert [e.value for e in events] == pytest.approx([m[key] for m in metrics], rel=1e-6)
     assert [e.value for e in acc.Scalars("val_bpb")] == pytest.approx([metrics[-1]["val_bpb"]], rel=1e-6)
-    assert "model.n_embd" in acc.PluginTagToContent("hparams")["_hparams_/session_start_info"].decode("latin-1")
+    assert "model.n_embd" in (
+        acc.PluginTagToContent("hparams")["_hparams_/session_start_info"].decode("latin-1"))
     assert "n_layer: 1" in acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
 
 

@@ -145,4 +145,5 @@ def test_api_key_is_asked_for_and_then_sent(chat_run, page):
             page.press("#message", "Enter")
         page.wait_for_function(REPLIED)
         assert request.value.all_headers()["authorization"] == "Bearer secret"
-        assert not page.locator("#conversation .error").count(), page.locator("#conversation .error").all_text_contents()
+        assert not page.locator("#conversation .error").count(), (
+            page.locator("#conversation .error").all_text_contents())

@@ -75,7 +75,8 @@ def test_training_lowers_the_loss_and_records_metrics(text_file, tmp_path):
     for key in ("step", "train_loss", "val_loss", "tokens_seen", "tokens_per_s", "elapsed_s"):
         assert all(key in r for r in rows)
     assert rows[-1]["tokens_seen"] == 40 * 4 * 16
-    assert final["val_loss"] < rows[0]["val_loss"] < torch.log(torch.tensor(float(cfg.model.vocab_size))).item()
+    assert (final["val_loss"] < rows[0]["val_loss"]
+            < torch.log(torch.tensor(float(cfg.model.vocab_size))).item())
     assert checkpoint.find(tmp_path,
                            "best").name == "best" and checkpoint.find(tmp_path, "last").name == "last"
 

@@ -35,7 +35,8 @@ from tinygpt.train import distributed
 EXAMPLES = """examples:
   tinygpt train                                    # built-in corpus, a few minutes on a laptop CPU
   tinygpt train --data notes.txt --out runs/notes  # your own text file (or a folder of .txt/.md files)
-  tinygpt train --data ../shared/data/tinyshakespeare.txt --tokenizer char --preset cpu-tiny --out runs/shakespeare-char
+  tinygpt train --data ../shared/data/tinyshakespeare.txt --tokenizer char --preset cpu-tiny \
+--out runs/shakespeare-char
   tinygpt train --out runs/notes --resume --train.max_iters 4000
   tinygpt sample --run runs/shakespeare-char --prompt "ROMEO:" --max-new-tokens 200
   tinygpt serve --run runs/demo                    # chat page at http://127.0.0.1:8000/, OpenAI API at /v1
@@ -61,7 +62,8 @@ def presets_help() -> str:
 
 
 def train_parser(defaults: config.Config, preset: str | None) -> ArgumentParser:
-    header = f"preset {preset}: {presets.PRESETS[preset].description}\n\n" if preset in presets.PRESETS else ""
+    header = (f"preset {preset}: {presets.PRESETS[preset].description}\n\n" if preset in presets.PRESETS
+              else "")
     p = ArgumentParser(
         prog="tinygpt train", formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         description=header + "Train a GPT on a text file, a folder of text files, or the built-in corpus.\n"
@@ -279,7 +281,8 @@ def cmd_serve(argv: list[str]) -> int:
     docs = config.field_docs(ServeConfig)
     for f in dataclasses.fields(ServeConfig):
         kind = str if f.default is None else type(f.default)
-        shown = "" if "default" in docs[f.name] else f" (default: {'none' if f.default is None else f.default})"
+        shown = ("" if "default" in docs[f.name]
+                 else f" (default: {'none' if f.default is None else f.default})")
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default,
                        metavar=f.name.split("_")[-1].upper(), help=docs[f.name] + shown)
     args = p.parse_args(argv)

@@ -30,8 +30,8 @@ def windows(split: Split, starts: np.ndarray,
     x, y = t[:, :-1], t[:, 1:]
     if split.mask is not None:
         y = y.masked_fill(torch.from_numpy(split.mask[index[:, 1:]] == 0), -1)
-    segments = None if split.segments is None else torch.from_numpy(split.segments[index[:,
-                                                                                         :-1]].astype(np.int64))
+    segments = (None if split.segments is None
+                else torch.from_numpy(split.segments[index[:, :-1]].astype(np.int64)))
     return x, y, segments
 
 

@@ -289,7 +289,7 @@ def copy_to(ds: Dataset, dest: Path) -> Dataset:
     return load_prepared(dest)
 
 
-# ---------------------------------------------------------------- batches
+# ---------------------------------------------------------------- preparing a config's data
 
 def prepare(cfg: Config, log=print, tokenizer: Tokenizer | None = None) -> Dataset:
     """The prepared dataset for a config: text or dialogs from cfg.data.path, or the built-in chat corpus.

@@ -43,8 +43,8 @@ def tensor_names(family: Family, n_layer: int) -> dict[str, str]:
         names["transformer.wpe.weight"] = "position_embd.weight"
     for i in range(n_layer):
         t, g = f"transformer.h.{i}.", f"blk.{i}."
-        names |= {t + f"ln_1.{p}": g + f"attn_norm.{p}" for p in ln} | {t + f"ln_2.{p}": g + f"ffn_norm.{p}"
-                                                                        for p in ln}
+        names |= ({t + f"ln_1.{p}": g + f"attn_norm.{p}" for p in ln}
+                  | {t + f"ln_2.{p}": g + f"ffn_norm.{p}" for p in ln})
         for p in ("weight", "bias") if family.name == "gpt2" else ("weight",):
             names |= {t + f"attn.c_proj.{p}": g + f"attn_output.{p}",
                       t + f"mlp.c_proj.{p}": g + f"ffn_down.{p}",

@@ -60,7 +60,8 @@ def llama_like_state(sd: dict[str, torch.Tensor], cfg: ModelConfig,
                 h + norms[1] + ".weight": sd[t + "ln_2.weight"],
                 h + "mlp.down_proj.weight": sd[t + "mlp.c_proj.weight"]}
         if family.name == "qwen3":
-            out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = sd[t + "mlp.c_fc.weight"].chunk(2)
+            out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = (
+                sd[t + "mlp.c_fc.weight"].chunk(2))
         else:
             out[h + "mlp.up_proj.weight"] = sd[t + "mlp.c_fc.weight"]
     return out
@@ -76,8 +77,8 @@ def hf_state(model: torch.nn.Module, family: Family) -> dict[str, torch.Tensor]:
         sd = with_zero_biases(sd)
     if family.name == "openai-gpt":  # the sinusoid table is a buffer, not saved in tinygpt's state dict
         sd["transformer.positions_embed.weight"] = model.transformer.wpe.table.float().cpu()
-    out = gpt2_state(sd, family) if family.name in ("gpt2",
-                                                    "openai-gpt") else llama_like_state(sd, cfg, family)
+    out = (gpt2_state(sd, family) if family.name in ("gpt2", "openai-gpt")
+           else llama_like_state(sd, cfg, family))
     if cfg.tie_weights:
         out.pop("lm_head.weight", None)
     return {k: v.contiguous() for k, v in out.items()}

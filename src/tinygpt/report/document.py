@@ -141,7 +141,8 @@ def _duration(seconds: Any) -> str:
     if seconds < 60:
         return f"{seconds:.1f} s"
     minutes = int(seconds // 60)
-    return f"{minutes} min {int(seconds % 60):02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+    return (f"{minutes} min {int(seconds % 60):02d} s" if minutes < 60
+            else f"{minutes // 60} h {minutes % 60:02d} min")
 
 
 def _text(value: Any) -> str:

@@ -182,7 +182,11 @@ def whole_state(model: GPT, optimizer: Any, dist: Dist) -> tuple[GPT | None, Any
     process takes part; rank 0 gets them, as a plain model built around the gathered weights)."""
     if dist.parallel != "fsdp" or not dist.active:
         return model, optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=whole)
