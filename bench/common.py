@@ -85,7 +85,8 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def run_cases(shapes: Sequence[str], dtypes: Sequence[str], measure: Callable[[str, str, torch.device], dict[str, Any]],
+def run_cases(shapes: Sequence[str], dtypes: Sequence[str],
+              measure: Callable[[str, str, torch.device], dict[str, Any]],
               describe: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
     """measure(shape, dtype, device) for every device, dtype and shape, printing describe(result) as each
     finishes; a dtype the device would only emulate is recorded as skipped, with the reason."""
@@ -99,7 +100,8 @@ def run_cases(shapes: Sequence[str], dtypes: Sequence[str], measure: Callable[[s
                 continue
             for shape in shapes:
                 r = measure(shape, dtype_name, device)
-                print(f"{device.type} {shape} {dtype_name}: {describe(r)}{load_warning(r['other_load'])}", flush=True)
+                print(f"{device.type} {shape} {dtype_name}: {describe(r)}{load_warning(r['other_load'])}",
+                      flush=True)
                 results.append(r)
     return results
 
@@ -122,7 +124,8 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
 
 
 def _busy_cpu_seconds() -> float | None:
-    """CPU seconds all processes have spent busy since boot, from /proc/stat (None where it does not exist)."""
+    """CPU seconds all processes have spent busy since boot, from /proc/stat (None where it does not
+    exist)."""
     try:
         fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
     except OSError:
@@ -153,7 +156,8 @@ class OtherLoad:
 
     def __init__(self, pids: Sequence[int] = ()) -> None:
         self.share: float | None = None
-        self.pids = pids  # processes that are part of the benchmark (a server it started): theirs is not others' load
+        # processes that are part of the benchmark (a server it started): theirs is not others' load
+        self.pids = pids
 
     def __enter__(self) -> OtherLoad:
         self._start = (time.perf_counter(), _busy_cpu_seconds(), self._own())
@@ -169,7 +173,8 @@ class OtherLoad:
 
     def _own(self) -> float:
         t = os.times()  # this process and its waited-for children (the memory benchmark's subprocesses)
-        return t.user + t.system + t.children_user + t.children_system + sum(map(_process_cpu_seconds, self.pids))
+        return t.user + t.system + t.children_user + t.children_system + sum(map(_process_cpu_seconds,
+                                                                                 self.pids))
 
 
 def load_warning(share: float | None) -> str:
@@ -224,7 +229,8 @@ def save_results(section: str, result: Any, path: Path = RESULTS) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def parser(doc: str, shapes: Sequence[str] | None = None, dtypes: Sequence[str] | None = None) -> argparse.ArgumentParser:
+def parser(doc: str, shapes: Sequence[str] | None = None,
+           dtypes: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The options every benchmark script shares: its docstring's first paragraph as the description,
     --quick and --no-save, and where it measures several shapes or dtypes, --shapes and --dtypes."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])

@@ -56,7 +56,8 @@ PROMPT_TOKENS = 16
 NEW_TOKENS = 128
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # llama.cpp's AMX int8 kernel segfaulted on q8_0 matmuls on an Intel Xeon with AMX; a build without it
-# (CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON ... -DGGML_AMX_INT8=OFF", pip install --target DIR) goes here.
+# (CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON ... -DGGML_AMX_INT8=OFF", pip install --target DIR) goes
+# here.
 LLAMA_CPP_PATH = os.environ.get("TINYGPT_BENCH_LLAMA_CPP", "")
 
 
@@ -70,7 +71,8 @@ def build_models(shape: str, dtype: torch.dtype, device: torch.device, seed: int
     dims = SHAPES[shape]
     torch.manual_seed(seed)
     hf_config = GPT2Config(n_layer=dims["n_layer"], n_head=dims["n_head"], n_embd=dims["n_embd"],
-                           n_positions=CONTEXT, vocab_size=VOCAB, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                           n_positions=CONTEXT, vocab_size=VOCAB, resid_pdrop=0.0, embd_pdrop=0.0,
+                           attn_pdrop=0.0)
     hf = GPT2LMHeadModel(hf_config).eval()
     ours = GPT(ModelConfig(**dims, block_size=CONTEXT, vocab_size=VOCAB))
     ours.load_state_dict(gpt2_state_from_hf(hf.state_dict()))
@@ -78,7 +80,8 @@ def build_models(shape: str, dtype: torch.dtype, device: torch.device, seed: int
 
 
 def tinygpt_decode(model: GPT, prompt: torch.Tensor) -> torch.Tensor:
-    return generate_ids(model, prompt, SampleConfig(max_new_tokens=NEW_TOKENS, temperature=0))[:, prompt.size(1):]
+    return generate_ids(model, prompt, SampleConfig(max_new_tokens=NEW_TOKENS,
+                                                    temperature=0))[:, prompt.size(1):]
 
 
 def hf_decode(model: Any, prompt: torch.Tensor) -> torch.Tensor:
@@ -94,7 +97,8 @@ def hf_decode(model: Any, prompt: torch.Tensor) -> torch.Tensor:
 def bench_case(shape: str, dtype_name: str, device: torch.device, repeats: int) -> dict[str, Any]:
     dtype = DTYPES[dtype_name]
     ours, hf = build_models(shape, dtype, device)
-    prompt = torch.randint(0, VOCAB, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1)).to(device)
+    prompt = torch.randint(0, VOCAB, (1, PROMPT_TOKENS),
+                           generator=torch.Generator().manual_seed(1)).to(device)
     # The warm-up calls pay one-off costs (allocator growth, kernel selection) and give the tokens to compare.
     ours_tokens, hf_tokens = tinygpt_decode(ours, prompt), hf_decode(hf, prompt)
     ours_times, hf_times = [], []
@@ -105,7 +109,8 @@ def bench_case(shape: str, dtype_name: str, device: torch.device, repeats: int) 
     ours_tok_s, hf_tok_s = NEW_TOKENS / median(ours_times), NEW_TOKENS / median(hf_times)
     # bf16 rounding can legitimately flip a near-tie, so token identity is only a check in float32.
     match = bool(torch.equal(ours_tokens, hf_tokens)) if dtype == torch.float32 else None
-    return dict(shape=shape, dtype=dtype_name, device=device.type, tinygpt_tok_s=ours_tok_s, hf_tok_s=hf_tok_s,
+    return dict(shape=shape, dtype=dtype_name, device=device.type, tinygpt_tok_s=ours_tok_s,
+                hf_tok_s=hf_tok_s,
                 ratio=ratio(ours_tok_s, hf_tok_s), tokens_match=match, tinygpt_s=ours_times, hf_s=hf_times,
                 other_load=load.share)
 
@@ -139,16 +144,19 @@ def llama_cpp_row(path: Path, prompt: torch.Tensor, repeats: int) -> dict[str, A
     cmd = [sys.executable, str(Path(__file__).with_name("llama_cpp_run.py")), str(path), "--prompt",
            ",".join(map(str, prompt[0].tolist())), "--new-tokens", str(NEW_TOKENS), "--repeats", str(repeats)]
     env = dict(os.environ)
-    if LLAMA_CPP_PATH:  # a llama-cpp-python installed elsewhere (pip install --target DIR), e.g. built without AMX
+    # a llama-cpp-python installed elsewhere (pip install --target DIR), e.g. built without AMX
+    if LLAMA_CPP_PATH:
         env["PYTHONPATH"] = os.pathsep.join([LLAMA_CPP_PATH, env.get("PYTHONPATH", "")])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
     if done.returncode != 0:
-        return {"skipped": f"llama.cpp exited with {done.returncode} ({(done.stderr.strip().splitlines() or [''])[-1][:120]})"}
+        return {"skipped": f"llama.cpp exited with {done.returncode} "
+                f"({(done.stderr.strip().splitlines() or [''])[-1][:120]})"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def precision_case(shape: str, repeats: int) -> dict[str, Any]:
-    """tinygpt in float32, bf16 and int8 at batch 1 and 8, transformers float32 at batch 1 and 8, llama.cpp f32 and
+    """tinygpt in float32, bf16 and int8 at batch 1 and 8, transformers float32 at batch 1 and 8, llama.cpp
+    f32 and
     q8_0 at batch 1: the same weights and prompt, 128 greedy tokens each, in one run."""
     cpu = torch.device("cpu")
     ours, hf = build_models(shape, torch.float32, cpu)
@@ -164,15 +172,18 @@ def precision_case(shape: str, repeats: int) -> dict[str, Any]:
         for b, prompt in prompts.items():
             for name, model in sides.items():
                 tokens = tinygpt_decode(model, prompt)
-                times = [timed(lambda m=model, x=prompt: tinygpt_decode(m, x), cpu)[0] for _ in range(repeats)]
-                rows[f"tinygpt {name} b{b}"] = dict(tok_s=b * NEW_TOKENS / median(times), tokens=tokens[0].tolist())
+                times = [timed(lambda m=model, x=prompt: tinygpt_decode(m, x), cpu)[0]
+                         for _ in range(repeats)]
+                rows[f"tinygpt {name} b{b}"] = dict(tok_s=b * NEW_TOKENS / median(times),
+                                                    tokens=tokens[0].tolist())
             hf_decode(hf, prompt)
             times = [timed(lambda x=prompt: hf_decode(hf, x), cpu)[0] for _ in range(repeats)]
             rows[f"transformers float32 b{b}"] = dict(tok_s=b * NEW_TOKENS / median(times))
         with tempfile.TemporaryDirectory() as tmp:
             files = gguf_files(ours, Path(tmp))
             for dtype in ("f32", "q8_0"):
-                rows[f"llama.cpp {dtype} b1"] = (llama_cpp_row(files[dtype], prompts[1], repeats) if isinstance(files, dict)
+                rows[f"llama.cpp {dtype} b1"] = (llama_cpp_row(files[dtype], prompts[1], repeats)
+                                                 if isinstance(files, dict)
                                                  else {"skipped": files})
     ref = rows["tinygpt float32 b1"]["tokens"]
     for r in rows.values():
@@ -190,10 +201,12 @@ def print_precisions(results: list[dict[str, Any]]) -> None:
                 table.append((name, "-", "-", f"skipped: {row['skipped']}"))
                 continue
             same = row.get("same_tokens_as_float32")
-            table.append((name, row["tok_s"], f"{row['tok_s'] / hf1:.2f}x", "" if same is None else f"{same}/{NEW_TOKENS}"))
-        print(f"\n{r['shape']}: greedy, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens (per row of the batch)"
-              f"{load_warning(r['other_load'])}")
-        print_table(["side", "tok/s (all rows)", "vs transformers fp32 b1", "same tokens as tinygpt fp32"], table)
+            table.append((name, row["tok_s"], f"{row['tok_s'] / hf1:.2f}x", "" if same is None
+                          else f"{same}/{NEW_TOKENS}"))
+        print(f"\n{r['shape']}: greedy, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new tokens (per row of "
+              f"the batch){load_warning(r['other_load'])}")
+        print_table(["side", "tok/s (all rows)", "vs transformers fp32 b1", "same tokens as tinygpt fp32"],
+                    table)
 
 
 def describe(r: dict[str, Any]) -> str:
@@ -203,11 +216,13 @@ def describe(r: dict[str, Any]) -> str:
 
 
 def run(shapes: list[str], dtypes: list[str], repeats: int) -> list[dict[str, Any]]:
-    return run_cases(shapes, dtypes, lambda shape, dtype, device: bench_case(shape, dtype, device, repeats), describe)
+    return run_cases(shapes, dtypes, lambda shape, dtype, device: bench_case(shape, dtype, device, repeats),
+                     describe)
 
 
 def print_summary(results: list[dict[str, Any]]) -> None:
-    rows = [(f"{r['device']} {r['shape']} {r['dtype']}", r["tinygpt_tok_s"], r["hf_tok_s"], f"{r['ratio']:.2f}x",
+    rows = [(f"{r['device']} {r['shape']} {r['dtype']}", r["tinygpt_tok_s"], r["hf_tok_s"],
+             f"{r['ratio']:.2f}x",
              {True: "yes", False: "NO", None: "-"}[r["tokens_match"]])
             for r in results if "skipped" not in r]
     print_table(["generation, batch 1 (tok/s)", "tinygpt", "transformers", "ratio", "same tokens"], rows)

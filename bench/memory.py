@@ -74,12 +74,14 @@ def child(checkpointing: bool) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
     seconds = (time.perf_counter() - start) / STEPS
     peak = peak_rss_mb()
-    return dict(checkpointing=checkpointing, peak_rss_mb=peak, setup_rss_mb=setup_mb, training_mb=peak - setup_mb,
+    return dict(checkpointing=checkpointing, peak_rss_mb=peak, setup_rss_mb=setup_mb,
+                training_mb=peak - setup_mb,
                 s_per_step=seconds, params_m=model.num_params(non_embedding=False) / 1e6, loss=loss.item())
 
 
 def measure(checkpointing: bool) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--checkpointing", str(int(checkpointing))]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--checkpointing",
+           str(int(checkpointing))]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])  # the child's last line is its JSON report
 
@@ -93,13 +95,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report = child(bool(args.checkpointing))
         print(json.dumps(report))
         return report
-    print(f"peak RSS, 124M GPT training on CPU: batch {BATCH} x {BLOCK} tokens, {STEPS} steps, one process each")
+    print(f"peak RSS, 124M GPT training on CPU: batch {BATCH} x {BLOCK} tokens, {STEPS} steps, one process "
+          "each")
     runs = {name: measure(flag) for name, flag in (("off", False), ("on", True))}
-    result = dict(shape="124M", batch=BATCH, block=BLOCK, steps=STEPS, checkpointing_off=runs["off"], checkpointing_on=runs["on"],
+    result = dict(shape="124M", batch=BATCH, block=BLOCK, steps=STEPS, checkpointing_off=runs["off"],
+                  checkpointing_on=runs["on"],
                   peak_ratio=runs["on"]["peak_rss_mb"] / runs["off"]["peak_rss_mb"],
                   training_ratio=runs["on"]["training_mb"] / runs["off"]["training_mb"],
                   step_time_ratio=runs["on"]["s_per_step"] / runs["off"]["s_per_step"])
-    rows = [(f"checkpointing {name}", r["peak_rss_mb"], r["setup_rss_mb"], r["training_mb"], f"{r['s_per_step']:.1f}")
+    rows = [(f"checkpointing {name}", r["peak_rss_mb"], r["setup_rss_mb"], r["training_mb"],
+             f"{r['s_per_step']:.1f}")
             for name, r in runs.items()]
     print_table(["124M training memory", "peak RSS MB", "after set-up MB", "training MB", "s/step"], rows)
     print(f"with / without checkpointing: peak {result['peak_ratio']:.2f}x, above set-up "

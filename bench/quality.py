@@ -7,7 +7,8 @@ time-budget planner, evaluations, checkpoints):
         --train.time_budget 120 --out <tmp> --overwrite [extra args]
 
 (a time budget with no model-size flag sizes the model to the budget; `-- --model.auto_size false` keeps
-the preset's size) and reports the final whole-validation-split loss (the metrics.jsonl line with "final": true)
+the preset's size) and reports the final whole-validation-split loss (the metrics.jsonl line with "final":
+true)
 and the wall time of the command. Extra arguments pass through to `tinygpt train`:
 
     python bench/quality.py --preset cpu-tiny
@@ -46,7 +47,8 @@ def run(budget: float, extra: list[str]) -> dict[str, Any] | None:
         print(f"quality: skipped ({DATA} not found)")
         return None
     # The child must import this checkout's tinygpt whether or not it is pip-installed.
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"),
+                                                                    os.environ.get("PYTHONPATH")])))
     with tempfile.TemporaryDirectory(prefix="tinygpt-quality-") as tmp:
         run_dir = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "tinygpt", "train", "--data", str(DATA), "--tokenizer", "char",

@@ -28,7 +28,8 @@ from tinygpt.device import cpu_has_native_bf16
 BENCHMARKS: dict[str, Callable[[list[str]], Any]] = {
     "generate": generate.main, "int8-quality": int8_quality.main,
     "train": train.main, "memory": memory.main, "serve": serve.main, "quality": quality.main,
-    # The same command keeping the preset's size (a time budget alone sizes the model: train/schedule.py's choose_size).
+    # The same command keeping the preset's size (a time budget alone sizes the model: train/schedule.py's
+    # choose_size).
     "quality-preset-size": lambda args: quality.main([*args, "--model.auto_size", "false"]),
 }
 
@@ -42,7 +43,8 @@ def find(results: list[dict[str, Any]] | None, **match: Any) -> dict[str, Any] |
 
 
 def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
-    """(benchmark, tinygpt, transformers, ratio, goal, verdict) for each goal of the issue, and a few extras."""
+    """(benchmark, tinygpt, transformers, ratio, goal, verdict) for each goal of the issue, and a few
+    extras."""
     rows = []
 
     def speed(name: str, r: dict[str, Any] | None, unit: str, goal: float | None) -> None:
@@ -69,35 +71,42 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str
         rows.append(("generate 124M bf16 (cpu)", "-", "-", "-", ">= 100 tok/s",
                      f"skipped: {bf16['skipped']}" if bf16 else "not run"))
     for r in gen or []:
-        if "rows" in r:  # a precision case (generate.precision_case): its goals against llama.cpp and transformers
+        # a precision case (generate.precision_case): its goals against llama.cpp and transformers
+        if "rows" in r:
             rows += precision_rows(r)
     for r in gen or []:  # GPU figures have no goal; show them where they exist
         if r.get("device") == "cuda" and "skipped" not in r:
             speed(f"generate {r['shape']} {r['dtype']} (cuda)", r, "tok/s", None)
     speed("train 10M fp32 (cpu)", find(tr, device="cpu", shape="10M", dtype="float32"), "tok/s", 1.5)
-    speed("train cpu-tiny fp32 (cpu)", find(tr, device="cpu", shape="cpu-tiny", dtype="float32"), "tok/s", None)
+    speed("train cpu-tiny fp32 (cpu)", find(tr, device="cpu", shape="cpu-tiny", dtype="float32"), "tok/s",
+          None)
     for r in tr or []:
         if r.get("compiled_tok_s") is not None and r["device"] == "cpu" and r["dtype"] == "float32":
             rows.append((f"train {r['shape']} fp32 compiled (cpu)", f"{r['compiled_tok_s']:,.0f} tok/s",
                          f"{r['hf_tok_s']:,.0f} tok/s", f"{r['compiled_ratio']:.2f}x",
                          f"compile {r['compile_s']:.0f} s", ""))
-    for key, label in (("quality", "quality: val loss in 120 s"), ("quality-preset-size", "quality, preset's size: val loss")):
+    for key, label in (("quality", "quality: val loss in 120 s"), ("quality-preset-size",
+                                                                   "quality, preset's size: val loss")):
         q = res.get(key)
         if q is None:
             rows.append((label, "-", "", "", "<= 1.65", "not run or skipped"))
         elif "error" in q:
             rows.append((label, "-", "", "", "<= 1.65", f"failed: {q['error']}"))
         else:
-            rows.append((label, f"{q['val_loss']:.4f}", "", "", "<= 1.65", "met" if q["goal_met"] else "missed"))
+            rows.append((label, f"{q['val_loss']:.4f}", "", "", "<= 1.65", "met" if q["goal_met"]
+                         else "missed"))
     for r in res.get("serve") or []:  # the peer is the same server with one client
         one, sixteen = r["clients"]["1"]["tok_s"], r["clients"]["16"]["tok_s"]
-        rows.append((f"serve {r['shape']}: 16 clients vs 1 (aggregate)", f"{sixteen:,.1f} tok/s", f"1 client: {one:,.1f}",
+        rows.append((f"serve {r['shape']}: 16 clients vs 1 (aggregate)", f"{sixteen:,.1f} tok/s",
+                     f"1 client: {one:,.1f}",
                      f"{r['speedup_16']:.2f}x", ">= 4x", "met" if r["speedup_16"] >= 4 else "missed"))
         mixed = r["mixed"]
-        rows.append((f"serve {r['shape']}: mixed load errors", f"{mixed['errors']} of {mixed['requests']}", "", "",
+        rows.append((f"serve {r['shape']}: mixed load errors", f"{mixed['errors']} of {mixed['requests']}",
+                     "", "",
                      "0", "met" if mixed["errors"] == 0 else "missed"))
     q8 = res.get("int8-quality")
-    if q8 is not None:  # int8's quality bound: the demo model's val perplexity, and a trained 124M's greedy tokens
+    # int8's quality bound: the demo model's val perplexity, and a trained 124M's greedy tokens
+    if q8 is not None:
         ppl = q8["demo"]["perplexity"]
         change = ppl["int8"] / ppl["float32"] - 1
         rows.append(("int8: demo model val perplexity change", f"{change:+.3%}", "", "", "< 1%",
@@ -107,9 +116,12 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str
         rows.append(("int8: 124M-shape greedy tokens as float32's", f"{same}/{total}", "", "", "report", ""))
     m = res.get("memory")
     if m is not None:
-        # Both figures are tinygpt's: peak RSS with activation checkpointing, and its ratio to the run without.
-        rows.append(("memory 124M train: peak RSS, ckpt on", f"{m['checkpointing_on']['peak_rss_mb']:,.0f} MB", "-",
-                     f"{m['peak_ratio']:.2f}x", "", f"ckpt off: {m['checkpointing_off']['peak_rss_mb']:,.0f} MB"))
+        # Both figures are tinygpt's: peak RSS with activation checkpointing, and its ratio to the run
+        # without.
+        rows.append(("memory 124M train: peak RSS, ckpt on",
+                     f"{m['checkpointing_on']['peak_rss_mb']:,.0f} MB", "-",
+                     f"{m['peak_ratio']:.2f}x", "",
+                     f"ckpt off: {m['checkpointing_off']['peak_rss_mb']:,.0f} MB"))
     return rows
 
 
@@ -122,21 +134,26 @@ def precision_rows(case: dict[str, Any]) -> list[tuple[str, str, str, str, str, 
         a, b = sides.get(ours, {}), sides.get(peer, {})
         if "tok_s" not in a or "tok_s" not in b:
             why = a.get("skipped") or b.get("skipped") or "not run"
-            out.append((f"generate {shape} {ours} vs {peer}", "-", "-", "-", f">= {goal}x" if goal else "", f"skipped: {why}"))
+            out.append((f"generate {shape} {ours} vs {peer}", "-", "-", "-", f">= {goal}x" if goal else "",
+                        f"skipped: {why}"))
             return
         r = a["tok_s"] / b["tok_s"]
-        out.append((f"generate {shape} {ours.split()[1]} vs {peer} (b1)", f"{a['tok_s']:,.1f} tok/s", f"{b['tok_s']:,.1f} tok/s",
-                    f"{r:.2f}x", f">= {goal}x" if goal else "", "" if goal is None else "met" if r >= goal else "missed"))
+        out.append((f"generate {shape} {ours.split()[1]} vs {peer} (b1)", f"{a['tok_s']:,.1f} tok/s",
+                    f"{b['tok_s']:,.1f} tok/s",
+                    f"{r:.2f}x", f">= {goal}x" if goal else "", "" if goal is None else "met" if r >= goal
+                    else "missed"))
 
     big = shape == "124M"
     row("tinygpt float32 b1", "llama.cpp f32 b1", 0.9 if big else None)
     row("tinygpt int8 b1", "llama.cpp q8_0 b1", 0.8 if big else None)
     row("tinygpt int8 b1", "transformers float32 b1", 4.0)
     if big:
-        best = max((sides[k]["tok_s"] for k in ("tinygpt bfloat16 b1", "tinygpt int8 b1") if "tok_s" in sides.get(k, {})),
+        best = max((sides[k]["tok_s"] for k in ("tinygpt bfloat16 b1", "tinygpt int8 b1")
+                    if "tok_s" in sides.get(k, {})),
                    default=0.0)
         # The goal is set for CPUs with native bf16; elsewhere the figure is reported without a verdict.
-        verdict = ("met" if best >= 100 else "missed") if cpu_has_native_bf16() else "no goal here: no native bf16"
+        verdict = ("met" if best >= 100
+                   else "missed") if cpu_has_native_bf16() else "no goal here: no native bf16"
         out.append(("generate 124M bf16 or int8 (b1)", f"{best:,.1f} tok/s", "", "", ">= 100 tok/s", verdict))
     return out
 
@@ -145,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer repetitions in every benchmark")
     p.add_argument("--skip", nargs="+", default=[], choices=list(BENCHMARKS), help="benchmarks to leave out")
-    p.add_argument("--quality-args", default="", help='extra `tinygpt train` arguments, e.g. "--preset cpu-tiny"')
+    p.add_argument("--quality-args", default="",
+                   help='extra `tinygpt train` arguments, e.g. "--preset cpu-tiny"')
     args = p.parse_args(argv)
     started = time.time()
     results: dict[str, Any] = {}
@@ -158,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             bench_args += shlex.split(args.quality_args)
         results[name] = bench(bench_args)
     print("\n=== summary ===")
-    common.print_table(["benchmark", "tinygpt", "transformers", "ratio", "goal", "verdict"], summary_rows(results))
+    common.print_table(["benchmark", "tinygpt", "transformers", "ratio", "goal", "verdict"],
+                       summary_rows(results))
     report = dict(machine=common.machine_info(), command=" ".join([sys.argv[0], *(argv or sys.argv[1:])]),
                   quick=args.quick, started=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
                   duration_s=time.time() - started, results=results)

@@ -42,7 +42,8 @@ SHAPES: dict[str, list[str]] = {
     "demo": [],  # the modern preset on the built-in conversations: what `make demo` trains
     # GPT-2 small: the microgpt preset is GPT-2's architecture and tokenizer (step-limited, not by epochs)
     "124M": ["--preset", "microgpt", "--model.n_layer", "12", "--model.n_head", "12", "--model.n_embd", "768",
-             "--model.block_size", "1024", "--train.epochs", "", "--data.gpt2_ranks", str(SHARED_DATA / "gpt2.tiktoken")],
+             "--model.block_size", "1024", "--train.epochs", "", "--data.gpt2_ranks",
+             str(SHARED_DATA / "gpt2.tiktoken")],
 }
 CLIENTS = (1, 4, 16)
 NEW_TOKENS = 64
@@ -50,7 +51,8 @@ NEW_TOKENS = 64
 
 def make_run(shape: str, root: Path) -> Path:
     out = root / shape
-    cmd = [sys.executable, "-m", "tinygpt", "train", "--out", str(out), *SHAPES[shape], "--train.max_iters", "1",
+    cmd = [sys.executable, "-m", "tinygpt", "train", "--out", str(out), *SHAPES[shape], "--train.max_iters",
+           "1",
            "--train.batch_size", "1", "--train.eval_iters", "1", "--model.auto_size", "false"]
     subprocess.run(cmd, check=True, capture_output=True)
     return out
@@ -59,8 +61,10 @@ def make_run(shape: str, root: Path) -> Path:
 def start_server(run_dir: Path, port: int, dtype: str) -> subprocess.Popen:
     import httpx
 
-    proc = subprocess.Popen([sys.executable, "-m", "tinygpt", "serve", "--run", str(run_dir), "--port", str(port),
-                             "--model-name", "bench", "--dtype", dtype], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "tinygpt", "serve", "--run", str(run_dir), "--port",
+                             str(port),
+                             "--model-name", "bench", "--dtype", dtype], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     for _ in range(600):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
@@ -75,7 +79,8 @@ async def one_request(client: Any, prompt: str, max_tokens: int) -> tuple[float,
     """(seconds to the first token, completion tokens) of one streamed completion."""
     started = time.perf_counter()
     first, tokens = None, 0
-    stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0.8,
+    stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens,
+                                             temperature=0.8,
                                              stream=True, stream_options={"include_usage": True},
                                              extra_body={"ignore_eos": True})
     async for chunk in stream:
@@ -116,7 +121,8 @@ async def phase(base: str, jobs: list[list[tuple[str, int]]]) -> dict[str, Any]:
                 first_errors=errors[:3])
 
 
-def bench_shape(name: str, run_dir: Path, port: int, requests_per_client: int, mixed: int, dtype: str) -> dict[str, Any]:
+def bench_shape(name: str, run_dir: Path, port: int, requests_per_client: int, mixed: int,
+                dtype: str) -> dict[str, Any]:
     proc = start_server(run_dir, port, dtype)
     base = f"http://127.0.0.1:{port}"
     rng = random.Random(0)
@@ -126,15 +132,18 @@ def bench_shape(name: str, run_dir: Path, port: int, requests_per_client: int, m
         rows = {}
         with OtherLoad(pids=[proc.pid]) as load:
             for c in CLIENTS:
-                jobs = [[(" ".join(rng.choices(words, k=8)), NEW_TOKENS)] * requests_per_client for _ in range(c)]
+                jobs = [[(" ".join(rng.choices(words, k=8)), NEW_TOKENS)] * requests_per_client
+                        for _ in range(c)]
                 rows[c] = asyncio.run(phase(base, jobs))
                 print(f"  {name}: {c:2d} clients: {rows[c]['tok_s']:,.1f} tok/s aggregate, TTFT p50 "
                       f"{rows[c]['ttft_p50_s'] * 1000:.0f} ms, p99 {rows[c]['ttft_p99_s'] * 1000:.0f} ms, "
                       f"{rows[c]['errors']} errors", flush=True)
-            mix = [(" ".join(rng.choices(words, k=rng.randint(1, 60))), rng.randint(1, 2 * NEW_TOKENS)) for _ in range(mixed)]
+            mix = [(" ".join(rng.choices(words, k=rng.randint(1, 60))), rng.randint(1, 2 * NEW_TOKENS))
+                   for _ in range(mixed)]
             mixed_row = asyncio.run(phase(base, [mix[i::16] for i in range(16)]))
         print(f"  {name}: mixed load, {mixed} requests from 16 clients: {mixed_row['tok_s']:,.1f} tok/s, "
-              f"{mixed_row['errors']} errors {mixed_row['first_errors']}{load_warning(load.share)}", flush=True)
+              f"{mixed_row['errors']} errors {mixed_row['first_errors']}{load_warning(load.share)}",
+              flush=True)
     finally:
         proc.terminate()
         proc.wait()
@@ -144,10 +153,13 @@ def bench_shape(name: str, run_dir: Path, port: int, requests_per_client: int, m
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = parser(__doc__, SHAPES)
-    p.add_argument("--run", type=Path, default=None, help="benchmark this run directory instead of the shapes")
-    p.add_argument("--requests", type=int, default=4, help="requests each client sends per phase (default: 4)")
+    p.add_argument("--run", type=Path, default=None,
+                   help="benchmark this run directory instead of the shapes")
+    p.add_argument("--requests", type=int, default=4,
+                   help="requests each client sends per phase (default: 4)")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--dtype", default="float32", help="the server's --dtype (default: float32, the exact weights)")
+    p.add_argument("--dtype", default="float32",
+                   help="the server's --dtype (default: float32, the exact weights)")
     args = p.parse_args(argv)
     per_client, mixed = (2, 100) if args.quick else (args.requests, 200)
     print(f"serving: streamed completions of {NEW_TOKENS} tokens from 1, 4 and 16 concurrent clients "
@@ -156,10 +168,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         targets = {args.run.name: args.run} if args.run else {s: None for s in args.shapes}
         for name, run_dir in targets.items():
-            results.append(bench_shape(name, run_dir or make_run(name, Path(tmp)), args.port, per_client, mixed,
+            results.append(bench_shape(name, run_dir or make_run(name, Path(tmp)), args.port, per_client,
+                                       mixed,
                                        args.dtype))
     rows = [(r["shape"], *(r["clients"][str(c)]["tok_s"] for c in CLIENTS), f"{r['speedup_16']:.2f}x",
-             f"{r['clients']['16']['ttft_p50_s'] * 1000:.0f} / {r['clients']['16']['ttft_p99_s'] * 1000:.0f} ms",
+             f"{r['clients']['16']['ttft_p50_s'] * 1000:.0f} / {r['clients']['16']['ttft_p99_s'] * 1000:.0f} "
+             "ms",
              f"{r['mixed']['errors']} of {r['mixed']['requests']}") for r in results]
     print_table(["serving (aggregate tok/s)", "1 client", "4 clients", "16 clients", "16 vs 1 (goal >= 4x)",
                  "TTFT p50/p99 at 16", "mixed-load errors"], rows)

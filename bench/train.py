@@ -71,14 +71,16 @@ def build_models(shape: str, device: torch.device, seed: int = 0) -> tuple[GPT, 
 
 
 def amp(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    # Mixed precision as the trainer runs it (tinygpt.device.autocast): float32 weights and optimizer, bf16 compute.
+    # Mixed precision as the trainer runs it (tinygpt.device.autocast): float32 weights and optimizer, bf16
+    # compute.
     return autocast(device, dtype)
 
 
 def tinygpt_step_fn(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> Step:
     """The trainer's own step (tinygpt.train.step.train_step), on one micro-batch without segments."""
     cfg = TrainConfig()
-    base = model._orig_mod if hasattr(model, "_orig_mod") else model  # the optimizer wants the real parameters
+    # the optimizer wants the real parameters
+    base = model._orig_mod if hasattr(model, "_orig_mod") else model
     optimizer = make_optimizer(base, cfg, device)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -93,7 +95,8 @@ def hf_step_fn(model: Any, device: torch.device, dtype: torch.dtype | None) -> S
                                   weight_decay=cfg.weight_decay)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # transformers shifts the labels itself, so they are the inputs; it then scores T-1 of the T positions.
+        # transformers shifts the labels itself, so they are the inputs; it then scores T-1 of the T
+        # positions.
         with amp(device, dtype):
             loss = model(input_ids=x, labels=x).loss
         loss.backward()
@@ -111,7 +114,8 @@ class Batches:
     def __init__(self, shape: str, device: torch.device, count: int = 8, seed: int = 0):
         s = SHAPES[shape]
         g = torch.Generator().manual_seed(seed)
-        chunks = [torch.randint(0, s["vocab"], (s["batch"], s["block"] + 1), generator=g) for _ in range(count)]
+        chunks = [torch.randint(0, s["vocab"], (s["batch"], s["block"] + 1), generator=g)
+                  for _ in range(count)]
         self.pairs = [(c[:, :-1].to(device), c[:, 1:].to(device)) for c in chunks]
         self.tokens_per_step = s["batch"] * s["block"]
 
@@ -120,11 +124,13 @@ class Batches:
             step(*self.pairs[i % len(self.pairs)])
 
 
-def bench_case(shape: str, dtype_name: str, device: torch.device, rounds: int, compile_model: bool) -> dict[str, Any]:
+def bench_case(shape: str, dtype_name: str, device: torch.device, rounds: int,
+               compile_model: bool) -> dict[str, Any]:
     dtype = DTYPES[dtype_name]
     ours, hf = build_models(shape, device)
     batches = Batches(shape, device)
-    sides: dict[str, Step] = {"tinygpt": tinygpt_step_fn(ours, device, dtype), "transformers": hf_step_fn(hf, device, dtype)}
+    sides: dict[str, Step] = {"tinygpt": tinygpt_step_fn(ours, device, dtype),
+                              "transformers": hf_step_fn(hf, device, dtype)}
     result: dict[str, Any] = dict(shape=shape, dtype=dtype_name, device=device.type)
     if compile_model:
         compiled, _ = build_models(shape, device)
@@ -167,7 +173,8 @@ def describe(r: dict[str, Any]) -> str:
 
 def run(shapes: list[str], dtypes: list[str], rounds: int, compile_model: bool) -> list[dict[str, Any]]:
     return run_cases(shapes, dtypes,
-                     lambda shape, dtype, device: bench_case(shape, dtype, device, rounds, compile_model), describe)
+                     lambda shape, dtype, device: bench_case(shape, dtype, device, rounds, compile_model),
+                     describe)
 
 
 def print_summary(results: list[dict[str, Any]]) -> None:
@@ -175,8 +182,10 @@ def print_summary(results: list[dict[str, Any]]) -> None:
     for r in results:
         if "skipped" in r:
             continue
-        compiled = "-" if r["compiled_tok_s"] is None else f"{r['compiled_tok_s']:,.0f} ({r['compiled_ratio']:.2f}x)"
-        rows.append((f"{r['device']} {r['shape']} {r['dtype']}", f"{r['tinygpt_tok_s']:,.0f}", f"{r['hf_tok_s']:,.0f}",
+        compiled = "-" if r["compiled_tok_s"] is None else (f"{r['compiled_tok_s']:,.0f} "
+                                                            f"({r['compiled_ratio']:.2f}x)")
+        rows.append((f"{r['device']} {r['shape']} {r['dtype']}", f"{r['tinygpt_tok_s']:,.0f}",
+                     f"{r['hf_tok_s']:,.0f}",
                      f"{r['ratio']:.2f}x", compiled))
     print_table(["training (tok/s)", "tinygpt", "transformers", "ratio", "tinygpt compiled"], rows)
 

@@ -32,7 +32,8 @@ def text_file(tmp_path) -> Path:
 
 
 def perturbed_gpt(scale: float, **cfg):
-    """A small GPT (seeded) with noise on every parameter, so that zero- and one-initialised pieces matter too."""
+    """A small GPT (seeded) with noise on every parameter, so that zero- and one-initialised pieces matter
+    too."""
     import torch
 
     from tinygpt.config import ModelConfig
@@ -66,18 +67,22 @@ def tiny_flags(**extra) -> list[str]:
 
 
 # Conversations and tokenizers for the chat-template, packing and chat-session tests.
-U, A, S = (lambda t: Message("user", t)), (lambda t: Message("assistant", t)), (lambda t: Message("system", t))
+U, A, S = ((lambda t: Message("user", t)), (lambda t: Message("assistant", t)),
+           (lambda t: Message("system", t)))
 TEXTS = ["hello there", "hi! how are you?", "what is 2 plus 3?", "5", "be brief"]
 
 
 def tok_for(template, kind="char"):
-    return build_tokenizer(kind, TEXTS + ["User: Bot: System: <user>: <assistant>: <system>: "], special_tokens=template.specials)
+    return build_tokenizer(kind, TEXTS + ["User: Bot: System: <user>: <assistant>: <system>: "],
+                           special_tokens=template.specials)
 
 
-# ---------------------------------------------------------------- trained runs and a real server, for the serve tests
+# ---------------------------------------------------------------- trained runs and a real server, for the
+# serve tests
 
 def train_run(tmp_path_factory, out: Path, *flags: str) -> Path:
-    """`tinygpt train` for a session-wide fixture, which runs before the per-test _private_cache: same cache."""
+    """`tinygpt train` for a session-wide fixture, which runs before the per-test _private_cache: same
+    cache."""
     from tinygpt.cli import main
 
     with pytest.MonkeyPatch.context() as mp:
@@ -100,8 +105,10 @@ def text_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("serve-text")
     text = root / "text.txt"
     text.write_text("".join(f"The {a} {b} sat on mat number {i}.\n" for i, (a, b) in
-                            enumerate(zip(["red", "old", "big", "shy"] * 60, ["cat", "dog", "owl", "fox"] * 60))))
-    return train_run(tmp_path_factory, root / "text", "--data", str(text), "--tokenizer", "char", *tiny_flags(**{
+                            enumerate(zip(["red", "old", "big", "shy"] * 60,
+                                          ["cat", "dog", "owl", "fox"] * 60))))
+    return train_run(tmp_path_factory, root / "text", "--data", str(text), "--tokenizer", "char",
+                     *tiny_flags(**{
         "model.n_layer": 2, "model.n_embd": 64, "model.block_size": 64, "train.max_iters": 150,
         "train.batch_size": 8, "train.eval_interval": 150, "train.checkpoint_interval": 150}))
 
@@ -120,7 +127,8 @@ def serve(run_dir: Path, *extra: str) -> Iterator[str]:
     port = free_port()
     log = tempfile.TemporaryFile("w+")  # not a pipe: a full pipe would block the server
     exact = [] if "--dtype" in extra else ["--dtype", "float32"]  # the tests compare tokens with float32's
-    proc = subprocess.Popen([sys.executable, "-m", "tinygpt", "serve", "--run", str(run_dir), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "tinygpt", "serve", "--run", str(run_dir), "--port",
+                             str(port),
                              *exact, *extra],
                             stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"

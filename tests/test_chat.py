@@ -14,13 +14,16 @@ from tinygpt.model import GPT
 def test_history_is_trimmed_oldest_first_and_keeps_the_system_message():
     template = TEMPLATES["default"]
     tok = tok_for(template)
-    history = [S("be brief"), U("hello there"), A("hi! how are you?"), U("what is 2 plus 3?"), A("5"), U("hello there")]
+    history = [S("be brief"), U("hello there"), A("hi! how are you?"), U("what is 2 plus 3?"), A("5"),
+               U("hello there")]
     full = fit_history(tok, template, history, 10_000)
     assert tok.decode(full).endswith("<|user|>hello there<|end|><|assistant|>")
     budget = len(full) - 5
     trimmed = tok.decode(fit_history(tok, template, history, budget))
-    assert trimmed.startswith("<|endoftext|><|system|>be brief<|end|>") and "how are you" not in trimmed and "2 plus 3" in trimmed
-    assert len(fit_history(tok, template, [U("hello there " * 50)], 20)) == 20  # most recent tokens of a huge turn
+    assert (trimmed.startswith("<|endoftext|><|system|>be brief<|end|>") and "how are you" not in trimmed
+            and "2 plus 3" in trimmed)
+    # most recent tokens of a huge turn
+    assert len(fit_history(tok, template, [U("hello there " * 50)], 20)) == 20
 
 
 def test_a_prompt_leaves_room_for_the_reply_up_to_half_the_window():
@@ -32,9 +35,11 @@ def test_console_loop_through_stdin():
     tok = tok_for(template)
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=tok.vocab_size))
-    session = ChatSession(model, tok, template, SampleConfig(max_new_tokens=8, temperature=0.0, top_k=None), system="be brief")
+    session = ChatSession(model, tok, template, SampleConfig(max_new_tokens=8, temperature=0.0, top_k=None),
+                          system="be brief")
     out = io.StringIO()
-    console(session, ["hello there\n", "\n", "/help\n", "what is 2 plus 3?\n", "/reset\n", "hi \u2603\n", "quit\n",
+    console(session, ["hello there\n", "\n", "/help\n", "what is 2 plus 3?\n", "/reset\n", "hi \u2603\n",
+                      "quit\n",
                       "never read\n"], out=out, interactive=False)
     lines = out.getvalue().splitlines()
     assert len(lines) == 5 and lines[1].startswith("commands:") and lines[3] == "(conversation cleared)"

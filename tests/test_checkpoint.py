@@ -27,7 +27,8 @@ def saved(tmp_path):
 def test_round_trip_restores_weights_and_tied_head(saved):
     run, dest, model = saved
     loaded = checkpoint.load(dest)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 loaded.model.state_dict().values()))
     assert loaded.model.lm_head.weight is loaded.model.transformer.wte.weight
     assert loaded.tokenizer.encode("hello") == build_tokenizer("char", ["hello world"]).encode("hello")
     assert loaded.state["progress"]["step"] == 3

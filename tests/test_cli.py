@@ -24,7 +24,8 @@ def run(capsys, *argv):
 @pytest.fixture
 def trained(text_file, tmp_path, capsys):
     out = tmp_path / "run"
-    code, _, err = run(capsys, "train", "--data", text_file, "--out", out, "--tokenizer", "char", *tiny_flags())
+    code, _, err = run(capsys, "train", "--data", text_file, "--out", out, "--tokenizer", "char",
+                       *tiny_flags())
     assert code == 0, err
     return out
 
@@ -91,7 +92,8 @@ def bad_inputs(tmp_path, text_file):
         (["--data", bad_jsonl], 1, "chats.jsonl line 2"),
         (["--data", bad_yaml], 1, "chats.yml"),
         (["--data", text_file, "--config", bad_config], 2, "unknown config key 'model.n_layers'"),
-        (["--data", text_file, "--train.batch_size", "many"], 2, "train.batch_size='many' is not a valid int"),
+        (["--data", text_file, "--train.batch_size", "many"], 2,
+         "train.batch_size='many' is not a valid int"),
         (["--data", text_file, "--model.n_layer", 0], 2, "model.n_layer must be positive"),
         (["--data", text_file, "--train.lr", -1], 2, "train.lr must not be negative"),
         (["--data", text_file, "--model.n_embd", 30, "--model.n_head", 4], 2, "must be divisible"),
@@ -108,7 +110,8 @@ def test_bad_input_gives_one_line_and_leaves_disk_alone(tmp_path, text_file, cap
         out_dir = tmp_path / "bad-run"
         got, _, err = run(capsys, "train", *flags, "--out", out_dir)
         assert (got, message in err) == (code, True), (flags, err)
-        assert err.splitlines()[-1].startswith("error: ") and err.count("error") == 1 and "Traceback" not in err
+        assert (err.splitlines()[-1].startswith("error: ") and err.count("error") == 1
+                and "Traceback" not in err)
         assert snapshot(tmp_path) == before and not out_dir.exists()
 
 
@@ -156,7 +159,8 @@ def test_sample_errors(trained, tmp_path, capsys):
     for name, value, allowed in refused:
         code, _, err = run(capsys, "sample", "--run", trained, "--" + name.replace("_", "-"), value)
         assert code == 2 and err.splitlines()[-1] == f"error: sample.{name} must be in {allowed}, got {value}"
-    code, out, err = run(capsys, "sample", "--run", trained, "--prompt", "The quick " * 10, "--max-new-tokens", 3)
+    code, out, err = run(capsys, "sample", "--run", trained, "--prompt", "The quick " * 10,
+                         "--max-new-tokens", 3)
     assert code == 0 and "only the most recent 16" in err and out.startswith("The quick")
 
 
@@ -197,9 +201,11 @@ def test_auto_size_writes_the_chosen_shape_into_the_run(text_file, tmp_path, cap
 def full_disk_errors():
     from safetensors import SafetensorError
     # What the writers raise when the disk fills up (seen on a full tmpfs): neither is an OSError.
-    return [("tinygpt.checkpoint.save_model", SafetensorError("Error while serializing: I/O error: No space left on "
+    return [("tinygpt.checkpoint.save_model",
+             SafetensorError("Error while serializing: I/O error: No space left on "
                                                               "device (os error 28)")),
-            ("tinygpt.checkpoint.torch.save", RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+            ("tinygpt.checkpoint.torch.save",
+             RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
                                                            "576 vs 534"))]
 
 
@@ -213,10 +219,12 @@ def test_full_disk_inside_the_checkpoint_writers_is_one_line(trained, capsys, mo
     monkeypatch.setattr(writer, disk_full)
     code, _, err = run(capsys, "train", "--out", trained, "--resume", "--train.max_iters", 9)
     assert code == 1 and "Traceback" not in err, err
-    assert err.splitlines()[-1].startswith("error: could not write checkpoint") and "free some disk space" in err
+    assert (err.splitlines()[-1].startswith("error: could not write checkpoint")
+            and "free some disk space" in err)
     assert snapshot(trained / "checkpoints") == before
     monkeypatch.undo()
-    assert run(capsys, "sample", "--run", trained, "--max-new-tokens", 3)[0] == 0  # the earlier checkpoint still loads
+    # the earlier checkpoint still loads
+    assert run(capsys, "sample", "--run", trained, "--max-new-tokens", 3)[0] == 0
 
 
 @pytest.fixture
@@ -238,7 +246,8 @@ def test_a_really_full_disk_while_checkpointing(text_file, small_disk, capsys):
     assert code == 0, err
     before = snapshot(out / "checkpoints")
     filler = small_disk / "filler"
-    with open(filler, "wb", buffering=0) as f:  # fill the disk, then give back a little: room for metrics only
+    # fill the disk, then give back a little: room for metrics only
+    with open(filler, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 4096)

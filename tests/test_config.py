@@ -17,7 +17,8 @@ def test_cpu_tiny_is_the_classic_recipe():
     cfg = config.resolve("cpu-tiny")
     m, t = cfg.model, cfg.train
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout) == (4, 4, 128, 64, 0.0)
-    assert (m.pos, m.norm, m.norm_placement, m.mlp, m.tie_weights, m.bias) == ("learned", "layernorm", "pre", "gelu", True, True)
+    assert (m.pos, m.norm, m.norm_placement, m.mlp, m.tie_weights,
+            m.bias) == ("learned", "layernorm", "pre", "gelu", True, True)
     assert (t.batch_size, t.lr, t.min_lr, t.max_iters, t.warmup_iters) == (12, 1e-3, 1e-4, 2000, 100)
     assert (t.beta1, t.beta2, t.weight_decay, t.grad_clip) == (0.9, 0.99, 0.1, 1.0)
 
@@ -81,7 +82,8 @@ def test_a_config_file_length_is_replaced_by_a_flag_and_one_layer_keeps_its_prec
     f.write_text("train:\n  epochs: 2\n")
     assert config.resolve("cpu-tiny", f).train.epochs == 2
     assert config.resolve("cpu-tiny", f, {"train.max_iters": 7}).train.epochs is None
-    both = config.resolve("cpu-tiny", flags={"train.max_iters": 7, "train.time_budget": 5, "model.n_layer": 2})
+    both = config.resolve("cpu-tiny", flags={"train.max_iters": 7, "train.time_budget": 5,
+                                             "model.n_layer": 2})
     assert both.train.time_budget == 5  # within one layer the time budget wins, as documented
 
 
@@ -89,9 +91,12 @@ def test_a_config_file_length_is_replaced_by_a_flag_and_one_layer_keeps_its_prec
 def test_a_time_budget_without_a_size_sizes_the_model_to_it(tmp_path):
     assert config.resolve(flags={"train.time_budget": 120}).model.auto_size is True
     assert config.resolve("cpu-tiny", flags={"train.time_budget": 120}).model.auto_size is True
-    assert config.resolve(flags={"train.time_budget": 120, "model.auto_size": "false"}).model.auto_size is False
-    assert config.resolve(flags={"train.time_budget": 120, "model.n_embd": 96, "model.n_head": 3}).model.auto_size is False
+    assert config.resolve(flags={"train.time_budget": 120,
+                                 "model.auto_size": "false"}).model.auto_size is False
+    assert config.resolve(flags={"train.time_budget": 120, "model.n_embd": 96,
+                                 "model.n_head": 3}).model.auto_size is False
     f = tmp_path / "size.yaml"
     f.write_text("model:\n  n_layer: 2\n")
-    assert config.resolve(None, f, {"train.time_budget": 120}).model.auto_size is False  # a size in the file counts
+    # a size in the file counts
+    assert config.resolve(None, f, {"train.time_budget": 120}).model.auto_size is False
     assert config.resolve().model.auto_size is False  # no budget, no sizing

@@ -1,4 +1,5 @@
-"""The built-in corpus (tinygpt.data.corpus): held-out skill items never reach training, and the seed decides all."""
+"""The built-in corpus (tinygpt.data.corpus): held-out skill items never reach training, and the seed decides
+all."""
 
 from tinygpt.data import corpus
 

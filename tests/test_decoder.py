@@ -11,7 +11,8 @@ from tinygpt.model import GPT
 
 
 def model(**kw) -> GPT:
-    return perturbed_gpt(0.1, **{"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "vocab_size": 50, **kw})
+    return perturbed_gpt(0.1, **{"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, "vocab_size": 50,
+                                 **kw})
 
 
 def alone(m: GPT, prompt: list[int], sampling: SampleConfig, seed: int | None = None) -> list[int]:
@@ -27,7 +28,8 @@ def drain(d: BatchDecoder) -> None:
 def test_joining_at_different_steps_and_lengths_gives_each_its_greedy_tokens():
     for kw in ({}, {"pos": "rope", "qk_norm": True}):
         m = model(**kw)
-        greedy = SampleConfig(max_new_tokens=40, temperature=0, top_k=None)  # 40 > block_size: the context rebuilds
+        # 40 > block_size: the context rebuilds
+        greedy = SampleConfig(max_new_tokens=40, temperature=0, top_k=None)
         prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [3] * 20]  # the last is longer than the context
         gens = [Generation(p, greedy) for p in prompts]
         d = BatchDecoder(m, 4)
@@ -85,10 +87,13 @@ def test_sample_texts_decodes_n_samples_in_batches_reproducibly():
     hot = SampleConfig(max_new_tokens=20, temperature=1.0, top_k=None)
     prompt = tok.encode("abc")
     one = sample_texts(m, tok, prompt, hot, 1, seeded_generator(m, 3))
-    assert one == ["".join(stream_text(m, tok, prompt, hot, seeded_generator(m, 3)))]  # one sample: what sample did
+    # one sample: what sample did
+    assert one == ["".join(stream_text(m, tok, prompt, hot, seeded_generator(m, 3)))]
     streamed: dict[int, str] = {}
-    many = sample_texts(m, tok, prompt, hot, 7, seeded_generator(m, 4), max_batch=3,  # rows freed and refilled
+    # rows freed and refilled
+    many = sample_texts(m, tok, prompt, hot, 7, seeded_generator(m, 4), max_batch=3,
                         on_piece=lambda i, piece: streamed.__setitem__(i, streamed.get(i, "") + piece))
     assert many == sample_texts(m, tok, prompt, hot, 7, seeded_generator(m, 4), max_batch=3)
     texts = [t for t in many if t]  # an untrained model may end a sample at once, with end-of-text
-    assert len(texts) >= 4 and len(set(texts)) == len(texts) and [streamed.get(i, "") for i in range(7)] == many
+    assert len(texts) >= 4 and len(set(texts)) == len(texts) and [streamed.get(i, "")
+                                                                  for i in range(7)] == many

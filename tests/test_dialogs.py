@@ -27,10 +27,12 @@ def roles(conv):
 
 def test_jsonl_keeps_roles_and_drops_what_cannot_train(tmp_path):
     p = write_jsonl(tmp_path / "d.jsonl",
-                    chat(("system", "Be brief."), ("user", "Hi"), ("assistant", "  "), ("assistant", "Hello")),
+                    chat(("system", "Be brief."), ("user", "Hi"), ("assistant", "  "),
+                         ("assistant", "Hello")),
                     chat(("user", "only a question")))
     p.write_text(p.read_text(encoding="utf-8") + "\n\n", encoding="utf-8")  # trailing blank lines are fine
-    assert read_dialogs(p) == [[Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello")]]
+    assert read_dialogs(p) == [[Message("system", "Be brief."), Message("user", "Hi"),
+                                Message("assistant", "Hello")]]
 
 
 @pytest.mark.parametrize("line, problem", [
@@ -77,16 +79,20 @@ def test_dailydialog_strips_utterances_and_keeps_spacing(tmp_path):
                  "Only me . __eou__ __eou__\n"
                  "Bye ! __eou__ See you . __eou__\n", encoding="utf-8")
     assert read_dialogs(p) == [
-        [Message("user", "Hello , how are you ?"), Message("assistant", "Fine , thanks ."), Message("user", "And you ?")],
+        [Message("user", "Hello , how are you ?"), Message("assistant", "Fine , thanks ."),
+         Message("user", "And you ?")],
         [Message("user", "Bye !"), Message("assistant", "See you .")]]
 
 
 def test_detect_format(tmp_path):
     (tmp_path / "plain.txt").write_text("just prose\n", encoding="utf-8")
     (tmp_path / "dd.txt").write_text("a __eou__ b __eou__\n", encoding="utf-8")
-    (tmp_path / "late.txt").write_text("x" * 70_000 + " __eou__\n", encoding="utf-8")  # beyond the sniffed head
-    assert [detect_format(tmp_path / n) for n in ("a.jsonl", "b.yml", "c.YAML", "dd.txt", "plain.txt", "late.txt",
-                                                 "notes.md")] == ["jsonl", "chatterbot", "chatterbot", "dailydialog",
+    # beyond the sniffed head
+    (tmp_path / "late.txt").write_text("x" * 70_000 + " __eou__\n", encoding="utf-8")
+    assert [detect_format(tmp_path / n) for n in ("a.jsonl", "b.yml", "c.YAML", "dd.txt", "plain.txt",
+                                                  "late.txt",
+                                                 "notes.md")] == ["jsonl", "chatterbot", "chatterbot",
+                                                                  "dailydialog",
                                                                   "text", "text", "text"]
     assert detect_format(tmp_path) == "dialogs-folder"
     prose = tmp_path / "prose"
@@ -108,7 +114,8 @@ def test_folder_reads_dialog_files_in_path_order_and_skips_others(tmp_path):
 
 
 def test_written_dialogs_read_back_unchanged(tmp_path):
-    convs = [[Message("system", "Sé breve.\u2028"), Message("user", "{\"q\": 1}\n"), Message("assistant", "ok")]]
+    convs = [[Message("system", "Sé breve.\u2028"), Message("user", "{\"q\": 1}\n"),
+              Message("assistant", "ok")]]
     write_dialogs(tmp_path / "out.jsonl", convs)
     assert read_dialogs(tmp_path / "out.jsonl") == convs
 
@@ -146,10 +153,12 @@ def test_hf_messages_column_by_name_and_by_detection(datasets, tmp_path):
 
 
 def test_hf_dialog_and_context_response_columns(datasets, tmp_path):
-    dialog = save(datasets, tmp_path / "d", {"dialog": [["Hi , you ? ", "Fine . ", "Good . "]]}, split="validation")
+    dialog = save(datasets, tmp_path / "d", {"dialog": [["Hi , you ? ", "Fine . ", "Good . "]]},
+                  split="validation")
     assert [roles(c) for c in read_dialogs(dialog)] == [["user", "assistant", "user"]]
     assert read_dialogs(dialog)[0][1].content == "Fine ."
-    pairs = save(datasets, tmp_path / "p", {"context": ["Can I?"], "response": ["Better not."], "safety": ["casual"]},
+    pairs = save(datasets, tmp_path / "p", {"context": ["Can I?"], "response": ["Better not."],
+                                            "safety": ["casual"]},
                  split="train")
     assert read_dialogs(pairs, "hf") == [[Message("user", "Can I?"), Message("assistant", "Better not.")]]
 

@@ -32,8 +32,10 @@ FLAGS = tiny_flags(**{"train.max_iters": 8, "train.dtype": "float32", "train.opt
                       "train.eval_interval": 4, "train.checkpoint_interval": 4})
 
 
-def train(out: Path, data: Path, *extra: str, procs: int = 2, check: bool = True, **popen) -> subprocess.CompletedProcess:
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
+def train(out: Path, data: Path, *extra: str, procs: int = 2, check: bool = True,
+          **popen) -> subprocess.CompletedProcess:
+    launcher = ["-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={procs}"] if procs > 1 else []
     cmd = [sys.executable, *launcher, "-m", "tinygpt", "train", "--data", str(data), "--tokenizer", "char",
            "--out", str(out), *FLAGS, *extra]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **popen)  # a hang guard
@@ -101,7 +103,8 @@ def max_difference(a: Path, b: Path) -> float:
 
 
 @pytest.mark.parametrize("parallel,optimizer", [("ddp", "adamw"), ("fsdp", "adamw"), ("ddp", "muon")])
-def test_two_processes_train_the_weights_of_one_with_two_micro_batches(text_file, tmp_path, parallel, optimizer):
+def test_two_processes_train_the_weights_of_one_with_two_micro_batches(text_file, tmp_path, parallel,
+                                                                       optimizer):
     train(tmp_path / "one", text_file, "--train.grad_accum", "2", "--train.optimizer", optimizer, procs=1)
     two = train(tmp_path / "two", text_file, "--train.parallel", parallel, "--train.optimizer", optimizer)
     assert f"2 processes ({parallel}), global batch 8 windows" in two.stderr
@@ -110,8 +113,10 @@ def test_two_processes_train_the_weights_of_one_with_two_micro_batches(text_file
     assert diff <= 1e-6
     one_metrics = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     two_metrics = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in two_metrics] == [4, 8] == [m["step"] for m in one_metrics]  # rank 0 alone wrote it
-    assert two_metrics[-1]["val_loss"] == pytest.approx(one_metrics[-1]["val_loss"], abs=1e-5)  # sharded evaluation
+    # rank 0 alone wrote it
+    assert [m["step"] for m in two_metrics] == [4, 8] == [m["step"] for m in one_metrics]
+    # sharded evaluation
+    assert two_metrics[-1]["val_loss"] == pytest.approx(one_metrics[-1]["val_loss"], abs=1e-5)
 
 
 def test_accumulating_on_two_processes_equals_four_micro_batches_on_one(text_file, tmp_path):
@@ -148,14 +153,16 @@ def test_gradients_are_exchanged_only_on_the_last_micro_batch():
 
 def test_the_ranks_see_disjoint_windows_whose_union_is_the_single_run():
     tokens = torch.arange(10_000).numpy()  # a window's tokens name its start
-    data = Dataset(tokenizer=None, train=Split(tokens), val=Split(tokens), meta={}, folder=Path("."))  # type: ignore[arg-type]
+    data = Dataset(tokenizer=None, train=Split(tokens), val=Split(tokens), meta={},
+                   folder=Path("."))  # type: ignore[arg-type]
     cfg = Config()
     cfg.model.block_size, cfg.train.batch_size = 16, 4
 
     def seen(rank: int, world: int, accum: int) -> list[torch.Tensor]:
         cfg.train.grad_accum = accum
         sampler = EpochSampler(len(tokens), 16, 4, seed=3)
-        return [torch.cat([x for x, _, _ in micro_batches(data, sampler, cfg, torch.device("cpu"), Dist(rank, world))])
+        return [torch.cat([x for x, _, _ in micro_batches(data, sampler, cfg, torch.device("cpu"),
+                                                          Dist(rank, world))])
                 for _ in range(5)]  # five steps
 
     single = seen(0, 1, 4)
@@ -172,7 +179,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(text_file, tmp_path
             "--model.dropout", "0.1"]
     train(tmp_path / "whole", text_file, *long)
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tinygpt", "train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "tinygpt", "train",
            "--data", str(text_file), "--tokenizer", "char", "--out", str(out), *FLAGS, *long]
     job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600
@@ -194,10 +202,13 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(text_file, tmp_path
 
 def test_sigterm_checkpoints_once_and_exits(text_file, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tinygpt", "train",
-           "--data", str(text_file), "--tokenizer", "char", "--out", str(out), *FLAGS, "--train.max_iters", "100000",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "tinygpt", "train",
+           "--data", str(text_file), "--tokenizer", "char", "--out", str(out), *FLAGS, "--train.max_iters",
+           "100000",
            "--train.checkpoint_interval", "100000"]  # so the last checkpoint is the signal's
-    job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
     try:
         wait_until_training(out, job)
         os.kill(job.pid, signal.SIGTERM)  # to torchrun, which passes it on to its workers
@@ -211,9 +222,11 @@ def test_sigterm_checkpoints_once_and_exits(text_file, tmp_path):
 
 
 def test_a_time_budget_and_auto_size_are_decided_once_for_all(text_file, tmp_path):
-    """Rank 0 sizes the model and plans the steps from its clock; the others follow, so nobody waits forever."""
+    """Rank 0 sizes the model and plans the steps from its clock; the others follow, so nobody waits
+    forever."""
     out = tmp_path / "run"
-    result = train(out, text_file, "--train.time_budget", "4", "--model.auto_size", "true", "--train.eval_interval", "50")
+    result = train(out, text_file, "--train.time_budget", "4", "--model.auto_size", "true",
+                   "--train.eval_interval", "50")
     assert "auto size:" in result.stderr and result.stderr.count("time budget 4 s: planning") == 1
     state = json.loads((out / "checkpoints" / "last" / "state.json").read_text())
     assert state["progress"]["step"] == state["progress"]["total"] > 0
@@ -222,17 +235,22 @@ def test_a_time_budget_and_auto_size_are_decided_once_for_all(text_file, tmp_pat
 def test_set_ups_that_cannot_work_fail_in_one_line(text_file, tmp_path):
     too_many = train(tmp_path / "a", text_file, "--train.batch_size", "400", check=False)
     assert too_many.returncode != 0
-    assert "error: a step takes 2 process(es) x 1 x 400 = 800 windows, but an epoch has only" in too_many.stderr
-    muon = train(tmp_path / "b", text_file, "--train.parallel", "fsdp", "--train.optimizer", "muon", check=False)
-    assert muon.returncode != 0 and "error: train.optimizer muon needs each weight matrix whole" in muon.stderr
+    assert ("error: a step takes 2 process(es) x 1 x 400 = 800 windows, but an epoch has only"
+            in too_many.stderr)
+    muon = train(tmp_path / "b", text_file, "--train.parallel", "fsdp", "--train.optimizer", "muon",
+                 check=False)
+    assert (muon.returncode != 0
+            and "error: train.optimizer muon needs each weight matrix whole" in muon.stderr)
 
 
 def test_a_crashed_peer_ends_the_others_with_a_clear_message(text_file, tmp_path):
     """Two processes started by hand (what torchrun would set up), one killed: the other must not hang."""
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     cmd = [sys.executable, "-m", "tinygpt", "train", "--data", str(text_file), "--tokenizer", "char",
-           "--out", str(tmp_path / "run"), *FLAGS, "--train.max_iters", "100000", "--train.dist_timeout", "30"]
-    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.DEVNULL,
+           "--out", str(tmp_path / "run"), *FLAGS, "--train.max_iters", "100000", "--train.dist_timeout",
+           "30"]
+    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for r in range(2)]
     try:
         wait_until_training(tmp_path / "run", procs[0])
@@ -247,12 +265,15 @@ def test_a_crashed_peer_ends_the_others_with_a_clear_message(text_file, tmp_path
 
 @pytest.mark.slow
 def test_two_nodes_on_one_machine(text_file, tmp_path):
-    """Two torchrun "nodes" of one process each, meeting at a c10d rendezvous on localhost, as two machines would."""
+    """Two torchrun "nodes" of one process each, meeting at a c10d rendezvous on localhost, as two machines
+    would."""
     port = free_port()
     out = tmp_path / "run"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+              "--rdzv_backend=c10d",
               f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=tinygpt-test"]
-    train_args = ["-m", "tinygpt", "train", "--data", str(text_file), "--tokenizer", "char", "--out", str(out), *FLAGS,
+    train_args = ["-m", "tinygpt", "train", "--data", str(text_file), "--tokenizer", "char", "--out",
+                  str(out), *FLAGS,
                   "--train.checkpoint_interval", "100"]
     nodes = [subprocess.Popen([*launch, f"--node_rank={r}", *train_args], stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for r in range(2)]

@@ -21,11 +21,13 @@ class Canned:
 
 def test_exact_match_accepts_any_of_several_references():
     session = Canned({"hi": "Hello", "2+2?": "4", "name?": "tiny"})
-    assert evaluate.exact_match(session, [("hi", {"Hi", "Hello"}), ("2+2?", "4"), ("name?", "big")]) == pytest.approx(2 / 3)
+    assert evaluate.exact_match(session, [("hi", {"Hi", "Hello"}), ("2+2?", "4"),
+                                          ("name?", "big")]) == pytest.approx(2 / 3)
 
 
 def test_exchanges_and_seen_prompts():
-    conv = [Message("user", "hi"), Message("assistant", "Hello"), Message("user", "bye"), Message("assistant", "Bye")]
+    conv = [Message("user", "hi"), Message("assistant", "Hello"), Message("user", "bye"),
+            Message("assistant", "Bye")]
     pairs = evaluate.exchanges([conv])
     assert [(len(h), r) for h, r in pairs] == [(1, "Hello"), (3, "Bye")]
     other = [Message("user", "hi"), Message("assistant", "Hey")]
@@ -38,7 +40,8 @@ def test_eval_json_and_piped_chat_on_a_chat_run(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main(["eval", "--run", str(out), "--json", "--limit", "3"]) == 0
     result = json.loads(capsys.readouterr().out)
-    for key in ("perplexity", "bits_per_byte", "bleu", "train_prompt_match_chatterbot", "train_prompt_match_synthetic",
+    for key in ("perplexity", "bits_per_byte", "bleu", "train_prompt_match_chatterbot",
+                "train_prompt_match_synthetic",
                 "skill_addition_seen", "skill_addition_heldout", "skill_capital_seen"):
         assert key in result, key
     assert 0 <= result["skill_addition_heldout"] <= 1 and result["perplexity"] > 1

@@ -1,4 +1,5 @@
-"""tinygpt export --format gguf: the file reads back with gguf's own reader (keys, tensor names, shapes, types),
+"""tinygpt export --format gguf: the file reads back with gguf's own reader (keys, tensor names, shapes,
+types),
 and transformers' GGUF loader computes tinygpt's logits for the architectures it supports (gpt2, qwen3)."""
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ def field(reader, key):
 
 def export(tmp_path, text_file, preset: str, *extra: str, dtype: str = "f32"):
     run = tmp_path / preset
-    assert main(["train", "--preset", preset, "--data", str(text_file), "--data.vocab_size", "300", "--out", str(run),
+    assert main(["train", "--preset", preset, "--data", str(text_file), "--data.vocab_size", "300", "--out",
+                 str(run),
                  *tiny_flags(**{"model.n_embd": 32}), *extra]) == 0
     out = tmp_path / f"{preset}-{dtype}.gguf"
     assert main(["export", "--run", str(run), "--format", "gguf", "--dtype", dtype, "--out", str(out)]) == 0
@@ -67,7 +69,8 @@ def test_transformers_gguf_loader_reproduces_logits(tmp_path, text_file, preset,
         hf_cfg.head_dim = m.n_embd // m.n_head
     else:
         hf_cfg.n_positions = m.block_size
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=hf_cfg).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                              config=hf_cfg).eval()
     idx = torch.randint(0, m.vocab_size, (2, m.block_size), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (ckpt.model(idx)[0] - model(idx).logits.float()).abs().max().item()
@@ -83,7 +86,8 @@ def test_smaller_dtypes_keep_norms_in_f32(tmp_path, text_file, dtype, ggml_type)
 
 def test_gguf_refusals(tmp_path, text_file, capsys):
     run = tmp_path / "lite"
-    assert main(["train", "--preset", "gpt-lite", "--data", str(text_file), "--out", str(run), *tiny_flags()]) == 0
+    assert main(["train", "--preset", "gpt-lite", "--data", str(text_file), "--out", str(run),
+                 *tiny_flags()]) == 0
     capsys.readouterr()
     assert main(["export", "--run", str(run), "--format", "gguf", "--out", str(tmp_path / "x.gguf")]) == 1
     err = capsys.readouterr().err

@@ -71,16 +71,19 @@ def test_hf_export_matches_transformers(tmp_path, text_file, name):
     prompt = idx[:, :6]
     greedy = generate_ids(ours.model, prompt, SampleConfig(max_new_tokens=10, temperature=0.0))
     # An explicit mask: otherwise transformers masks every prompt token that equals pad_token_id.
-    theirs = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=10,
+    theirs = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                            max_new_tokens=10,
                             min_new_tokens=10, eos_token_id=None, pad_token_id=0)
     eos = set(json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"])
-    n = next((i for i, t in enumerate(greedy[0, 6:].tolist()) if t in eos), 10)  # transformers never picks EOS here
+    # transformers never picks EOS here
+    n = next((i for i, t in enumerate(greedy[0, 6:].tolist()) if t in eos), 10)
     assert theirs[0, : 6 + n].tolist() == greedy[0, : 6 + n].tolist()
 
 
 def test_chat_template_renders_what_tinygpt_trains_on(tmp_path):
     out = tmp_path / "chat"
-    assert main(["train", "--out", str(out), *tiny_flags(), "--data.vocab_size", "400"]) == 0  # built-in chats
+    # built-in chats
+    assert main(["train", "--out", str(out), *tiny_flags(), "--data.vocab_size", "400"]) == 0
     assert main(["export", "--run", str(out), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     ours = tinygpt_run.load(out, device="cpu")
@@ -113,7 +116,8 @@ def test_export_refusals_write_nothing(tmp_path, text_file, capsys):
     capsys.readouterr()
     assert main(["export", "--run", str(run), "--format", "hf", "--out", str(tmp_path / "a")]) == 1
     assert "adaptive softmax" in capsys.readouterr().err and not (tmp_path / "a").exists()
-    assert main(["export", "--run", str(tmp_path / "missing"), "--format", "hf", "--out", str(tmp_path / "b")]) != 0
+    assert main(["export", "--run", str(tmp_path / "missing"), "--format", "hf", "--out",
+                 str(tmp_path / "b")]) != 0
     assert "missing" in capsys.readouterr().err and not (tmp_path / "b").exists()
     good = train_tiny(tmp_path, "gpt2", "gpt2", text_file, ["--data.vocab_size", "300"])
     (tmp_path / "taken").mkdir()
@@ -123,6 +127,7 @@ def test_export_refusals_write_nothing(tmp_path, text_file, capsys):
     err = capsys.readouterr().err
     assert "--overwrite" in err and err.count("\n") == 1
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
-    assert main(["export", "--run", str(good), "--format", "hf", "--out", str(tmp_path / "taken"), "--overwrite"]) == 0
+    assert main(["export", "--run", str(good), "--format", "hf", "--out", str(tmp_path / "taken"),
+                 "--overwrite"]) == 0
     assert (tmp_path / "taken" / "config.json").is_file() and not (tmp_path / "taken" / "keep.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".old-"))]

@@ -1,4 +1,5 @@
-"""tinygpt tokenizers as Hugging Face tokenizer.json and as GGUF vocabularies (src/tinygpt/export/vocab.py)."""
+"""tinygpt tokenizers as Hugging Face tokenizer.json and as GGUF vocabularies
+(src/tinygpt/export/vocab.py)."""
 
 from __future__ import annotations
 
@@ -29,14 +30,16 @@ SAMPLES = [
     "  leading and trailing  ",
     "<|user|",  # half a special is ordinary text
 ]
-WORDS = "the quick brown fox jumps over lazy dog café naïve über model said hello 12345 3.14 ---- aaaa !!".split()
+WORDS = ("the quick brown fox jumps over lazy dog café naïve über model said hello 12345 3.14 ---- "
+         "aaaa !!").split()
 NEEDS_RANKS = pytest.mark.skipif(not RANKS.exists(), reason=f"GPT-2 ranks file {RANKS} not present")
 KINDS = ["char", "bpe", "sentencepiece", pytest.param("gpt2", marks=NEEDS_RANKS)]
 
 
 def _corpus() -> list[str]:
     rng = random.Random(0)
-    return ["\n".join(" ".join(rng.choices(WORDS, k=rng.randint(3, 12))) for _ in range(10)) for _ in range(60)]
+    return ["\n".join(" ".join(rng.choices(WORDS, k=rng.randint(3, 12))) for _ in range(10))
+            for _ in range(60)]
 
 
 CORPUS = _corpus()
@@ -98,7 +101,8 @@ def test_hf_sentencepiece_reads_a_literal_marker_as_a_space(toks: dict[str, Toke
 
 
 def test_sentencepiece_unigram_is_refused() -> None:
-    tok = build_tokenizer("sentencepiece", CORPUS, vocab_size=400, special_tokens=SPECIALS, sp_model_type="unigram")
+    tok = build_tokenizer("sentencepiece", CORPUS, vocab_size=400, special_tokens=SPECIALS,
+                          sp_model_type="unigram")
     for export in (hf_tokenizer, gguf_vocab):
         with pytest.raises(TinyGPTError, match="unigram"):
             export(tok)
@@ -122,7 +126,8 @@ def _write_and_read(v: GGUFVocab, path: Path, chat_template: str | None) -> dict
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {name: field.contents() for name, field in gguf.GGUFReader(path).fields.items() if not name.startswith("GGUF.")}
+    return {name: field.contents() for name, field in gguf.GGUFReader(path).fields.items()
+            if not name.startswith("GGUF.")}
 
 
 # GGUFReader takes seconds over GPT-2's 100k strings; the fast tests check the gpt2 GGUFVocab itself.
@@ -146,7 +151,8 @@ def test_gguf_file_holds_the_vocabulary(kind: str, toks: dict[str, Tokenizer], v
         assert keys["tokenizer.ggml.merges"] == v.merges and v.merges
         assert "tokenizer.ggml.scores" not in keys and set(types[:tok.eot_id]) == {TokenType.NORMAL}
     else:
-        assert keys["tokenizer.ggml.remove_extra_whitespaces"] is False and "tokenizer.ggml.merges" not in keys
+        assert (keys["tokenizer.ggml.remove_extra_whitespaces"] is False
+                and "tokenizer.ggml.merges" not in keys)
         assert keys["tokenizer.ggml.scores"] == pytest.approx(v.scores)
         sp = tok._sp
         assert types[0] == TokenType.UNKNOWN and types[sp.piece_to_id("<0x41>")] == TokenType.BYTE
@@ -161,7 +167,8 @@ def test_gguf_all_ascii_char_vocabulary_gets_a_merge_that_never_applies(tmp_path
     assert _reference_encode(v, "hello world\n") == tok.encode("hello world\n")
 
 
-def test_gguf_token_lists_are_exactly_tinygpts_ids(vocabs: dict[str, GGUFVocab], toks: dict[str, Tokenizer]) -> None:
+def test_gguf_token_lists_are_exactly_tinygpts_ids(vocabs: dict[str, GGUFVocab],
+                                                   toks: dict[str, Tokenizer]) -> None:
     for kind, v in vocabs.items():
         assert len(v.tokens) == toks[kind].vocab_size and len(set(v.tokens)) == len(v.tokens), kind
 
@@ -206,7 +213,8 @@ def _reference_encode(v: GGUFVocab, text: str) -> list[int]:
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe", pytest.param("gpt2", marks=NEEDS_RANKS)])
-def test_gguf_merges_reproduce_tinygpt_ids(kind: str, toks: dict[str, Tokenizer], vocabs: dict[str, GGUFVocab]) -> None:
+def test_gguf_merges_reproduce_tinygpt_ids(kind: str, toks: dict[str, Tokenizer],
+                                           vocabs: dict[str, GGUFVocab]) -> None:
     tok, v = toks[kind], vocabs[kind]
     # Plain text only: llama.cpp splits the specials off before its BPE, as tinygpt does.
     for text in [t for t in SAMPLES if "<|" not in t] + CORPUS[:5]:
@@ -219,4 +227,5 @@ def test_gguf_char_merges_build_characters_that_share_utf8_prefixes() -> None:
     tok = build_tokenizer("char", [text])
     v = gguf_vocab(tok)
     assert len(v.tokens) == tok.vocab_size
-    assert _reference_encode(v, text) == tok.encode(text) and _reference_encode(v, text[::-1]) == tok.encode(text[::-1])
+    assert (_reference_encode(v, text) == tok.encode(text)
+            and _reference_encode(v, text[::-1]) == tok.encode(text[::-1]))

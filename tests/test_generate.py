@@ -139,10 +139,12 @@ def test_text_pieces_end_where_a_stop_string_begins_and_never_show_part_of_one()
     text = generate.TextPieces(tok, stop_strings=["END", "zz"])
     shown = [text.push(tok.encode(c)) for c in "abc EN"]
     assert "".join(shown) == "abc " and not text.stopped  # "EN" may be the start of "END": held back
-    assert text.push(tok.encode("D xyz")) == "" and text.stopped  # the stop string and all after it: never shown
+    # the stop string and all after it: never shown
+    assert text.push(tok.encode("D xyz")) == "" and text.stopped
     assert text.finish() == "" and text.shown == "abc "
     other = generate.TextPieces(tok, stop_strings=["END"])
-    assert other.push(tok.encode("ab E")) == "ab " and other.push(tok.encode("x")) == "Ex"  # not a stop after all
+    # not a stop after all
+    assert other.push(tok.encode("ab E")) == "ab " and other.push(tok.encode("x")) == "Ex"
     assert other.finish() == ""
 
 

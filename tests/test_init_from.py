@@ -24,8 +24,10 @@ needs_ranks = pytest.mark.skipif(not GPT2_RANKS.exists(), reason=f"{GPT2_RANKS} 
 
 
 def gpt2_tokenizer_files(folder) -> None:
-    """GPT-2's tokenizer as transformers itself writes it, converted by transformers from the tiktoken ranks."""
-    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's split pattern (the converter's default is cl100k's)
+    """GPT-2's tokenizer as transformers itself writes it, converted by transformers from the tiktoken
+    ranks."""
+    # GPT-2's split pattern (the converter's default is cl100k's)
+    from tiktoken_ext.openai_public import r50k_pat_str
     from transformers.convert_slow_tokenizer import TikTokenConverter
     backend = TikTokenConverter(vocab_file=str(GPT2_RANKS), pattern=r50k_pat_str,
                                 additional_special_tokens=["<|endoftext|>"]).converted()
@@ -33,9 +35,11 @@ def gpt2_tokenizer_files(folder) -> None:
     tok.save_pretrained(folder)
 
 
-def save_hf_gpt2(folder, cls="GPT2LMHeadModel", dtype=torch.float32, safe=True, vocab_size=50257, **cfg) -> None:
+def save_hf_gpt2(folder, cls="GPT2LMHeadModel", dtype=torch.float32, safe=True, vocab_size=50257,
+                 **cfg) -> None:
     torch.manual_seed(0)
-    hf_cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=vocab_size, **cfg)
+    hf_cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=vocab_size,
+                                     **cfg)
     model = getattr(transformers, cls)(hf_cfg).to(dtype)
     with torch.no_grad():  # GPT-2's init leaves biases and LayerNorms at 0 and 1: perturb them so they count
         for p in model.parameters():
@@ -79,7 +83,8 @@ def test_train_from_a_bare_hf_folder(tmp_path, text_file):
                  "--data.gpt2_ranks", str(GPT2_RANKS), "--train.max_iters", "2", "--train.batch_size", "2",
                  "--train.eval_iters", "1"]) == 0
     saved = config.from_dict(config.load_yaml(out / "config.yaml"))
-    assert (saved.model.n_layer, saved.model.n_embd, saved.model.block_size, saved.model.vocab_size) == (2, 32, 64, 50257)
+    assert (saved.model.n_layer, saved.model.n_embd, saved.model.block_size,
+            saved.model.vocab_size) == (2, 32, 64, 50257)
     assert saved.data.tokenizer == "gpt2" and saved.train.init_from == str(tmp_path / "hf")
 
 
@@ -87,8 +92,10 @@ def test_text_run_then_conversations(tmp_path, text_file, monkeypatch, capsys):
     """Pretrain on text, finetune on conversations: the tokenizer is reused, the chat markers get new rows
     that start at the mean embedding, and every old row starts where the source left it."""
     base = tmp_path / "base"
-    assert main(["train", "--data", str(text_file), "--data.vocab_size", "300", "--out", str(base), *tiny_flags()]) == 0
-    flags = {"train.init_from": str(base), "train.max_iters": 3, "train.batch_size": 4, "train.eval_interval": 3,
+    assert main(["train", "--data", str(text_file), "--data.vocab_size", "300", "--out", str(base),
+                 *tiny_flags()]) == 0
+    flags = {"train.init_from": str(base), "train.max_iters": 3, "train.batch_size": 4,
+             "train.eval_interval": 3,
              "train.eval_iters": 1}
     with pytest.raises(UsageError, match="model.n_layer cannot be set"):
         config.resolve(None, None, {**flags, "model.n_layer": 3})

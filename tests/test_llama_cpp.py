@@ -16,7 +16,8 @@ from tinygpt.config import SampleConfig
 from tinygpt.infer.generate import generate_ids
 
 pytestmark = pytest.mark.slow
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test-slow builds it)")
+llama_cpp = pytest.importorskip("llama_cpp",
+                                reason="llama-cpp-python is not installed (make test-slow builds it)")
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 NEW_TOKENS = 32
 GGML_TYPE_F32 = 0  # an f32 KV cache: the default f16 one rounds keys and values (~1e-3 in the logits)
@@ -43,7 +44,8 @@ def check_run(tmp_path, run, prompt: str, text: str, capsys, dtype: str = "f32")
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
 
     prompt_ids = ckpt.tokenizer.encode(prompt, allow_special=True)
-    ours = generate_ids(ckpt.model, torch.tensor([prompt_ids]), SampleConfig(max_new_tokens=NEW_TOKENS, temperature=0))
+    ours = generate_ids(ckpt.model, torch.tensor([prompt_ids]),
+                        SampleConfig(max_new_tokens=NEW_TOKENS, temperature=0))
     theirs = llama_greedy(llm, prompt_ids, NEW_TOKENS)
     assert theirs == ours[0, len(prompt_ids):].tolist()
     capsys.readouterr()
@@ -77,7 +79,8 @@ def test_shakespeare_char_model_in_llama_cpp(tmp_path, capsys):
 def test_relu2_model_as_apertus_in_llama_cpp(tmp_path, capsys):
     """The squared-ReLU MLP goes through llama.cpp's apertus (xIELU set to equal relu^2)."""
     run = tmp_path / "relu2"
-    assert main(["train", "--data", str(SHAKESPEARE), "--tokenizer", "char", "--model.mlp", "relu2", "--out", str(run),
+    assert main(["train", "--data", str(SHAKESPEARE), "--tokenizer", "char", "--model.mlp", "relu2", "--out",
+                 str(run),
                  "--train.max_iters", "150", "--train.eval_interval", "150"]) == 0
     check_run(tmp_path, run, "ROMEO:", "KING HENRY:\n  What say'st thou,  good Kate?", capsys)
 
@@ -85,13 +88,16 @@ def test_relu2_model_as_apertus_in_llama_cpp(tmp_path, capsys):
 def test_q8_0_runs_in_llama_cpp(tmp_path, chat_run):
     """q8_0 rounds the weights, so its tokens may drift from float32's; it must load and tokenize the same."""
     path = tmp_path / "demo-q8_0.gguf"
-    assert main(["export", "--run", str(chat_run), "--format", "gguf", "--dtype", "q8_0", "--out", str(path)]) == 0
+    assert main(["export", "--run", str(chat_run), "--format", "gguf", "--dtype", "q8_0", "--out",
+                 str(path)]) == 0
     llm = llama_cpp.Llama(str(path), n_ctx=128, logits_all=True, verbose=False)
     ckpt = tinygpt_run.load(chat_run, device="cpu")
     text = "<|user|>what is 2 plus 3?<|end|>"
-    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ckpt.tokenizer.encode(text, allow_special=True)
+    assert llm.tokenize(text.encode(), add_bos=False,
+                        special=True) == ckpt.tokenizer.encode(text, allow_special=True)
     if "amx_int8" in Path("/proc/cpuinfo").read_text():
-        # Seen on an Intel Xeon with AMX (llama-cpp-python 0.3.36 built natively): a segfault inside llama.cpp's
+        # Seen on an Intel Xeon with AMX (llama-cpp-python 0.3.36 built natively): a segfault inside
+        # llama.cpp's
         # ggml_backend_amx_mul_mat on this model's q8_0 weights, which would take the whole test run down.
         pytest.skip("llama.cpp's AMX int8 kernel crashes on this q8_0 model on CPUs with amx_int8")
     assert len(llama_greedy(llm, ckpt.tokenizer.encode(text, allow_special=True), 8)) == 8

@@ -1,4 +1,5 @@
-"""train.log: TensorBoard's and W&B's files, read back with their own readers, hold metrics.jsonl's scalars."""
+"""train.log: TensorBoard's and W&B's files, read back with their own readers, hold metrics.jsonl's
+scalars."""
 
 import glob
 import json
@@ -29,7 +30,8 @@ def test_tensorboard_event_file_holds_every_logged_scalar_and_the_config(tmp_pat
         assert [e.step for e in events] == [m["step"] for m in metrics]
         assert [e.value for e in events] == pytest.approx([m[key] for m in metrics], rel=1e-6)
     assert [e.value for e in acc.Scalars("val_bpb")] == pytest.approx([metrics[-1]["val_bpb"]], rel=1e-6)
-    assert "model.n_embd" in acc.PluginTagToContent("hparams")["_hparams_/session_start_info"].decode("latin-1")
+    assert "model.n_embd" in (
+        acc.PluginTagToContent("hparams")["_hparams_/session_start_info"].decode("latin-1"))
     assert "n_layer: 1" in acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
 
 
@@ -81,13 +83,15 @@ def test_wandb_offline_run_holds_every_logged_scalar(tmp_path, text_file, monkey
 
 
 def test_an_unknown_log_target_is_refused_before_anything_is_written(tmp_path, text_file, capsys):
-    assert main(["train", "--data", str(text_file), "--out", str(tmp_path / "r"), *tiny_flags(), "--train.log", "mlflow"]) == 2
+    assert main(["train", "--data", str(text_file), "--out", str(tmp_path / "r"), *tiny_flags(),
+                 "--train.log", "mlflow"]) == 2
     assert "train.log: unknown mlflow; choose from tensorboard, wandb" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 
 def test_a_missing_logger_package_is_named_with_its_extra(tmp_path, text_file, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` meets where it is not installed
-    assert main(["train", "--data", str(text_file), "--out", str(tmp_path / "r"), *tiny_flags(), "--train.log", "wandb"]) == 1
+    assert main(["train", "--data", str(text_file), "--out", str(tmp_path / "r"), *tiny_flags(),
+                 "--train.log", "wandb"]) == 1
     assert "error: --train.log wandb needs wandb: pip install 'tinygpt[wandb]'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # refused before the run directory was made

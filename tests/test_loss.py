@@ -51,5 +51,6 @@ def test_fused_loss_under_bf16_autocast_stays_close_and_keeps_float32_gradients(
 
 
 def test_a_gpt2_vocabulary_batch_is_split_and_a_char_one_is_not():
-    assert fused.chunk_rows(50257) <= 8 * 256 // 4  # the benchmark's batch: at most a quarter of its logits at once
+    # the benchmark's batch: at most a quarter of its logits at once
+    assert fused.chunk_rows(50257) <= 8 * 256 // 4
     assert fused.chunk_rows(65) > 10_000

@@ -39,7 +39,8 @@ def test_matches_hugging_face_gpt2():
     assert diff < 1e-5
 
 
-@pytest.mark.parametrize("variant", [{}, {"pos": "rope"}, {"qk_norm": True}, {"pos": "rope", "qk_norm": True}])
+@pytest.mark.parametrize("variant", [{}, {"pos": "rope"}, {"qk_norm": True},
+                                     {"pos": "rope", "qk_norm": True}])
 def test_einsum_attention_equals_sdpa(variant):
     torch.manual_seed(0)
     sdpa = perturbed(GPT(tiny(**variant))).eval()
@@ -128,7 +129,8 @@ def test_adaptive_head_trains():
     assert losses[-1] < losses[0] - 0.1
 
 
-@pytest.mark.parametrize("variant", [{}, {"head": "adaptive"}, {"qk_norm": True, "mlp": "relu2", "pos": "rope"},
+@pytest.mark.parametrize("variant", [{}, {"head": "adaptive"}, {"qk_norm": True, "mlp": "relu2",
+                                                                "pos": "rope"},
                                      {"attn": "einsum", "zero_init_proj": True, "tie_weights": False}])
 def test_num_params(variant):
     model = GPT(tiny(**variant))
@@ -224,7 +226,8 @@ def test_bf16_autocast_training_prints_no_library_warnings(text_file, tmp_path, 
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        code = main(["train", "--data", str(text_file), "--out", str(tmp_path / "run"), "--train.dtype", "bfloat16",
+        code = main(["train", "--data", str(text_file), "--out", str(tmp_path / "run"), "--train.dtype",
+                     "bfloat16",
                      *tiny_flags(**{"train.max_iters": 2, "train.eval_interval": 1})])
     assert code == 0, capsys.readouterr().err
     assert "bf16 autocast" in capsys.readouterr().err

@@ -48,6 +48,7 @@ def test_muon_training_lowers_the_loss_and_its_state_round_trips():
     again = make_optimizer(model, config.TrainConfig(optimizer="muon", lr=1e-2), torch.device("cpu"))
     again.load_state_dict(opt.state_dict())
     p = model.transformer.h[0].mlp.c_fc.weight
-    assert torch.equal(again.optimizers["muon"].state[p]["momentum"], opt.optimizers["muon"].state[p]["momentum"])
+    assert torch.equal(again.optimizers["muon"].state[p]["momentum"],
+                       opt.optimizers["muon"].state[p]["momentum"])
     with pytest.raises(ValueError, match="optimizer state"):  # an AdamW-only state does not fit a Muon run
         again.load_state_dict({"adamw": opt.optimizers["adamw"].state_dict()})

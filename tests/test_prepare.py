@@ -29,7 +29,8 @@ def test_prepare_writes_memmaps_and_reuses_the_cache(text_file, tmp_path, monkey
     cfg = DataConfig(tokenizer="char")
     docs = files.read_corpus(text_file)
     ds = prepare.prepare_text(cfg, docs, str(text_file), log=lambda m: None)
-    assert isinstance(ds.train.tokens, np.memmap) and ds.train.tokens.dtype == np.uint16 and ds.train.mask is None
+    assert isinstance(ds.train.tokens,
+                      np.memmap) and ds.train.tokens.dtype == np.uint16 and ds.train.mask is None
     text = docs[0]
     cut = int(len(text) * 0.9)
     assert ds.tokenizer.decode(ds.train.tokens.tolist()) == text[:cut]
@@ -42,7 +43,8 @@ def test_prepare_writes_memmaps_and_reuses_the_cache(text_file, tmp_path, monkey
     again = prepare.prepare_text(cfg, docs, str(text_file), log=messages.append)
     assert "reusing" in messages[0] and np.array_equal(again.train.tokens, ds.train.tokens)
     own = prepare.copy_to(again, tmp_path / "run" / "data")
-    assert (tmp_path / "run" / "data" / "train.bin").exists() and np.array_equal(own.val.tokens, ds.val.tokens)
+    assert (tmp_path / "run" / "data" / "train.bin").exists() and np.array_equal(own.val.tokens,
+                                                                                 ds.val.tokens)
 
 
 def test_short_corpus_is_refused(tmp_path):
@@ -65,21 +67,25 @@ def test_long_conversations_split_between_exchanges_and_pack_without_crossing_ro
         assert len(ids) <= window and text.startswith("<|endoftext|><|system|>be brief<|end|><|user|>")
     ids, mask, segs = prepare.pack(pieces + pieces[:1], window, tok.eot_id)
     rows = ids.reshape(-1, window)
-    assert all(tok.decode(r.tolist()).startswith("<|endoftext|><|system|>") for r in rows)  # rows start pieces
+    # rows start pieces
+    assert all(tok.decode(r.tolist()).startswith("<|endoftext|><|system|>") for r in rows)
     assert (segs.reshape(-1, window)[:, 0] == 0).all() and len(segs) == len(ids)
-    assert mask.dtype == np.uint8 and mask[ids == tok.eot_id].sum() == 0  # padding and separators are not learned
+    # padding and separators are not learned
+    assert mask.dtype == np.uint8 and mask[ids == tok.eot_id].sum() == 0
 
 
 def test_a_single_overlong_exchange_is_cut_and_counted():
     template = TEMPLATES["default"]
     tok = tok_for(template)
-    pieces, cut = prepare.conversation_pieces(tok, template, [U("hello there " * 20), A("5")], "assistant", 30)
+    pieces, cut = prepare.conversation_pieces(tok, template, [U("hello there " * 20), A("5")], "assistant",
+                                              30)
     assert cut == 1 and len(pieces[0][0]) == 30
 
 
 def test_prepare_dialogs_masks_and_keeps_held_out_conversations(tmp_path):
     convs = [[U(f"what is {i} plus 1?"), A(f"{i + 1}")] for i in range(20)]
-    ds = prepare.prepare_dialogs(DataConfig(tokenizer="char"), convs, "test", block_size=31, log=lambda m: None)
+    ds = prepare.prepare_dialogs(DataConfig(tokenizer="char"), convs, "test", block_size=31,
+                                 log=lambda m: None)
     assert ds.packed and len(ds.train.tokens) % 32 == 0 and ds.train.mask is not None
     assert ds.conversations("val") == convs[-2:] and len(ds.conversations("train")) == 18
     x, y, seg = batches.windows(ds.train, np.array([0]), 31)

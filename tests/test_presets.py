@@ -1,4 +1,5 @@
-"""Every preset builds, trains a few steps on a scaled-down copy of its setup, checkpoints, reloads and samples."""
+"""Every preset builds, trains a few steps on a scaled-down copy of its setup, checkpoints, reloads and
+samples."""
 
 import io
 import json
@@ -20,8 +21,10 @@ from tinygpt.infer.kernels import KERNELS, Int8Linear, int8_kernel_works
 from tinygpt.train.loop import train
 
 SCALED_DOWN = {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32,
-               "model.mlp_hidden": "none", "data.vocab_size": 400, "train.epochs": "none", "train.max_iters": 4,
-               "train.batch_size": 4, "train.eval_interval": 2, "train.eval_iters": 2, "train.checkpoint_interval": 2,
+               "model.mlp_hidden": "none", "data.vocab_size": 400, "train.epochs": "none",
+               "train.max_iters": 4,
+               "train.batch_size": 4, "train.eval_interval": 2, "train.eval_iters": 2,
+               "train.checkpoint_interval": 2,
                "train.warmup_iters": 1}
 
 
@@ -119,16 +122,20 @@ def test_presets_reproduce_their_documented_settings():
     assert (m.train.lr, m.train.min_lr, m.train.batch_size, m.train.max_iters) == (3e-4, 3e-4, 32, 3000)
     assert (m.data.tokenizer, m.data.val_fraction) == ("char", 0.2)
     t = config.resolve("tinygpt")
-    assert (t.model.n_layer, t.model.n_head, t.model.n_embd, t.model.mlp_hidden, t.model.head) == (8, 6, 384, 1536, "adaptive")
+    assert (t.model.n_layer, t.model.n_head, t.model.n_embd, t.model.mlp_hidden,
+            t.model.head) == (8, 6, 384, 1536, "adaptive")
     assert (t.data.tokenizer, t.data.chat_template, t.train.epochs, t.train.batch_size, t.model.dropout) == (
         "sentencepiece", "tinygpt", 10, 32, 0.05)
     g = config.resolve("gpt-lite")
-    assert (g.model.pos, g.model.norm_placement, g.model.mlp, g.model.attn) == ("sinusoidal", "post", "relu", "einsum")
+    assert (g.model.pos, g.model.norm_placement, g.model.mlp,
+            g.model.attn) == ("sinusoidal", "post", "relu", "einsum")
     lite = config.resolve("litegpt")
     assert (lite.data.tokenizer, lite.data.chat_template, lite.data.loss_on) == ("gpt2", "litegpt", "all")
     micro = config.resolve("microgpt")
-    assert (micro.model.n_embd, micro.model.n_head, micro.model.block_size, micro.train.batch_size, micro.train.lr,
+    assert (micro.model.n_embd, micro.model.n_head, micro.model.block_size, micro.train.batch_size,
+            micro.train.lr,
             micro.train.epochs, micro.data.tokenizer) == (512, 8, 512, 8, 3e-3, 1, "gpt2")
     modern = config.resolve()
-    assert (modern.model.pos, modern.model.norm, modern.model.bias, modern.model.qk_norm, modern.model.tie_weights,
+    assert (modern.model.pos, modern.model.norm, modern.model.bias, modern.model.qk_norm,
+            modern.model.tie_weights,
             modern.train.schedule) == ("rope", "rmsnorm", False, True, False, "wsd")

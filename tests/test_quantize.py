@@ -18,7 +18,8 @@ from tinygpt.model import GPT
 
 
 def model(**kw) -> GPT:
-    return perturbed_gpt(0.05, **{"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 32, "vocab_size": 96, **kw})
+    return perturbed_gpt(0.05, **{"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 32, "vocab_size": 96,
+                                  **kw})
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -27,11 +28,13 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def skip_unless_working(kernel: str) -> None:
     if not int8_kernel_works(kernel):
-        pytest.skip(f"the {kernel} kernel does not run here (the probe leaves it out, so the product never takes it)")
+        pytest.skip(f"the {kernel} kernel does not run here (the probe leaves it out, so the product never "
+                    "takes it)")
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("variant", [{}, {"tie_weights": False, "bias": False, "mlp": "swiglu", "pos": "rope"}])
+@pytest.mark.parametrize("variant", [{}, {"tie_weights": False, "bias": False, "mlp": "swiglu",
+                                          "pos": "rope"}])
 def test_int8_logits_are_close_to_float32(kernel, variant, monkeypatch):
     skip_unless_working(kernel)
     monkeypatch.setattr(Int8Linear, "kernel", kernel)  # force the path, whatever the probe would pick
@@ -74,7 +77,8 @@ def test_bf16_logits_are_close_to_float32_and_decode():
     idx = torch.randint(0, 96, (2, 32))
     with torch.no_grad():
         assert relative_error(b(idx)[0], ref(idx)[0]) < 0.05
-    assert len(list(stream_tokens(b, idx[:1, :4], SampleConfig(max_new_tokens=10, temperature=0.8, top_k=None)))) == 10
+    assert len(list(stream_tokens(b, idx[:1, :4], SampleConfig(max_new_tokens=10, temperature=0.8,
+                                                               top_k=None)))) == 10
 
 
 def test_int8_loss_is_close_to_float32():
@@ -97,7 +101,8 @@ def test_commands_and_load_take_a_dtype(text_file, tmp_path, capsys):
         capsys.readouterr()
         assert main(["eval", "--run", str(out), "--json", "--dtype", dtype]) == 0
         results[dtype] = float(capsys.readouterr().out.split('"perplexity": ')[1].split(",")[0])
-        assert main(["sample", "--run", str(out), "--dtype", dtype, "--max-new-tokens", "8", "--prompt", "The"]) == 0
+        assert main(["sample", "--run", str(out), "--dtype", dtype, "--max-new-tokens", "8", "--prompt",
+                     "The"]) == 0
         assert capsys.readouterr().out.startswith("The")
     assert abs(results["int8"] / results["float32"] - 1) < 0.02, results
     assert tinygpt.load(out, dtype="bfloat16").model.lm_head.weight.dtype == torch.bfloat16

@@ -27,9 +27,11 @@ def runs(tmp_path_factory) -> list[Path]:
     """Two finished runs with four evaluations each, differing in train.lr and model.n_embd only."""
     root = tmp_path_factory.mktemp("report")
     text = root / "corpus.txt"
-    text.write_text("".join(f"The {a} fox jumps over fence {i}.\n" for i, a in enumerate(["quick", "slow", "red"] * 60)))
+    text.write_text("".join(f"The {a} fox jumps over fence {i}.\n" for i,
+                            a in enumerate(["quick", "slow", "red"] * 60)))
     common = {"train.max_iters": 12, "train.eval_interval": 3, "train.checkpoint_interval": 6}
-    return [train_run(tmp_path_factory, root / name, "--data", str(text), "--tokenizer", "char", *tiny_flags(**common, **extra))
+    return [train_run(tmp_path_factory, root / name, "--data", str(text), "--tokenizer", "char",
+                      *tiny_flags(**common, **extra))
             for name, extra in (("small", {}), ("wide", {"train.lr": 0.01, "model.n_embd": 32}))]
 
 
@@ -58,7 +60,8 @@ def test_png_draws_a_curve_per_run(runs, tmp_path):
         assert (np.abs(panels - target) <= 12).all(axis=-1).sum() > 500, colour
 
 
-ROW_FORMS = {".html": ("<tr><td>{}</td><td>finished</td><td>{:.4f}</td>", "<tr><td>{}</td><td>{}</td><td>{}</td></tr>"),
+ROW_FORMS = {".html": ("<tr><td>{}</td><td>finished</td><td>{:.4f}</td>",
+                       "<tr><td>{}</td><td>{}</td><td>{}</td></tr>"),
              ".md": ("| {} | finished | {:.4f} |", "| {} | {} | {} |")}
 
 
@@ -98,7 +101,8 @@ def test_a_run_without_checkpoints_gets_its_curves_and_a_note(runs, tmp_path):
         shutil.copy(runs[0] / name, bare / name)
     md = write_report([bare], tmp_path / "r.md", log=lambda m: None).read_text(encoding="utf-8")
     assert "no samples: no usable checkpoint" in md and "One run: there is nothing to compare." in md
-    assert "## Samples" not in write_report([bare], tmp_path / "r.md", samples=0, log=lambda m: None).read_text()
+    assert "## Samples" not in write_report([bare], tmp_path / "r.md", samples=0,
+                                            log=lambda m: None).read_text()
 
 
 def test_bad_suffix_and_a_folder_that_is_not_a_run_are_refused(runs, tmp_path):

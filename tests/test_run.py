@@ -66,21 +66,24 @@ def test_resume_with_a_config_file_compares_what_it_resolves_to(text_file, tmp_p
 
 def test_resumed_config_keeps_what_the_run_chose_itself():
     saved = config.resolve("cpu-tiny", flags={"train.time_budget": 60})
-    saved.model.vocab_size, saved.model.n_layer, saved.model.n_embd, saved.model.n_head = 65, 4, 96, 3  # auto_size's pick
+    # auto_size's pick
+    saved.model.vocab_size, saved.model.n_layer, saved.model.n_embd, saved.model.n_head = 65, 4, 96, 3
     again = runs.resumed_config(saved, {"train.time_budget": 60}, "cpu-tiny", log=lambda m: None)
     assert again.to_dict() == saved.to_dict()
     with pytest.raises(UsageError, match="model.n_layer"):
         runs.resumed_config(saved, {"model.n_layer": 2}, log=lambda m: None)
 
 
-def test_create_writes_the_config_once_and_resume_verifies_each_checkpoint_once(text_file, tmp_path, monkeypatch):
+def test_create_writes_the_config_once_and_resume_verifies_each_checkpoint_once(text_file, tmp_path,
+                                                                                monkeypatch):
     flags = dict(zip((k.removeprefix("--") for k in tiny_flags()[::2]), tiny_flags()[1::2]))
     cfg = config.resolve(flags={**flags, "data.path": str(text_file), "data.tokenizer": "char"})
     saves = []
     real_save = config.save
     monkeypatch.setattr(config, "save", lambda c, p: (saves.append(p), real_save(c, p)))
     run = runs.create(cfg, tmp_path / "run", log=lambda m: None)
-    assert saves == [tmp_path / "run" / "config.yaml"] and run.config.model.vocab_size == run.data.tokenizer.vocab_size
+    assert (saves == [tmp_path / "run" / "config.yaml"]
+            and run.config.model.vocab_size == run.data.tokenizer.vocab_size)
     run.train(log=lambda m: None)
 
     verified = []
@@ -99,8 +102,10 @@ def test_the_python_api_loads_a_run_and_generates_text(original, tmp_path, capsy
     run = tinygpt.load(tmp_path / "run")
     assert isinstance(run.model, tinygpt.GPT) and run.step == 6 and run.config.model.n_layer == 1
     text = tinygpt.generate(run, "The quick", max_new_tokens=20, temperature=0)
-    assert 0 < len(text) <= 20 and text == tinygpt.generate(run, "The quick", max_new_tokens=20, temperature=0)
-    assert tinygpt.generate(run, "The", max_new_tokens=5, seed=3) == tinygpt.generate(run, "The", max_new_tokens=5, seed=3)
+    assert 0 < len(text) <= 20 and text == tinygpt.generate(run, "The quick", max_new_tokens=20,
+                                                            temperature=0)
+    assert tinygpt.generate(run, "The", max_new_tokens=5,
+                            seed=3) == tinygpt.generate(run, "The", max_new_tokens=5, seed=3)
     assert run.config.sample.max_new_tokens == 200  # the settings given to one call do not stick
     best = tinygpt.load(tmp_path / "run" / "checkpoints" / "best")
     assert best.path.name == "best"
@@ -110,5 +115,6 @@ def test_the_python_api_loads_a_run_and_generates_text(original, tmp_path, capsy
 
 
 def test_python_dash_m_tinygpt_is_the_cli():
-    done = subprocess.run([sys.executable, "-m", "tinygpt", "--version"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "tinygpt", "--version"], capture_output=True, text=True,
+                          timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == f"tinygpt {tinygpt.__version__}"

@@ -1,4 +1,5 @@
-"""`tinygpt runs` and the run lock: states told from real processes (finished, SIGTERM-interrupted, running, killed),
+"""`tinygpt runs` and the run lock: states told from real processes (finished, SIGTERM-interrupted, running,
+killed),
 and a second `train --resume` into a running run refused, naming the process (the lock: test_rundir.py)."""
 
 import json
@@ -15,8 +16,10 @@ from tinygpt.report.listing import list_runs, table
 
 def start_training(out, text_file):
     """A `tinygpt train` process that would run for hours; returns once its status says it is training."""
-    cmd = [sys.executable, "-m", "tinygpt", "train", "--data", str(text_file), "--tokenizer", "char", "--out", str(out),
-           *tiny_flags(**{"train.max_iters": 10_000_000, "train.eval_interval": 50, "train.checkpoint_interval": 50})]
+    cmd = [sys.executable, "-m", "tinygpt", "train", "--data", str(text_file), "--tokenizer", "char", "--out",
+           str(out),
+           *tiny_flags(**{"train.max_iters": 10_000_000, "train.eval_interval": 50,
+                          "train.checkpoint_interval": 50})]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (out / "status.json").is_file() or not (out / "metrics.jsonl").is_file():
@@ -30,13 +33,16 @@ def states(root):
     return {line.record.name: line for line in list_runs(root)}
 
 
-def test_runs_lists_finished_interrupted_and_running_runs_and_refuses_a_second_trainer(tmp_path, text_file, capsys):
+def test_runs_lists_finished_interrupted_and_running_runs_and_refuses_a_second_trainer(tmp_path, text_file,
+                                                                                       capsys):
     root = tmp_path / "runs"
     assert main(["train", "--data", str(text_file), "--tokenizer", "char", "--out", str(root / "done"),
                  "--preset", "cpu-tiny", *tiny_flags()]) == 0
     err = capsys.readouterr().err
-    assert re.search(r"step 3: train [\d.]+, val [\d.]+, [\d,]+ tok/s, ETA \d+s", err)  # the evaluation line's ETA
-    assert f"tinygpt sample --run {root / 'done'}" in err and f"tinygpt report {root / 'done'}" in err  # what next
+    # the evaluation line's ETA
+    assert re.search(r"step 3: train [\d.]+, val [\d.]+, [\d,]+ tok/s, ETA \d+s", err)
+    # what next
+    assert f"tinygpt sample --run {root / 'done'}" in err and f"tinygpt report {root / 'done'}" in err
     stopped = start_training(root / "stopped", text_file)
     stopped.send_signal(signal.SIGTERM)  # saves a checkpoint and exits
     assert stopped.wait(60) != 0
@@ -50,15 +56,19 @@ def test_runs_lists_finished_interrupted_and_running_runs_and_refuses_a_second_t
         assert lines["live"].step.endswith("/10000000")
         assert main(["runs", str(root)]) == 0
         listing = capsys.readouterr().out
-        assert listing.splitlines()[0].split() == ["run", "preset", "state", "step", "best", "val", "final", "val", "age"]
-        assert f"running (pid {running.pid})" in listing and "interrupted (resumable)" in listing and "finished" in listing
+        assert listing.splitlines()[0].split() == ["run", "preset", "state", "step", "best", "val", "final",
+                                                   "val", "age"]
+        assert (f"running (pid {running.pid})" in listing and "interrupted (resumable)" in listing
+                and "finished" in listing)
 
-        # A second trainer into the running run: refused in one line that names the process, the run untouched.
+        # A second trainer into the running run: refused in one line that names the process, the run
+        # untouched.
         before = (root / "live" / "config.yaml").read_text()
         assert main(["train", "--out", str(root / "live"), "--resume"]) == 2
         err = capsys.readouterr().err
         assert f"is already being trained by process {running.pid} on " in err and "tinygpt train" in err
-        assert main(["train", "--data", str(text_file), "--out", str(root / "live"), "--overwrite", *tiny_flags()]) == 2
+        assert main(["train", "--data", str(text_file), "--out", str(root / "live"), "--overwrite",
+                     *tiny_flags()]) == 2
         assert f"it is being trained by process {running.pid}" in capsys.readouterr().err
         assert (root / "live" / "config.yaml").read_text() == before and running.poll() is None
     finally:
@@ -75,7 +85,8 @@ def test_failed_runs_say_why_and_a_run_without_checkpoint_cannot_be_resumed(tmp_
     for d in (failed, empty):
         d.mkdir()
         (d / "config.yaml").write_text("model: {}\n")
-    (failed / "status.json").write_text(json.dumps({"state": "failed", "error": "non-finite loss at step 7", "step": 7}))
+    (failed / "status.json").write_text(json.dumps({"state": "failed", "error": "non-finite loss at step 7",
+                                                    "step": 7}))
     lines = states(tmp_path)
     assert lines["failed"].state == "failed: non-finite loss at step 7"
     assert lines["empty"].state == "failed (no checkpoint)"

@@ -33,7 +33,8 @@ def text_server(text_run):
 
 def sample_cli(capsys, run, prompt: str, n: int) -> str:
     capsys.readouterr()
-    assert main(["sample", "--run", str(run), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", str(n),
+    assert main(["sample", "--run", str(run), "--prompt", prompt, "--temperature", "0", "--max-new-tokens",
+                 str(n),
                  "--dtype", "float32"]) == 0
     return capsys.readouterr().out.rstrip("\n")[len(prompt):]
 
@@ -56,21 +57,27 @@ def test_models_and_health(chat_server, text_server):
 def test_greedy_completion_is_what_sample_writes(text_server, text_run, capsys):
     expected = sample_cli(capsys, text_run, "The red", 40)
     model = client(text_server).models.list().data[0].id
-    whole = client(text_server).completions.create(model=model, prompt="The red", max_tokens=40, temperature=0)
+    whole = client(text_server).completions.create(model=model, prompt="The red", max_tokens=40,
+                                                   temperature=0)
     assert whole.choices[0].text == expected and whole.choices[0].finish_reason == "length"
-    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (7, 40)  # the char tokenizer: one per character
-    stream = client(text_server).completions.create(model=model, prompt="The red", max_tokens=40, temperature=0, stream=True)
+    # the char tokenizer: one per character
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (7, 40)
+    stream = client(text_server).completions.create(model=model, prompt="The red", max_tokens=40,
+                                                    temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in stream if c.choices) == expected
 
 
 def test_greedy_chat_is_what_tinygpt_chat_replies(chat_server, chat_run, capsys, monkeypatch):
     first, second = chat_cli(capsys, monkeypatch, chat_run, ["hello", "what is 2 plus 3?"], 30)
     c = client(chat_server)
-    reply = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hello"}], max_tokens=30)
+    reply = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hello"}],
+                                      max_tokens=30)
     assert " ".join(reply.choices[0].message.content.split()) == first  # greedy is chat's default too
-    history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": reply.choices[0].message.content},
+    history = [{"role": "user", "content": "hello"}, {"role": "assistant",
+                                                      "content": reply.choices[0].message.content},
                {"role": "user", "content": "what is 2 plus 3?"}]
-    stream = c.chat.completions.create(model="demo", messages=history, max_tokens=30, stream=True, temperature=0,
+    stream = c.chat.completions.create(model="demo", messages=history, max_tokens=30, stream=True,
+                                       temperature=0,
                                        stream_options={"include_usage": True})
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -81,12 +88,15 @@ def test_greedy_chat_is_what_tinygpt_chat_replies(chat_server, chat_run, capsys,
 
 def test_temperature_zero_is_greedy_and_a_seed_repeats(text_server):
     c, model = client(text_server), client(text_server).models.list().data[0].id
-    greedy = {c.completions.create(model=model, prompt="The", max_tokens=20, temperature=0).choices[0].text for _ in range(3)}
+    greedy = {c.completions.create(model=model, prompt="The", max_tokens=20, temperature=0).choices[0].text
+              for _ in range(3)}
     assert len(greedy) == 1
-    seeded = [c.completions.create(model=model, prompt="The", max_tokens=30, temperature=1.5, seed=s, n=3) for s in (1, 1, 2)]
+    seeded = [c.completions.create(model=model, prompt="The", max_tokens=30, temperature=1.5, seed=s, n=3)
+              for s in (1, 1, 2)]
     texts = [[ch.text for ch in r.choices] for r in seeded]
     assert texts[0] == texts[1] and texts[0] != texts[2]
-    assert len(set(texts[0])) == 3 and [ch.index for ch in seeded[0].choices] == [0, 1, 2]  # n independent samples
+    # n independent samples
+    assert len(set(texts[0])) == 3 and [ch.index for ch in seeded[0].choices] == [0, 1, 2]
     assert seeded[0].usage.completion_tokens == 90
 
 
@@ -95,18 +105,22 @@ def test_stop_strings_end_the_text_where_they_begin(text_server):
     full = c.completions.create(model=model, prompt="The", max_tokens=40, temperature=0).choices[0].text
     stop = full[12:14]
     cut = full[:full.find(stop)]
-    stopped = c.completions.create(model=model, prompt="The", max_tokens=40, temperature=0, stop=[stop, "never"])
+    stopped = c.completions.create(model=model, prompt="The", max_tokens=40, temperature=0,
+                                   stop=[stop, "never"])
     assert stopped.choices[0].text == cut and stopped.choices[0].finish_reason == "stop"
-    stream = c.completions.create(model=model, prompt="The", max_tokens=40, temperature=0, stop=stop, stream=True)
+    stream = c.completions.create(model=model, prompt="The", max_tokens=40, temperature=0, stop=stop,
+                                  stream=True)
     chunks = [ch for ch in stream if ch.choices]
-    assert "".join(ch.choices[0].text for ch in chunks) == cut and chunks[-1].choices[0].finish_reason == "stop"
+    assert "".join(ch.choices[0].text
+                   for ch in chunks) == cut and chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_sixteen_concurrent_streams_get_their_own_outputs(text_server):
     c, model = client(text_server), client(text_server).models.list().data[0].id
 
     def run(seed: int) -> str:
-        stream = c.completions.create(model=model, prompt=f"The {seed}", max_tokens=48, temperature=1.0, seed=seed, stream=True)
+        stream = c.completions.create(model=model, prompt=f"The {seed}", max_tokens=48, temperature=1.0,
+                                      seed=seed, stream=True)
         return "".join(ch.choices[0].text for ch in stream if ch.choices)
 
     alone = [run(seed) for seed in range(16)]  # one at a time: nothing to batch with
@@ -118,7 +132,8 @@ def test_sixteen_concurrent_streams_get_their_own_outputs(text_server):
 
 def test_a_client_that_drops_mid_stream_frees_its_row(text_run):
     with serve(text_run, "--max-batch", "1", "--max-tokens", "100000") as base:
-        body = {"model": "text", "prompt": "The", "max_tokens": 2000, "temperature": 1.0, "stream": True, "ignore_eos": True}
+        body = {"model": "text", "prompt": "The", "max_tokens": 2000, "temperature": 1.0, "stream": True,
+                "ignore_eos": True}
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=30) as r:
             lines = r.iter_lines()
             assert next(line for line in lines if line.startswith("data:"))
@@ -129,8 +144,10 @@ def test_a_client_that_drops_mid_stream_frees_its_row(text_run):
         assert health["running"] == 0 and health["generated_tokens"] < 2000
         # the same for a client that gives up waiting for a whole (non-streamed) reply
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{base}/v1/completions", json={**body, "stream": False, "max_tokens": 100000}, timeout=1)
-        assert client(base).completions.create(model="text", prompt="The", max_tokens=10, temperature=0).choices
+            httpx.post(f"{base}/v1/completions", json={**body, "stream": False, "max_tokens": 100000},
+                       timeout=1)
+        assert client(base).completions.create(model="text", prompt="The", max_tokens=10,
+                                               temperature=0).choices
         assert httpx.get(f"{base}/health").json()["generated_tokens"] < 50000
 
 
@@ -138,7 +155,8 @@ def test_a_client_that_drops_mid_stream_does_not_stall_the_others(text_server):
     c = client(text_server)
 
     def run(seed: int, drop: bool = False) -> str:
-        body = {"model": "text", "prompt": f"The {seed}", "max_tokens": 300 if drop else 40, "temperature": 1.0,
+        body = {"model": "text", "prompt": f"The {seed}", "max_tokens": 300 if drop else 40,
+                "temperature": 1.0,
                 "seed": seed, "stream": True, "ignore_eos": drop}
         with httpx.stream("POST", f"{text_server}/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
@@ -177,9 +195,11 @@ def test_bad_requests_get_their_status_and_openai_errors(chat_server, text_serve
     assert error_of(httpx.post(url, json={**ok, "messages": [{"role": "assistant", "content": "x"}]}), 400)
     assert error_of(httpx.post(f"{chat_server}/v1/nothing", json=ok), 404)
     text = {"model": "text", "messages": ok["messages"]}
-    assert error_of(httpx.post(f"{text_server}/v1/chat/completions", json=text), 400)["code"] == "model_not_chat"
+    assert error_of(httpx.post(f"{text_server}/v1/chat/completions", json=text),
+                    400)["code"] == "model_not_chat"
     long_prompt = {"model": "text", "prompt": "The cat " * 20}
-    assert error_of(httpx.post(f"{text_server}/v1/completions", json=long_prompt), 400)["code"] == "context_length_exceeded"
+    assert error_of(httpx.post(f"{text_server}/v1/completions", json=long_prompt),
+                    400)["code"] == "context_length_exceeded"
     with pytest.raises(openai.NotFoundError):  # the official client turns them into its exceptions
         client(chat_server).chat.completions.create(model="nope", messages=ok["messages"])
 
@@ -188,16 +208,19 @@ def test_body_limit_queue_limit_and_timeouts(text_run):
     with serve(text_run, "--max-batch", "1", "--queue-size", "0", "--max-body", "2000", "--timeout", "1.5",
                "--max-tokens", "100000") as base:
         url = f"{base}/v1/completions"
-        assert error_of(httpx.post(url, json={"model": "text", "prompt": "x" * 5000}), 413)["code"] == "body_too_large"
+        assert error_of(httpx.post(url, json={"model": "text", "prompt": "x" * 5000}),
+                        413)["code"] == "body_too_large"
         long = {"model": "text", "prompt": "The", "max_tokens": 100000, "temperature": 1.0, "stream": True,
                 "ignore_eos": True}
         with httpx.stream("POST", url, json=long, timeout=30) as r:
             lines = r.iter_lines()
             next(line for line in lines if line.startswith("data:"))
             # the only row is taken and nothing may wait: refused at once
-            assert error_of(httpx.post(url, json={"model": "text", "prompt": "The"}), 503)["code"] == "server_busy"
+            assert error_of(httpx.post(url, json={"model": "text", "prompt": "The"}),
+                            503)["code"] == "server_busy"
             events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
-        # 100,000 tokens take far longer than the 1.5 s timeout: the stream ends with one error event, no [DONE]
+        # 100,000 tokens take far longer than the 1.5 s timeout: the stream ends with one error event, no
+        # [DONE]
         assert "error" in events[-1] and "timed out" in events[-1]["error"]["message"]
 
 
@@ -210,7 +233,8 @@ def test_idle_streams_get_keep_alive_comments(text_run):
             first_lines = r1.iter_lines()  # kept: closing this iterator would close the connection
             next(line for line in first_lines if line.startswith("data:"))
             second = {"model": "text", "prompt": "The", "max_tokens": 5, "stream": True}
-            with httpx.stream("POST", url, json=second, timeout=30) as r2:  # waits in the queue for the one row
+            # waits in the queue for the one row
+            with httpx.stream("POST", url, json=second, timeout=30) as r2:
                 started = time.monotonic()
                 lines = []
                 for line in r2.iter_lines():

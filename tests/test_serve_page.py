@@ -9,15 +9,18 @@ import urllib.request
 
 import pytest
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) drives the chat page in a browser")
+sync_api = pytest.importorskip("playwright.sync_api",
+                               reason="playwright (python) drives the chat page in a browser")
 
 from conftest import serve  # noqa: E402  (after the skip: without playwright there is nothing to serve for)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium or chromium-browser on PATH to open the chat page")
+pytestmark = pytest.mark.skipif(CHROMIUM is None,
+                                reason="no chromium or chromium-browser on PATH to open the chat page")
 
 READY = "document.body.dataset.state === 'ready'"
-# The send handler sets state "streaming" and adds the bubbles before its first await, so right after the click
+# The send handler sets state "streaming" and adds the bubbles before its first await, so right after the
+# click
 # this is false, and it turns true once the reply (or an error) is complete.
 REPLIED = READY + " && document.querySelector('#conversation .assistant, #conversation .error') !== null"
 TOKENS_PER_S = re.compile(r"\d+(\.\d+)? tok/s")
@@ -44,13 +47,15 @@ def page(browser):
 
 
 def model_name(base_url, key=None):
-    req = urllib.request.Request(base_url + "/v1/models", headers={"Authorization": f"Bearer {key}"} if key else {})
+    req = urllib.request.Request(base_url + "/v1/models", headers={"Authorization": f"Bearer {key}"} if key
+                                 else {})
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.load(r)["data"][0]["id"]
 
 
 def screenshot(pg, tmp_path, name):
-    """A full-page screenshot in the test's tmp dir, copied to $TINYGPT_ARTIFACTS when set (to look at, not commit)."""
+    """A full-page screenshot in the test's tmp dir, copied to $TINYGPT_ARTIFACTS when set (to look at, not
+    commit)."""
     path = tmp_path / name
     pg.screenshot(path=str(path), full_page=True)
     if os.environ.get("TINYGPT_ARTIFACTS"):
@@ -82,7 +87,8 @@ def test_chat_page_streams_a_reply_and_shows_tokens_per_second(chat_run, page, t
         assert page.is_visible("#message") and not page.is_visible("#prompt")
 
         body = send(page, "hello")
-        assert body["model"] == name and body["stream"] is True and body["stream_options"] == {"include_usage": True}
+        assert (body["model"] == name and body["stream"] is True
+                and body["stream_options"] == {"include_usage": True})
         assert body["messages"] == [{"role": "user", "content": "hello"}]
         assert body["max_tokens"] == 128 and body["temperature"] == 0
         first = page.locator("#conversation .assistant").last.text_content()
@@ -93,7 +99,8 @@ def test_chat_page_streams_a_reply_and_shows_tokens_per_second(chat_run, page, t
         page.click("details:has(#system) summary")  # the system field starts collapsed
         page.fill("#system", "be brief")
         body = send(page, "what is 2 plus 3?")
-        assert body["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
+        assert body["messages"] == [{"role": "system", "content": "be brief"},
+                                    {"role": "user", "content": "hello"},
                                     {"role": "assistant", "content": first},
                                     {"role": "user", "content": "what is 2 plus 3?"}]
         assert page.locator("#conversation .assistant").count() == 2
@@ -138,4 +145,5 @@ def test_api_key_is_asked_for_and_then_sent(chat_run, page):
             page.press("#message", "Enter")
         page.wait_for_function(REPLIED)
         assert request.value.all_headers()["authorization"] == "Bearer secret"
-        assert not page.locator("#conversation .error").count(), page.locator("#conversation .error").all_text_contents()
+        assert not page.locator("#conversation .error").count(), (
+            page.locator("#conversation .error").all_text_contents())

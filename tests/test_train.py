@@ -45,12 +45,14 @@ def test_schedule_warms_up_then_decays_to_min_lr():
 
 
 def test_epochs_and_time_budget_set_the_length(text_file, tmp_path):
-    assert planned_steps(config.TrainConfig(epochs=2.5, batch_size=4, grad_accum=2), windows_per_epoch=100) == 32
+    assert planned_steps(config.TrainConfig(epochs=2.5, batch_size=4, grad_accum=2),
+                         windows_per_epoch=100) == 32
     cfg = tiny_config(time_budget=3.0, max_iters=10**6, eval_interval=20)
     start = time.perf_counter()
     final = train(cfg, tmp_path, prepared(text_file, cfg, tmp_path), log=lambda m: None)
     assert 1 <= final["step"] < 10**6 and time.perf_counter() - start < 30
-    assert final["elapsed_s"] == pytest.approx(3.0, abs=1.5)  # stops when the budget is spent, not at max_iters
+    # stops when the budget is spent, not at max_iters
+    assert final["elapsed_s"] == pytest.approx(3.0, abs=1.5)
 
 
 def test_no_weight_decay_on_norms_biases_and_embeddings():
@@ -60,7 +62,8 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
     assert {names[id(p)] for p in decay["params"]} == {
         "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
         "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"}
-    assert no_decay["weight_decay"] == 0.0 and "transformer.wte.weight" in {names[id(p)] for p in no_decay["params"]}
+    assert no_decay["weight_decay"] == 0.0 and "transformer.wte.weight" in {names[id(p)]
+                                                                            for p in no_decay["params"]}
 
 
 def test_training_lowers_the_loss_and_records_metrics(text_file, tmp_path):
@@ -72,8 +75,10 @@ def test_training_lowers_the_loss_and_records_metrics(text_file, tmp_path):
     for key in ("step", "train_loss", "val_loss", "tokens_seen", "tokens_per_s", "elapsed_s"):
         assert all(key in r for r in rows)
     assert rows[-1]["tokens_seen"] == 40 * 4 * 16
-    assert final["val_loss"] < rows[0]["val_loss"] < torch.log(torch.tensor(float(cfg.model.vocab_size))).item()
-    assert checkpoint.find(tmp_path, "best").name == "best" and checkpoint.find(tmp_path, "last").name == "last"
+    assert (final["val_loss"] < rows[0]["val_loss"]
+            < torch.log(torch.tensor(float(cfg.model.vocab_size))).item())
+    assert checkpoint.find(tmp_path,
+                           "best").name == "best" and checkpoint.find(tmp_path, "last").name == "last"
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # muon: two optimizers' states saved and restored
@@ -117,7 +122,8 @@ def nan_at_step_5(monkeypatch):
 
 def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(text_file, tmp_path, nan_at_step_5):
     cfg = tiny_config(max_iters=8, checkpoint_interval=2, eval_interval=100)
-    with pytest.raises(TinyGPTError, match=r"non-finite loss or gradient at step 5 .*last good checkpoint: .*last"):
+    with pytest.raises(TinyGPTError,
+                       match=r"non-finite loss or gradient at step 5 .*last good checkpoint: .*last"):
         train(cfg, tmp_path, prepared(text_file, cfg, tmp_path), log=lambda m: None)
 
 
@@ -146,7 +152,8 @@ def test_compile_failure_falls_back_to_eager_with_a_notice(monkeypatch):
 
 
 @pytest.mark.parametrize("budget, expected", [(0.01, (1, 2, 16)), (1e6, (2, 2, 32))])
-def test_auto_size_picks_the_largest_shape_the_budget_can_feed(text_file, tmp_path, monkeypatch, budget, expected):
+def test_auto_size_picks_the_largest_shape_the_budget_can_feed(text_file, tmp_path, monkeypatch, budget,
+                                                               expected):
     import tinygpt.train.schedule as train_mod
     monkeypatch.setattr(train_mod, "SIZE_LADDER", ((1, 2, 16), (1, 2, 24), (2, 2, 32)))
     cfg = tiny_config(time_budget=budget)
@@ -155,7 +162,8 @@ def test_auto_size_picks_the_largest_shape_the_budget_can_feed(text_file, tmp_pa
     logged = []
     seconds = train_mod.choose_size(cfg, ds, torch.device("cpu"), None, logged.append)
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == expected and seconds > 0
-    assert logged[-1].startswith(f"auto size: chose n_layer {expected[0]}, n_head {expected[1]}, n_embd {expected[2]} (")
+    assert logged[-1].startswith(f"auto size: chose n_layer {expected[0]}, n_head {expected[1]}, n_embd "
+                                 f"{expected[2]} (")
     # with a tiny budget it stops timing at the first shape that is too big: the larger ones are never built
     assert sum("would see" in m for m in logged) == (1 if budget < 1 else 3)
 

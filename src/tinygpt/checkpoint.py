@@ -54,8 +54,9 @@ def save(dest: Path, model: GPT, cfg: Config, tokenizer: Tokenizer,
         try:
             _write_files(tmp, model, cfg, tokenizer, trainer, state)
         except (RuntimeError, SafetensorError) as e:
-            raise TinyGPTError(f"could not write checkpoint {dest} ({str(e).splitlines()[0][:200]}); the disk may be "
-                               "full: free some disk space or choose another --out (the previous checkpoint is kept)") from None
+            raise TinyGPTError(f"could not write checkpoint {dest} ({str(e).splitlines()[0][:200]}); the "
+                               "disk may be full: free some disk space or choose another --out (the previous "
+                               "checkpoint is kept)") from None
     # The pointer moves only once the checkpoint it names is complete and in place.
     with rundir.atomic_file(dest.parent / rundir.LATEST) as pointer:
         pointer.write_text(dest.name + "\n")
@@ -90,7 +91,8 @@ def weights_hash(ckpt: Path) -> str:
 
 
 def verify(ckpt: Path) -> None:
-    """Raise TinyGPTError unless every file listed in the manifest is present with its recorded size and hash."""
+    """Raise TinyGPTError unless every file listed in the manifest is present with its recorded size and
+    hash."""
     manifest_path = ckpt / MANIFEST
     if not manifest_path.is_file():
         raise TinyGPTError(f"checkpoint {ckpt} is incomplete (no manifest.json)")
@@ -103,7 +105,8 @@ def verify(ckpt: Path) -> None:
         if not p.is_file():
             raise TinyGPTError(f"checkpoint {ckpt} is missing {name}")
         if p.stat().st_size != info["size"] or _sha256(p) != info["sha256"]:
-            raise TinyGPTError(f"checkpoint {ckpt}: {name} is truncated or modified (size/hash differ from the manifest)")
+            raise TinyGPTError(f"checkpoint {ckpt}: {name} is truncated or modified (size/hash differ from "
+                               "the manifest)")
 
 
 def candidates(run_dir: Path, names: tuple[str, ...] = ("best", "last")) -> list[Path]:
@@ -197,7 +200,8 @@ class Checkpoint:
         return torch.load(self.path / "trainer.pt", map_location="cpu", weights_only=True)
 
 
-def load(ckpt: Path, device: str | torch.device = "cpu", into: GPT | None = None, verified: bool = False) -> Checkpoint:
+def load(ckpt: Path, device: str | torch.device = "cpu", into: GPT | None = None,
+         verified: bool = False) -> Checkpoint:
     """Load a checkpoint, verifying it against its manifest unless the caller just did (`verified`). With
     `into`, the weights go into that model (which must have the checkpoint's shapes) instead of a new one:
     resuming a large model then holds one copy, not two."""

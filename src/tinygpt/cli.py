@@ -35,7 +35,8 @@ from tinygpt.train import distributed
 EXAMPLES = """examples:
   tinygpt train                                    # built-in corpus, a few minutes on a laptop CPU
   tinygpt train --data notes.txt --out runs/notes  # your own text file (or a folder of .txt/.md files)
-  tinygpt train --data ../shared/data/tinyshakespeare.txt --tokenizer char --preset cpu-tiny --out runs/shakespeare-char
+  tinygpt train --data ../shared/data/tinyshakespeare.txt --tokenizer char --preset cpu-tiny \
+--out runs/shakespeare-char
   tinygpt train --out runs/notes --resume --train.max_iters 4000
   tinygpt sample --run runs/shakespeare-char --prompt "ROMEO:" --max-new-tokens 200
   tinygpt serve --run runs/demo                    # chat page at http://127.0.0.1:8000/, OpenAI API at /v1
@@ -61,14 +62,16 @@ def presets_help() -> str:
 
 
 def train_parser(defaults: config.Config, preset: str | None) -> ArgumentParser:
-    header = f"preset {preset}: {presets.PRESETS[preset].description}\n\n" if preset in presets.PRESETS else ""
+    header = (f"preset {preset}: {presets.PRESETS[preset].description}\n\n" if preset in presets.PRESETS
+              else "")
     p = ArgumentParser(
         prog="tinygpt train", formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         description=header + "Train a GPT on a text file, a folder of text files, or the built-in corpus.\n"
         "Config layers apply in order: defaults, --preset, --config FILE.yaml, dotted flags.",
         epilog=presets_help() + "\n\n" + EXAMPLES)
     p.add_argument("--data", dest="data.path", default=argparse.SUPPRESS, metavar="PATH",
-                   help="text file or folder of text files (same as --data.path); omit for the built-in corpus")
+                   help="text file or folder of text files (same as --data.path); omit for the built-in "
+                   "corpus")
     p.add_argument("--tokenizer", dest="data.tokenizer", default=argparse.SUPPRESS,
                    choices=["char", "gpt2", "bpe", "sentencepiece"], help="same as --data.tokenizer")
     p.add_argument("--init-from", dest="train.init_from", default=argparse.SUPPRESS, metavar="SOURCE",
@@ -86,7 +89,8 @@ def train_parser(defaults: config.Config, preset: str | None) -> ArgumentParser:
         for key, _, tp, doc in config.iter_fields():
             if key.startswith(section + "."):
                 current = values[section][key.split(".", 1)[1]]
-                group.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, metavar=config.type_name(tp).split(" ")[0],
+                group.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS,
+                                   metavar=config.type_name(tp).split(" ")[0],
                                    help=f"{doc} (default: {'empty' if current is None else current})")
     return p
 
@@ -130,7 +134,8 @@ def cmd_train(argv: list[str]) -> int:
     finally:
         distributed.shutdown(dist)
     if dist.main:
-        log(f"done. Next:\n  tinygpt sample --run {run.dir}\n  tinygpt report {run.dir}   # loss curves, figures and samples")
+        log(f"done. Next:\n  tinygpt sample --run {run.dir}\n  tinygpt report {run.dir}   # loss curves, "
+            "figures and samples")
     return 0
 
 
@@ -144,9 +149,9 @@ def run_parser(prog: str, description: str, dtype: str = "auto") -> ArgumentPars
                    help="last: the end of training (default); best: the lowest val loss seen")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=dtype, choices=["auto", *DTYPES],
-                   help="weights for decoding: float32 (exact), bfloat16, or int8 (a quarter of the bytes; faster on "
-                   "CPUs with native bf16); auto: int8 where a one-time probe finds it faster here and it moves the "
-                   f"run's val perplexity by under 1%%, else float32 (default: {dtype})")
+                   help="weights for decoding: float32 (exact), bfloat16, or int8 (a quarter of the bytes; "
+                   "faster on CPUs with native bf16); auto: int8 where a one-time probe finds it faster here "
+                   f"and it moves the run's val perplexity by under 1%%, else float32 (default: {dtype})")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -176,7 +181,8 @@ def load_run(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -
 def cmd_sample(argv: list[str]) -> int:
     p = run_parser("tinygpt sample", "Generate text from a trained run, streamed to stdout.")
     p.add_argument("--prompt", default="", help="text to continue (default: start from end-of-text)")
-    p.add_argument("--num-samples", type=int, default=1, help="how many samples, decoded together in one batch (default: 1)")
+    p.add_argument("--num-samples", type=int, default=1,
+                   help="how many samples, decoded together in one batch (default: 1)")
     add_sampling_flags(p, "0 is greedy (default: the run's sample.temperature)")
     args = p.parse_args(argv)
     if args.num_samples < 1:
@@ -199,7 +205,8 @@ def cmd_sample(argv: list[str]) -> int:
 
 
 def cmd_chat(argv: list[str]) -> int:
-    p = run_parser("tinygpt chat", "Talk to a trained chat model. Interactive on a terminal; with piped input, "
+    p = run_parser("tinygpt chat",
+                   "Talk to a trained chat model. Interactive on a terminal; with piped input, "
                    "one reply line per input line.")
     p.add_argument("--system", default=None, help="a system message that starts every conversation")
     add_sampling_flags(p, "0 (the default) is greedy, which suits small models best")
@@ -212,10 +219,13 @@ def cmd_chat(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    p = run_parser("tinygpt eval", "Report loss, perplexity and bits per byte on the run's val split (or --data); "
+    p = run_parser("tinygpt eval",
+                   "Report loss, perplexity and bits per byte on the run's val split (or --data); "
                    "for chat models also BLEU on held-out conversations and skill accuracy.", dtype="float32")
-    p.add_argument("--data", default=None, help="evaluate on this file or folder instead of the run's val split")
-    p.add_argument("--limit", type=int, default=200, help="conversations/prompts scored per chat metric (default: 200)")
+    p.add_argument("--data", default=None,
+                   help="evaluate on this file or folder instead of the run's val split")
+    p.add_argument("--limit", type=int, default=200,
+                   help="conversations/prompts scored per chat metric (default: 200)")
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default: 16)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
@@ -229,14 +239,19 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
-    p = ArgumentParser(prog="tinygpt export", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Write a trained run in a format other runtimes load, with the same logits:\n"
-                       "  hf    a folder for Hugging Face transformers (AutoModelForCausalLM, AutoTokenizer; no custom code)\n"
+    p = ArgumentParser(prog="tinygpt export", allow_abbrev=False,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Write a trained run in a format other runtimes load, with the same "
+                       "logits:\n"
+                       "  hf    a folder for Hugging Face transformers (AutoModelForCausalLM, AutoTokenizer; "
+                       "no custom code)\n"
                        "  gguf  one file for llama.cpp and Ollama (FROM ./model.gguf in a Modelfile)",
-                       epilog="examples:\n  tinygpt export --run runs/demo --format hf --out exports/demo-hf\n"
+                       epilog="examples:\n  tinygpt export --run runs/demo --format hf --out "
+                       "exports/demo-hf\n"
                        "  tinygpt export --run runs/demo --format gguf --dtype q8_0 --out exports/demo.gguf")
     p.add_argument("--run", type=Path, required=True, help="run directory written by `tinygpt train`")
-    p.add_argument("--checkpoint", default="last", choices=["best", "last"], help="which checkpoint (default: last)")
+    p.add_argument("--checkpoint", default="last", choices=["best", "last"],
+                   help="which checkpoint (default: last)")
     p.add_argument("--format", required=True, choices=["hf", "gguf"], help="hf folder or gguf file")
     p.add_argument("--out", type=Path, default=None,
                    help="where to write (default: RUN/export/hf, or RUN/export/NAME-DTYPE.gguf)")
@@ -259,12 +274,15 @@ def cmd_export(argv: list[str]) -> int:
 
 
 def cmd_serve(argv: list[str]) -> int:
-    p = run_parser("tinygpt serve", "Serve a trained run over the OpenAI API (/v1/completions, /v1/chat/completions, "
-                   "/v1/models), with a chat page at /. Concurrent requests are decoded together in one batch.")
+    p = run_parser("tinygpt serve",
+                   "Serve a trained run over the OpenAI API (/v1/completions, /v1/chat/completions, "
+                   "/v1/models), with a chat page at /. Concurrent requests are decoded together in one "
+                   "batch.")
     docs = config.field_docs(ServeConfig)
     for f in dataclasses.fields(ServeConfig):
         kind = str if f.default is None else type(f.default)
-        shown = "" if "default" in docs[f.name] else f" (default: {'none' if f.default is None else f.default})"
+        shown = ("" if "default" in docs[f.name]
+                 else f" (default: {'none' if f.default is None else f.default})")
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default,
                        metavar=f.name.split("_")[-1].upper(), help=docs[f.name] + shown)
     args = p.parse_args(argv)
@@ -282,14 +300,17 @@ def cmd_serve(argv: list[str]) -> int:
 
 def cmd_report(argv: list[str]) -> int:
     p = ArgumentParser(prog="tinygpt report", allow_abbrev=False,
-                       description="Plot one run or several overlaid (train and val loss against step, tokens and wall "
-                       "time; learning rate; tokens/s), with a table of their final figures, the config keys in which "
-                       "they differ and a few samples from each run's last checkpoint. Needs matplotlib "
-                       "(pip install 'tinygpt[report]').")
-    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories written by `tinygpt train`")
-    p.add_argument("--out", type=Path, help="FILE.png (the plots), FILE.html or FILE.md (a self-contained report "
+                       description="Plot one run or several overlaid (train and val loss against step, "
+                       "tokens and wall time; learning rate; tokens/s), with a table of their final figures, "
+                       "the config keys in which they differ and a few samples from each run's last "
+                       "checkpoint. Needs matplotlib (pip install 'tinygpt[report]').")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN",
+                   help="run directories written by `tinygpt train`")
+    p.add_argument("--out", type=Path,
+                   help="FILE.png (the plots), FILE.html or FILE.md (a self-contained report "
                    "with the plots embedded); default RUN/report.png for one run, report.png for several")
-    p.add_argument("--samples", type=int, default=2, help="samples per run in an HTML or Markdown report (default: 2)")
+    p.add_argument("--samples", type=int, default=2,
+                   help="samples per run in an HTML or Markdown report (default: 2)")
     p.add_argument("--sample-tokens", type=int, default=120, help="new tokens per sample (default: 120)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
@@ -304,10 +325,12 @@ def cmd_report(argv: list[str]) -> int:
 
 def cmd_runs(argv: list[str]) -> int:
     p = ArgumentParser(prog="tinygpt runs", allow_abbrev=False,
-                       description="List the run directories under DIR, newest first: name, preset, state (running, "
-                       "finished, interrupted and resumable, failed), step of total, best and final val loss, age. "
-                       "A run is running exactly while its training process holds its lock file.")
-    p.add_argument("dir", nargs="?", type=Path, default=Path("runs"), help="folder of run directories (default: runs)")
+                       description="List the run directories under DIR, newest first: name, preset, state "
+                       "(running, finished, interrupted and resumable, failed), step of total, best and "
+                       "final val loss, age. A run is running exactly while its training process holds its "
+                       "lock file.")
+    p.add_argument("dir", nargs="?", type=Path, default=Path("runs"),
+                   help="folder of run directories (default: runs)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     from tinygpt.report.listing import list_runs, table
@@ -319,7 +342,8 @@ def cmd_runs(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------- entry point
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "chat": cmd_chat, "eval": cmd_eval, "export": cmd_export,
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "chat": cmd_chat, "eval": cmd_eval,
+            "export": cmd_export,
             "serve": cmd_serve, "report": cmd_report, "runs": cmd_runs}
 
 
@@ -334,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
               "  eval     loss, perplexity, bits per byte; BLEU and skill accuracy for chat runs\n"
               "  export   write a run for Hugging Face transformers (hf) or llama.cpp and Ollama (gguf)\n"
               "  serve    an OpenAI-compatible server with a chat page, batching concurrent requests\n"
-              "  report   loss curves, final figures and samples of one run or several compared (PNG, HTML, Markdown)\n"
+              "  report   loss curves, final figures and samples of one run or several compared (PNG, HTML, "
+              "Markdown)\n"
               "  runs     list the runs under runs/ (or DIR): state, step, val loss, age\n\n"
               "Run `tinygpt COMMAND --help` for a command's options.\n\n" + EXAMPLES)
         return 0 if argv else 2

@@ -49,7 +49,8 @@ class ModelConfig:
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     """Normalisation layer."""
     norm_placement: Literal["pre", "post"] = "pre"
-    """'pre' normalises each branch's input (GPT-2); 'post' normalises after each residual add (original Transformer)."""
+    """'pre' normalises each branch's input (GPT-2); 'post' normalises after each residual add (original
+    Transformer)."""
     mlp: Literal["gelu", "relu", "relu2", "swiglu"] = "gelu"
     """Feed-forward type: gelu is GPT-2's tanh-approximated GELU, relu2 is squared ReLU, swiglu is gated."""
     mlp_hidden: int | None = None
@@ -57,17 +58,22 @@ class ModelConfig:
     tie_weights: bool = True
     """Share the token embedding with the output head (GPT-2 does)."""
     head: Literal["linear", "adaptive"] = "linear"
-    """Output layer: a full softmax, or an adaptive softmax (Grave et al. 2017) that is cheaper for big vocabularies."""
+    """Output layer: a full softmax, or an adaptive softmax (Grave et al. 2017) that is cheaper for big
+    vocabularies."""
     adaptive_cutoffs: str = "auto"
-    """Adaptive softmax cluster boundaries as comma-separated ids (e.g. 2000,10000); auto derives them from the vocabulary."""
+    """Adaptive softmax cluster boundaries as comma-separated ids (e.g. 2000,10000); auto derives them from
+    the vocabulary."""
     attn: Literal["sdpa", "einsum"] = "sdpa"
-    """Attention kernel: PyTorch's fused scaled_dot_product_attention, or explicit einsum (can return the weights)."""
+    """Attention kernel: PyTorch's fused scaled_dot_product_attention, or explicit einsum (can return the
+    weights)."""
     qk_norm: bool = False
     """Normalise queries and keys per head before attention (stabilises training at higher learning rates)."""
     zero_init_proj: bool = False
-    """Initialise the projections that write into the residual stream to zero, so each block starts as identity."""
+    """Initialise the projections that write into the residual stream to zero, so each block starts as
+    identity."""
     auto_size: bool = False
-    """With train.time_budget: replace n_layer, n_embd and n_head by the size that learns most in the budget on
+    """With train.time_budget: replace n_layer, n_embd and n_head by the size that learns most in the budget
+    on
     this machine, chosen from a ladder of shapes by timing a few steps of each (the README says how)."""
 
 
@@ -79,7 +85,8 @@ class DataConfig:
     """A text file, a dialog file (.jsonl, chatterbot .yml, DailyDialog .txt), a folder of them, or a saved
     Hugging Face dataset; empty trains on the built-in chat corpus."""
     format: Literal["auto", "text", "jsonl", "chatterbot", "dailydialog", "hf"] = "auto"
-    """How to read data.path: auto picks by file extension and content; hf loads a datasets name or save_to_disk folder."""
+    """How to read data.path: auto picks by file extension and content; hf loads a datasets name or
+    save_to_disk folder."""
     chat_template: Literal["default", "litegpt", "tinygpt"] = "default"
     """How conversations become tokens: default (<|user|>...<|end|>), LiteGPT's or TinyGPT's format."""
     loss_on: Literal["assistant", "all"] = "assistant"
@@ -126,7 +133,8 @@ class TrainConfig:
     """wsd: share of training spent decaying."""
     optimizer: Literal["adamw", "muon"] = "adamw"
     """adamw for every parameter, or muon: Muon (orthogonalised momentum; Jordan et al. 2024) for the weight
-    matrices inside the blocks and AdamW for embeddings, head, norms and biases, at the same lr and schedule."""
+    matrices inside the blocks and AdamW for embeddings, head, norms and biases, at the same lr and
+    schedule."""
     weight_decay: float = 0.1
     """Weight decay (applied to matrices only, not to norms, biases or embeddings)."""
     beta1: float = 0.9
@@ -144,10 +152,12 @@ class TrainConfig:
     patience: int = 0
     """Stop after this many evaluations without a better val loss; 0 never stops early."""
     compile: bool = False
-    """torch.compile the model: about 30 s of start-up, then faster steps (~1.35x measured on a small CPU GPT);
+    """torch.compile the model: about 30 s of start-up, then faster steps (~1.35x measured on a small CPU
+    GPT);
     falls back to eager mode, with a notice, where compiling fails."""
     activation_checkpointing: bool = False
-    """Recompute each block's activations in the backward pass instead of storing them (less memory, more compute)."""
+    """Recompute each block's activations in the backward pass instead of storing them (less memory, more
+    compute)."""
     skip_nonfinite: bool = False
     """Skip an optimizer step whose loss or gradient is NaN/inf instead of stopping the run."""
     seed: int = 1337
@@ -163,9 +173,11 @@ class TrainConfig:
     elsewhere."""
     parallel: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: ddp keeps a whole copy of the model on every process and averages gradients; fsdp
-    (FSDP2) shards weights, gradients and optimizer state over the processes, for models that do not fit one."""
+    (FSDP2) shards weights, gradients and optimizer state over the processes, for models that do not fit
+    one."""
     dist_timeout: float = 600.0
-    """Under torchrun: seconds a process waits for the others at a collective before it gives up (a crashed peer)."""
+    """Under torchrun: seconds a process waits for the others at a collective before it gives up (a crashed
+    peer)."""
     log: str = ""
     """Also send the metrics to: a comma-separated subset of tensorboard (files in RUN/tensorboard) and wandb
     (offline into RUN/wandb unless WANDB_MODE or WANDB_API_KEY is set); metrics.jsonl is always written."""
@@ -224,7 +236,8 @@ class Range:
 # top_p 0 would keep no mass at all.
 SAMPLE_RANGES = {"max_new_tokens": Range(1, MAX_NEW_TOKENS), "temperature": Range(0, 2), "top_k": Range(1),
                  "top_p": Range(0, 1, open_low=True)}
-SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+SECTIONS: dict[str, type] = {f.name: f.default_factory
+                             for f in dataclasses.fields(Config)}  # type: ignore[misc]
 
 
 
@@ -267,7 +280,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if base is bool:
             if isinstance(value, bool):
                 return value
-            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0",
+                                                            "off"):
                 return value.lower() in ("true", "yes", "1", "on")
             raise ValueError
         if base is int:
@@ -300,7 +314,8 @@ def field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
     for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+        if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)):
             docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
     return docs
 
@@ -321,7 +336,8 @@ def flatten(overrides: Any, source: str) -> dict[str, Any]:
     """A nested ({'model': {'n_layer': 4}}) or dotted ({'model.n_layer': 4}) mapping as dotted keys,
     with unknown sections and keys refused (values are coerced later, by apply_overrides)."""
     if not isinstance(overrides, dict):
-        raise UsageError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(overrides).__name__}")
+        raise UsageError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), got "
+                         f"{type(overrides).__name__}")
     flat: dict[str, Any] = {}
     for key, value in overrides.items():
         section, _, name = str(key).partition(".")
@@ -333,7 +349,8 @@ def flatten(overrides: Any, source: str) -> dict[str, Any]:
         known = [f.name for f in dataclasses.fields(SECTIONS[section])]
         for fname, fvalue in items:
             if fname not in known:
-                raise UsageError(f"{source}: unknown config key '{section}.{fname}' (known in {section}: {', '.join(known)})")
+                raise UsageError(f"{source}: unknown config key '{section}.{fname}' (known in {section}: "
+                                 f"{', '.join(known)})")
             flat[f"{section}.{fname}"] = fvalue
     return flat
 
@@ -353,14 +370,16 @@ SHAPE_KEYS = ("model.n_layer", "model.n_head", "model.n_embd")
 
 
 def apply_layer(cfg: Config, overrides: dict[str, Any], source: str) -> set[str]:
-    """apply_overrides for one layer of settings (a preset, a YAML file, the flags), returning the keys it gave.
+    """apply_overrides for one layer of settings (a preset, a YAML file, the flags), returning the keys it
+    gave.
     A layer that says how long to train replaces the earlier layers' length, whichever kind it was (without
     this, `--train.max_iters 20` on a preset that trains by epochs was silently ignored); within one layer
     time_budget wins over epochs, and epochs over max_iters."""
     flat = flatten(overrides, source)
     apply_overrides(cfg, flat, source)
     if any(k in flat for k in LENGTH_KEYS):
-        for key in ("train.epochs", "train.time_budget"):  # max_iters always has a value; it counts when these are empty
+        # max_iters always has a value; it counts when these are empty
+        for key in ("train.epochs", "train.time_budget"):
             if key not in flat:
                 setattr(cfg.train, key.split(".")[1], None)
     return set(flat)
@@ -405,9 +424,10 @@ def resolve(preset: str | None = None, config_file: str | Path | None = None,
         given |= apply_layer(cfg, flags, "command line")
     architecture = sorted(k for k in given if k.startswith("model.") and k != "model.dropout")
     if cfg.train.init_from and architecture:
-        raise UsageError(f"--init-from takes the architecture from its source, so {', '.join(architecture)} cannot "
-                         "be set with it (model.dropout can)")
-    if cfg.train.time_budget is not None and not given & {"model.auto_size", *SHAPE_KEYS} and not cfg.train.init_from:
+        raise UsageError(f"--init-from takes the architecture from its source, so {', '.join(architecture)} "
+                         "cannot be set with it (model.dropout can)")
+    if cfg.train.time_budget is not None and not given & {"model.auto_size",
+                                                          *SHAPE_KEYS} and not cfg.train.init_from:
         cfg.model.auto_size = True
     validate(cfg)
     return cfg
@@ -421,7 +441,8 @@ def from_dict(saved: dict[str, Any]) -> Config:
     return cfg
 
 
-def sample_settings(sampling: SampleConfig, settings: dict[str, Any], source: str = "sampling settings") -> None:
+def sample_settings(sampling: SampleConfig, settings: dict[str, Any],
+                    source: str = "sampling settings") -> None:
     """Set SampleConfig fields by name (max_new_tokens=20, temperature=0, ...) in place, coerced and checked
     as every config value is (within SAMPLE_RANGES): one gate for the command line, the Python API and HTTP
     requests."""
@@ -481,7 +502,8 @@ def log_targets(value: str) -> list[str]:
     names = [n.strip() for n in value.split(",") if n.strip()]
     unknown = [n for n in names if n not in LOG_TARGETS]
     if unknown:
-        raise UsageError(f"train.log: unknown {', '.join(unknown)}; choose from {', '.join(LOG_TARGETS)} (comma-separated)")
+        raise UsageError(f"train.log: unknown {', '.join(unknown)}; choose from {', '.join(LOG_TARGETS)} "
+                         "(comma-separated)")
     return names
 
 

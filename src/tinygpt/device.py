@@ -26,12 +26,14 @@ def resolve_device(name: str) -> torch.device:
 
 @functools.cache
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere, which makes every check below say no)."""
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere, which makes every check below say
+    no)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return set()
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    return {flag for line in text.splitlines() if line.startswith("flags")
+            for flag in line.split(":", 1)[1].split()}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -62,7 +64,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, for model-FLOPs utilisation (MFU).
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "RTX 4090": 165e12}
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+                   "RTX 4090": 165e12}
 
 
 def peak_flops(device: torch.device) -> float | None:

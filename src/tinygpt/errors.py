@@ -21,7 +21,8 @@ class UsageError(TinyGPTError):
 
 
 class Interrupted(TinyGPTError):
-    """Training stopped by SIGINT/SIGTERM after saving a checkpoint; exits 128 + the signal number (130, 143)."""
+    """Training stopped by SIGINT/SIGTERM after saving a checkpoint; exits 128 + the signal number (130,
+    143)."""
 
     def __init__(self, signum: int, checkpoint: object, run_dir: object):
         import signal

@@ -59,7 +59,8 @@ def exact_match(session: ChatSession, items: Sequence[tuple[str, str | set[str]]
         return " ".join(text.split())
 
     replies = greedy_replies(session, [[Message("user", q)] for q, _ in items])
-    hits = sum(norm(r) in {norm(x) for x in ([a] if isinstance(a, str) else a)} for r, (_, a) in zip(replies, items))
+    hits = sum(norm(r) in {norm(x) for x in ([a] if isinstance(a, str) else a)} for r,
+               (_, a) in zip(replies, items))
     return hits / max(len(items), 1)
 
 
@@ -84,24 +85,29 @@ def chat_metrics(model: GPT, tokenizer: Tokenizer, template_name: str, train_con
     if builtin:
         chatterbot = set(corpus.chatterbot_prompts())
         seen = seen_prompts(train_convs, 10**9)
-        out["train_prompt_match_chatterbot"] = exact_match(session, [p for p in seen if p[0] in chatterbot][:limit])
-        out["train_prompt_match_synthetic"] = exact_match(session, [p for p in seen if p[0] not in chatterbot][:limit])
+        out["train_prompt_match_chatterbot"] = exact_match(session, [p for p in seen
+                                                                     if p[0] in chatterbot][:limit])
+        out["train_prompt_match_synthetic"] = exact_match(session, [p for p in seen
+                                                                    if p[0] not in chatterbot][:limit])
         for skill in corpus.SKILLS:
             for held_out in (False, True):
                 items = corpus.skill_items(skill, held_out)
                 if items:
-                    out[f"skill_{skill}_{'heldout' if held_out else 'seen'}"] = exact_match(session, items[:limit])
+                    out[f"skill_{skill}_{'heldout' if held_out else 'seen'}"] = exact_match(session,
+                                                                                            items[:limit])
     return out
 
 
 def evaluate_run(ckpt: Checkpoint, data_path: str | None = None, batch_size: int = 16, limit: int = 200,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """What `tinygpt eval` reports: loss, perplexity and bits per byte on the run's val split (or on all of
-    data_path, encoded with the run's tokenizer); for chat runs also BLEU and, on the built-in corpus, skills."""
+    data_path, encoded with the run's tokenizer); for chat runs also BLEU and, on the built-in corpus,
+    skills."""
     tok = ckpt.tokenizer
     device = next(ckpt.model.parameters()).device
     if data_path:
-        cfg = dataclasses.replace(ckpt.config, data=dataclasses.replace(ckpt.config.data, path=data_path, format="auto"))
+        cfg = dataclasses.replace(ckpt.config, data=dataclasses.replace(ckpt.config.data, path=data_path,
+                                                                        format="auto"))
         ds = prepare(cfg, log=log, tokenizer=tok)
         if ds.tokenizer.vocab_size > tok.vocab_size:
             raise TinyGPTError(f"{ckpt.home} was trained on plain text: its tokenizer lacks the chat markers "
@@ -120,5 +126,6 @@ def evaluate_run(ckpt: Checkpoint, data_path: str | None = None, batch_size: int
                               **loss_metrics(total)}
     if ds.packed:
         result.update(chat_metrics(ckpt.model, tok, ckpt.config.data.chat_template, ds.conversations("train"),
-                                   convs, builtin=ds.meta.get("builtin", False) and not data_path, limit=limit))
+                                   convs, builtin=ds.meta.get("builtin", False) and not data_path,
+                                   limit=limit))
     return result

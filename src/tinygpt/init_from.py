@@ -31,7 +31,8 @@ GPT2_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 
 @dataclass
 class Source:
-    """What a run starts from: the architecture, the tokenizer and the weights (tinygpt names, float32, CPU)."""
+    """What a run starts from: the architecture, the tokenizer and the weights (tinygpt names, float32,
+    CPU)."""
 
     description: str
     model: ModelConfig
@@ -45,7 +46,8 @@ def gpt2_state_from_hf(hf_state: dict[str, torch.Tensor], tied: bool = True) -> 
     token embedding, so it is filled in from there."""
     state = {}
     for name, tensor in hf_state.items():
-        if name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers in older files, not weights
+        # causal-mask buffers in older files, not weights
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
             continue
         if not name.startswith(("transformer.", "lm_head.")):
             name = "transformer." + name
@@ -67,10 +69,13 @@ def hf_gpt2_model_config(folder: Path, hf: dict[str, Any]) -> ModelConfig:
     if kind != "gpt2":
         raise _hf_refusal(folder, f"it holds a {kind or 'unknown'} model; --init-from reads tinygpt runs and "
                                   "Hugging Face GPT-2 folders")
-    checks = [("activation_function", hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
+    checks = [("activation_function", hf.get("activation_function",
+                                             "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
                "tinygpt's GELU is the tanh approximation (gelu_new)"),
-              ("layer_norm_epsilon", hf.get("layer_norm_epsilon", 1e-5) == 1e-5, "tinygpt's LayerNorm uses 1e-5"),
-              ("scale_attn_weights", hf.get("scale_attn_weights", True), "tinygpt scales attention by 1/sqrt(head size)"),
+              ("layer_norm_epsilon", hf.get("layer_norm_epsilon", 1e-5) == 1e-5,
+               "tinygpt's LayerNorm uses 1e-5"),
+              ("scale_attn_weights", hf.get("scale_attn_weights", True),
+               "tinygpt scales attention by 1/sqrt(head size)"),
               ("scale_attn_by_inverse_layer_idx", not hf.get("scale_attn_by_inverse_layer_idx", False),
                "tinygpt does not scale attention by layer")]
     for key, ok, why in checks:
@@ -79,7 +84,8 @@ def hf_gpt2_model_config(folder: Path, hf: dict[str, Any]) -> ModelConfig:
     n_embd, n_head = int(hf.get("n_embd", 768)), int(hf.get("n_head", 12))
     arch = dict(GPT2_ARCH, tie_weights=bool(hf.get("tie_word_embeddings", True)))
     return ModelConfig(**arch, n_layer=int(hf.get("n_layer", 12)), n_head=n_head, n_embd=n_embd,
-                       block_size=int(hf.get("n_positions", 1024)), vocab_size=int(hf.get("vocab_size", 50257)),
+                       block_size=int(hf.get("n_positions", 1024)),
+                       vocab_size=int(hf.get("vocab_size", 50257)),
                        mlp_hidden=hf.get("n_inner"))
 
 
@@ -93,7 +99,8 @@ def hf_weights(folder: Path) -> dict[str, torch.Tensor]:
         return {k: v for shard in shards for k, v in load_file(folder / shard).items()}
     if (folder / "pytorch_model.bin").is_file():
         return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise _hf_refusal(folder, "it has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    raise _hf_refusal(folder,
+                      "it has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
 def hf_gpt2_tokenizer(folder: Path, fallback: Callable[[], Tokenizer]) -> Tokenizer:
@@ -110,7 +117,8 @@ def hf_gpt2_tokenizer(folder: Path, fallback: Callable[[], Tokenizer]) -> Tokeni
     eot = vocab.pop(EOT, None)
     ranks = ranks_from_vocab(vocab, fix)
     if sorted(ranks.values()) != list(range(len(ranks))) or eot not in (None, len(ranks)):
-        raise _hf_refusal(folder, f"its vocabulary ids are not GPT-2's layout (ranks 0..N-1, then {EOT}); {fix}")
+        raise _hf_refusal(folder,
+                          f"its vocabulary ids are not GPT-2's layout (ranks 0..N-1, then {EOT}); {fix}")
     return GPT2Tokenizer(ranks, [])
 
 
@@ -122,7 +130,8 @@ def from_hf_folder(folder: Path, fallback_tokenizer: Callable[[], Tokenizer]) ->
     cfg = hf_gpt2_model_config(folder, hf)
     tok = hf_gpt2_tokenizer(folder, fallback_tokenizer)
     if cfg.vocab_size < tok.vocab_size:
-        raise _hf_refusal(folder, f"its model has {cfg.vocab_size} token rows but its tokenizer {tok.vocab_size} ids")
+        raise _hf_refusal(folder,
+                          f"its model has {cfg.vocab_size} token rows but its tokenizer {tok.vocab_size} ids")
     state = gpt2_state_from_hf(hf_weights(folder), cfg.tie_weights)
     return Source(f"Hugging Face GPT-2 folder {folder}", cfg, tok, state)
 
@@ -130,22 +139,25 @@ def from_hf_folder(folder: Path, fallback_tokenizer: Callable[[], Tokenizer]) ->
 def from_run(path: Path) -> Source:
     ckpt_dir = checkpoint.locate(path, "last")
     ckpt = checkpoint.load(ckpt_dir, "cpu", verified=True)
-    return Source(f"{ckpt_dir} (step {ckpt.step})", ckpt.config.model, ckpt.tokenizer, ckpt.model.state_dict())
+    return Source(f"{ckpt_dir} (step {ckpt.step})", ckpt.config.model, ckpt.tokenizer,
+                  ckpt.model.state_dict())
 
 
 def open_source(path: str | Path, fallback_tokenizer: Callable[[], Tokenizer]) -> Source:
-    """The weights a new run starts from: a tinygpt run or checkpoint folder, or a Hugging Face GPT-2 folder."""
+    """The weights a new run starts from: a tinygpt run or checkpoint folder, or a Hugging Face GPT-2
+    folder."""
     path = Path(path)
     if not path.is_dir():
-        raise UsageError(f"cannot start from {path}: no such folder (give a tinygpt run directory or a Hugging "
-                         "Face GPT-2 folder)")
+        raise UsageError(f"cannot start from {path}: no such folder (give a tinygpt run directory or a "
+                         "Hugging Face GPT-2 folder)")
     if (path / "config.json").is_file() and not (path / rundir.CONFIG).is_file():
         return from_hf_folder(path, fallback_tokenizer)
     return from_run(path)
 
 
 def grow_vocab(src: Source, tokenizer: Tokenizer) -> Source:
-    """The source with rows for the token ids `tokenizer` adds past the model's vocabulary (new special tokens).
+    """The source with rows for the token ids `tokenizer` adds past the model's vocabulary (new special
+    tokens).
     Each new row starts at the mean of the existing rows (Hewitt 2021): a random row can get a large logit
     everywhere and disturb the pretrained distribution; the mean starts the new token as an average one."""
     old = src.model.vocab_size
@@ -153,8 +165,8 @@ def grow_vocab(src: Source, tokenizer: Tokenizer) -> Source:
     if new == old:
         return replace(src, tokenizer=tokenizer)
     if src.model.head == "adaptive":
-        raise UsageError(f"cannot add {new - old} token(s) to {src.description}: its adaptive softmax head has "
-                         "clusters of fixed size; start from a run whose tokenizer already has them")
+        raise UsageError(f"cannot add {new - old} token(s) to {src.description}: its adaptive softmax head "
+                         "has clusters of fixed size; start from a run whose tokenizer already has them")
     state = dict(src.state)
     for name in ("transformer.wte.weight", "lm_head.weight"):
         w = state[name]

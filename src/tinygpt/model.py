@@ -32,7 +32,8 @@ class RMSNorm(nn.RMSNorm):
     the weight is made float32 too, for a model whose weights were made bf16 for decoding."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = None if self.weight is None else self.weight.float()  # bf16 weights (a model decoding in bf16)
+        # bf16 weights (a model decoding in bf16)
+        weight = None if self.weight is None else self.weight.float()
         return F.rms_norm(x.float(), self.normalized_shape, weight, self.eps).to(x.dtype)
 
 
@@ -97,7 +98,8 @@ class SinusoidalPositions(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         pos = torch.arange(cfg.block_size, dtype=torch.float32)[:, None]
-        freq = torch.exp(torch.arange(0, cfg.n_embd, 2, dtype=torch.float32) * (-math.log(10000.0) / cfg.n_embd))
+        freq = torch.exp(torch.arange(0, cfg.n_embd, 2,
+                                      dtype=torch.float32) * (-math.log(10000.0) / cfg.n_embd))
         table = torch.zeros(cfg.block_size, cfg.n_embd)
         table[:, 0::2] = torch.sin(pos * freq)
         table[:, 1::2] = torch.cos(pos * freq[: cfg.n_embd // 2])
@@ -125,7 +127,8 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # x: (B, H, T, hs); pos: (T,) or (B, T)
+    # x: (B, H, T, hs); pos: (T,) or (B, T)
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         cos, sin = self.cos[pos].to(x.dtype), self.sin[pos].to(x.dtype)
         if pos.dim() == 2:  # per-sequence positions: broadcast over the heads
             cos, sin = cos[:, None], sin[:, None]
@@ -135,9 +138,12 @@ class Rotary(nn.Module):
 
 # ---------------------------------------------------------------- attention and blocks
 
-def causal_positions(start: int, T: int, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Positions of T new tokens after `start` cached ones, and their mask: new queries see every cached key and
-    the causal part of the new ones. None where no mask is needed (a fresh sequence, or a single new query)."""
+def causal_positions(start: int, T: int, block: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Positions of T new tokens after `start` cached ones, and their mask: new queries see every cached key
+    and
+    the causal part of the new ones. None where no mask is needed (a fresh sequence, or a single new
+    query)."""
     if start + T > block:
         raise ValueError(f"sequence of {start + T} tokens exceeds block_size {block}")
     pos = torch.arange(start, start + T, device=device)
@@ -168,9 +174,11 @@ class Cache(Protocol):
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None,
                    dropout_p: float) -> tuple[torch.Tensor, None]:
-    """PyTorch's fused kernel (flash / memory-efficient attention where available); never builds the weights."""
+    """PyTorch's fused kernel (flash / memory-efficient attention where available); never builds the
+    weights."""
     causal = visible is None and q.size(2) > 1  # a single new query sees every key: no mask at all
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=causal, dropout_p=dropout_p), None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=causal,
+                                          dropout_p=dropout_p), None
 
 
 def einsum_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None,
@@ -201,13 +209,15 @@ class CausalSelfAttention(nn.Module):
         self.attend = ATTENTION[cfg.attn]
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        # Every forward with attn="einsum" leaves its weights (B, H, T, start+T) here; GPT.attention_weights reads them.
+        # Every forward with attn="einsum" leaves its weights (B, H, T, start+T) here; GPT.attention_weights
+        # reads them.
         self.last_weights: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: Rotary | None, cache: Cache | None,
                 visible: torch.Tensor | None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in self.c_attn(x).split(C, dim=2))
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rope(q, pos), rope(k, pos)
@@ -232,7 +242,8 @@ class Block(nn.Module):
         if self.pre_norm:  # GPT-2: normalise each branch's input, keep the residual stream raw
             x = x + self.attn(self.ln_1(x), pos, rope, cache, visible)
             return x + self.mlp_dropout(self.mlp(self.ln_2(x)))
-        x = self.ln_1(x + self.attn(x, pos, rope, cache, visible))  # original Transformer: normalise after the add
+        # original Transformer: normalise after the add
+        x = self.ln_1(x + self.attn(x, pos, rope, cache, visible))
         return self.ln_2(x + self.mlp_dropout(self.mlp(x)))
 
 
@@ -342,9 +353,11 @@ class GPT(nn.Module):
         T = segments.size(1)
         pos = torch.arange(T, device=segments.device)
         same = segments[:, :, None] == segments[:, None, :]
-        first = torch.cat([torch.ones_like(segments[:, :1], dtype=torch.bool), segments[:, 1:] != segments[:, :-1]], 1)
+        first = torch.cat([torch.ones_like(segments[:, :1], dtype=torch.bool),
+                           segments[:, 1:] != segments[:, :-1]], 1)
         seg_start = torch.where(first, pos, 0).cummax(dim=1).values
-        return pos - seg_start, (same & torch.ones(T, T, dtype=torch.bool, device=segments.device).tril())[:, None]
+        return pos - seg_start, (same & torch.ones(T, T, dtype=torch.bool,
+                                                   device=segments.device).tril())[:, None]
 
     def hidden(self, idx: torch.Tensor, cache: Cache | None = None,
                segments: torch.Tensor | None = None) -> torch.Tensor:
@@ -389,12 +402,14 @@ class GPT(nn.Module):
         if targets is None:
             return self.logits(x), None
         keep = targets >= 0
-        count = keep.sum().clamp(min=1)  # sum / count, not a mean: a batch with every target masked gives 0, not NaN
+        # sum / count, not a mean: a batch with every target masked gives 0, not NaN
+        count = keep.sum().clamp(min=1)
         if self.config.head == "adaptive":  # it has no ignore_index: score only the kept positions
             return None, -self.adaptive_head(x[keep], targets[keep]).output.sum() / count
         if type(self.lm_head) is not nn.Linear:  # an output layer swapped for decoding (int8): plain logits
             logits = self.lm_head(x).float().flatten(0, -2)
-            return None, F.cross_entropy(logits, targets.reshape(-1), ignore_index=-1, reduction="sum") / count
+            return None, F.cross_entropy(logits, targets.reshape(-1), ignore_index=-1,
+                                         reduction="sum") / count
         # The fused loss never builds the (B, T, vocab) logits: with targets, forward gives the loss alone.
         return None, linear_cross_entropy(x.flatten(0, -2), self.lm_head.weight, targets.reshape(-1)) / count
 

@@ -16,12 +16,14 @@ class Preset:
     overrides: dict[str, Any]
 
 
-GPT2_ARCH = dict(pos="learned", norm="layernorm", norm_placement="pre", mlp="gelu", bias=True, tie_weights=True,
+GPT2_ARCH = dict(pos="learned", norm="layernorm", norm_placement="pre", mlp="gelu", bias=True,
+                 tie_weights=True,
                  head="linear", attn="sdpa", qk_norm=False, zero_init_proj=False)
 
 # The size and schedule that modern and its gpt2 baseline share, so they differ only in the recipe.
 SMALL = dict(n_layer=4, n_head=6, n_embd=192, block_size=128, dropout=0.0)
-SMALL_TRAIN = dict(max_iters=900, batch_size=16, lr=2e-3, warmup_iters=50, weight_decay=0.1, beta1=0.9, beta2=0.95,
+SMALL_TRAIN = dict(max_iters=900, batch_size=16, lr=2e-3, warmup_iters=50, weight_decay=0.1, beta1=0.9,
+                   beta2=0.95,
                    grad_clip=1.0, eval_interval=300, checkpoint_interval=300)
 
 PRESETS: dict[str, Preset] = {
@@ -38,8 +40,8 @@ PRESETS: dict[str, Preset] = {
         },
     ),
     "gpt2": Preset(
-        "The GPT-2 recipe at the modern preset's size and data settings (learned positions, pre-LayerNorm, GELU, "
-        "biases, tied head, cosine schedule): the baseline the modern preset is measured against.",
+        "The GPT-2 recipe at the modern preset's size and data settings (learned positions, pre-LayerNorm, "
+        "GELU, biases, tied head, cosine schedule): the baseline the modern preset is measured against.",
         {
             "model": dict(SMALL, **GPT2_ARCH),
             "data": dict(tokenizer="bpe", vocab_size=2048),
@@ -52,15 +54,16 @@ PRESETS: dict[str, Preset] = {
         "val loss near 1.9 in a few minutes on 2 CPU cores.",
         {
             "model": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, **GPT2_ARCH),
-            "train": dict(batch_size=12, grad_accum=1, lr=1e-3, min_lr=1e-4, max_iters=2000, lr_decay_iters=2000,
+            "train": dict(batch_size=12, grad_accum=1, lr=1e-3, min_lr=1e-4, max_iters=2000,
+                          lr_decay_iters=2000,
                           warmup_iters=100, schedule="cosine", beta1=0.9, beta2=0.99, weight_decay=0.1,
                           grad_clip=1.0, eval_interval=250, eval_iters=20),
         },
     ),
     "litegpt": Preset(
         "LiteGPT: a conversational GPT on the GPT-2 tokenizer with the special tokens <BOS>, <EOS>, <user>:, "
-        "<assistant>: (its chat format), GELU, LayerNorm, learned positions, trained as a causal LM on every token; "
-        "with no --data it trains on the built-in conversations. LiteGPT's knobs map to MAX_LENGTH="
+        "<assistant>: (its chat format), GELU, LayerNorm, learned positions, trained as a causal LM on every "
+        "token; with no --data it trains on the built-in conversations. LiteGPT's knobs map to MAX_LENGTH="
         "model.block_size, BATCH_SIZE=train.batch_size, EPOCHS=train.epochs, LR=train.lr, MAX_GENERATE_LEN="
         "sample.max_new_tokens, DEFAULT_TEMPERATURE=sample.temperature.",
         {
@@ -75,35 +78,41 @@ PRESETS: dict[str, Preset] = {
         "GPT-Lite: a GPT-2-style decoder with static sinusoidal positions, attention computed with einsum, "
         "LayerNorm after attention and after the feed-forward (post-LN) and a two-layer ReLU feed-forward.",
         {
-            "model": dict(GPT2_ARCH, n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.1, pos="sinusoidal",
+            "model": dict(GPT2_ARCH, n_layer=4, n_head=4, n_embd=128, block_size=128, dropout=0.1,
+                          pos="sinusoidal",
                           norm_placement="post", mlp="relu", attn="einsum"),
             "data": dict(tokenizer="char"),
-            "train": dict(max_iters=2000, batch_size=16, lr=1e-3, min_lr=1e-4, warmup_iters=100, schedule="cosine",
+            "train": dict(max_iters=2000, batch_size=16, lr=1e-3, min_lr=1e-4, warmup_iters=100,
+                          schedule="cosine",
                           eval_interval=250),
         },
     ),
     "micropgpt": Preset(
-        "micropgpt: a character-level model for Tiny Shakespeare: n_embd 384, 4 heads, 4 layers, context 128, "
-        "AdamW at a constant 3e-4, batch 32, 3000 iterations, an 80/20 train/val split.",
+        "micropgpt: a character-level model for Tiny Shakespeare: n_embd 384, 4 heads, 4 layers, context "
+        "128, AdamW at a constant 3e-4, batch 32, 3000 iterations, an 80/20 train/val split.",
         {
             "model": dict(n_layer=4, n_head=4, n_embd=384, block_size=128, dropout=0.0, **GPT2_ARCH),
             "data": dict(tokenizer="char", val_fraction=0.2),
-            "train": dict(max_iters=3000, batch_size=32, lr=3e-4, min_lr=3e-4, warmup_iters=0, schedule="cosine",
+            "train": dict(max_iters=3000, batch_size=32, lr=3e-4, min_lr=3e-4, warmup_iters=0,
+                          schedule="cosine",
                           eval_interval=500),
         },
     ),
     "tinygpt": Preset(
-        "TinyGPT: a dialog model with a SentencePiece BPE tokenizer trained on the data (up to 32k ids), 8 layers, "
-        "6 heads, 384 wide, feed-forward 1536, context 128, pre-norm GELU, adaptive softmax output, dropout 0.05, "
-        "AdamW with weight decay at 1e-4 (cosine with warm-up), batch 32, 10 epochs, clipping 1.0, early stopping "
-        "on val loss, its '<s> User: ... <sep> Bot:' prompt format; with no --data it trains on the built-in "
-        "conversations.",
+        "TinyGPT: a dialog model with a SentencePiece BPE tokenizer trained on the data (up to 32k ids), 8 "
+        "layers, 6 heads, 384 wide, feed-forward 1536, context 128, pre-norm GELU, adaptive softmax output, "
+        "dropout 0.05, AdamW with weight decay at 1e-4 (cosine with warm-up), batch 32, 10 epochs, clipping "
+        "1.0, early stopping on val loss, its '<s> User: ... <sep> Bot:' prompt format; with no --data it "
+        "trains on the built-in conversations.",
         {
-            "model": dict(GPT2_ARCH, n_layer=8, n_head=6, n_embd=384, mlp_hidden=1536, block_size=128, dropout=0.05,
+            "model": dict(GPT2_ARCH, n_layer=8, n_head=6, n_embd=384, mlp_hidden=1536, block_size=128,
+                          dropout=0.05,
                           head="adaptive", tie_weights=False),
-            "data": dict(tokenizer="sentencepiece", sp_model_type="bpe", vocab_size=32000, chat_template="tinygpt"),
+            "data": dict(tokenizer="sentencepiece", sp_model_type="bpe", vocab_size=32000,
+                         chat_template="tinygpt"),
             "train": dict(epochs=10, batch_size=32, lr=1e-4, min_lr=1e-5, warmup_iters=100, schedule="cosine",
-                          weight_decay=0.01, grad_clip=1.0, patience=3, eval_interval=200, checkpoint_interval=200),
+                          weight_decay=0.01, grad_clip=1.0, patience=3, eval_interval=200,
+                          checkpoint_interval=200),
         },
     ),
     "microgpt": Preset(

@@ -36,7 +36,8 @@ Log = Callable[[str], None]
 
 @dataclass
 class Run:
-    """A run directory ready to train: its config, its prepared data and, when resuming, the verified checkpoint."""
+    """A run directory ready to train: its config, its prepared data and, when resuming, the verified
+    checkpoint."""
 
     dir: Path
     config: Config
@@ -52,7 +53,8 @@ class Run:
         The run's lock is released when training ends, however it ends."""
         try:
             if self.checkpoint is None and self.config.train.init_from and self.source is None:
-                self.source = grow_vocab(open_init_source(self.config), self.data.tokenizer)  # resumed before step 1
+                # resumed before step 1
+                self.source = grow_vocab(open_init_source(self.config), self.data.tokenizer)
             state = self.source.state if self.source else None
             dist = for_run(dist, self.config.train)
             logs = loggers.open_loggers(self.config, self.dir, self.preset) if dist.main else []
@@ -109,8 +111,9 @@ def start_from(cfg: Config, log: Log) -> Source:
     cfg.model = dataclasses.replace(source.model, dropout=cfg.model.dropout, auto_size=False)
     cfg.data.tokenizer = source.tokenizer.kind  # type: ignore[assignment]
     m = cfg.model
-    log(f"init from {source.description}: its architecture ({m.n_layer} layers, {m.n_embd} wide, {m.n_head} heads, "
-        f"context {m.block_size}) and its {source.tokenizer.kind} tokenizer ({source.tokenizer.vocab_size} ids)")
+    log(f"init from {source.description}: its architecture ({m.n_layer} layers, {m.n_embd} wide, {m.n_head} "
+        f"heads, context {m.block_size}) and its {source.tokenizer.kind} tokenizer "
+        f"({source.tokenizer.vocab_size} ids)")
     return source
 
 
@@ -118,7 +121,8 @@ def create(cfg: Config, out: Path | None = None, overwrite: bool = False, log: L
            preset: str | None = None) -> Run:
     """A new run in `out` (default runs/<timestamp>): prepares the data, takes the vocabulary size from the
     tokenizer, checks the data is long enough, sizes the model when model.auto_size asks, then writes the
-    directory and takes its lock. Everything that can fail on bad input fails before the directory is touched."""
+    directory and takes its lock. Everything that can fail on bad input fails before the directory is
+    touched."""
     run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise UsageError(f"run directory {run_dir} already exists; pass --resume to continue it, "
@@ -141,7 +145,8 @@ def create(cfg: Config, out: Path | None = None, overwrite: bool = False, log: L
                          f"{ds.tokenizer.vocab_size} ids; leave it empty to take it from the tokenizer")
     check_length(ds, cfg.model.block_size)
     device = resolve_device(cfg.train.device)
-    sizing_s = choose_size(cfg, ds, device, autocast_dtype(cfg.train, device), log) if cfg.model.auto_size else 0.0
+    sizing_s = choose_size(cfg, ds, device, autocast_dtype(cfg.train, device),
+                           log) if cfg.model.auto_size else 0.0
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -152,7 +157,8 @@ def create(cfg: Config, out: Path | None = None, overwrite: bool = False, log: L
     return Run(run_dir, cfg, ds, sizing_s=sizing_s, source=source, lock=lock, preset=preset)
 
 
-def resume(run_dir: Path, flags: dict[str, Any], preset: str | None = None, config_file: str | Path | None = None,
+def resume(run_dir: Path, flags: dict[str, Any], preset: str | None = None,
+           config_file: str | Path | None = None,
            log: Log = print) -> Run:
     """The run in run_dir, continued from its newest valid checkpoint (verified once) with the changes that
     the command asks for (see resumed_config)."""
@@ -166,7 +172,8 @@ def resume(run_dir: Path, flags: dict[str, Any], preset: str | None = None, conf
         raise
 
 
-def resumed(run_dir: Path, lock: RunLock, flags: dict[str, Any], preset: str | None, config_file: str | Path | None,
+def resumed(run_dir: Path, lock: RunLock, flags: dict[str, Any], preset: str | None,
+            config_file: str | Path | None,
             log: Log) -> Run:
     """resume's work once the run is locked."""
     ckpt = checkpoint.newest(run_dir, warn=log)
@@ -183,8 +190,10 @@ def resumed(run_dir: Path, lock: RunLock, flags: dict[str, Any], preset: str | N
 
 def may_change_on_resume(key: str) -> bool:
     """train.* and sample.* may change when a run is resumed; the model and data may not, nor the optimizer or
-    the parallel mode, whose saved state belongs to the one that wrote it, nor the weights the run started from."""
-    return key.startswith(("train.", "sample.")) and key not in ("train.optimizer", "train.init_from", "train.parallel")
+    the parallel mode, whose saved state belongs to the one that wrote it, nor the weights the run started
+    from."""
+    return key.startswith(("train.", "sample.")) and key not in ("train.optimizer", "train.init_from",
+                                                                 "train.parallel")
 
 
 def resumed_config(saved: Config, flags: dict[str, Any], preset: str | None = None,
@@ -196,7 +205,8 @@ def resumed_config(saved: Config, flags: dict[str, Any], preset: str | None = No
     before = flat(saved)
     if preset or config_file:
         after = flat(config.resolve(preset, config_file, flags))
-        # what a new run fills in itself: an empty vocab_size becomes the tokenizer's, auto_size picks the shape
+        # what a new run fills in itself: an empty vocab_size becomes the tokenizer's, auto_size picks the
+        # shape
         derived = {k for k in config.SHAPE_KEYS if after["model.auto_size"]}
         derived |= {"model.vocab_size"} if after["model.vocab_size"] is None else set()
     else:
@@ -207,8 +217,9 @@ def resumed_config(saved: Config, flags: dict[str, Any], preset: str | None = No
     changed = [k for k in before if before[k] != after[k] and k not in derived]
     refused = [k for k in changed if not may_change_on_resume(k)]
     if refused:
-        raise UsageError("on --resume only train.* (but not train.optimizer, train.parallel or train.init_from) and sample.* "
-                         f"settings may change; start a new run to change {', '.join(refused)}")
+        raise UsageError("on --resume only train.* (but not train.optimizer, train.parallel or "
+                         "train.init_from) and sample.* settings may change; start a new run to change "
+                         f"{', '.join(refused)}")
     cfg = config.from_dict(saved.to_dict())
     config.apply_overrides(cfg, {k: after[k] for k in changed}, "command line")
     config.validate(cfg)
@@ -218,17 +229,20 @@ def resumed_config(saved: Config, flags: dict[str, Any], preset: str | None = No
 
 
 def flat(cfg: Config) -> dict[str, Any]:
-    return {f"{section}.{name}": value for section, fields in cfg.to_dict().items() for name, value in fields.items()}
+    return {f"{section}.{name}": value for section, fields in cfg.to_dict().items() for name,
+            value in fields.items()}
 
 
 def load(path: str | Path, which: str = "last", device: str = "auto", warn: Log | None = None,
          dtype: str = "float32") -> checkpoint.Checkpoint:
-    """A trained run's model, tokenizer and config: checkpoint `which` (last or best, falling back to the other)
+    """A trained run's model, tokenizer and config: checkpoint `which` (last or best, falling back to the
+    other)
     of the run directory `path`, or the checkpoint directory `path` itself; verified once, on `device`, its
     weights in `dtype` for decoding (float32, bfloat16 or int8; auto: see auto_dtype)."""
     if dtype not in ("auto", *DTYPES):
         raise UsageError(f"dtype must be auto or one of {', '.join(DTYPES)}, not {dtype!r}")
-    ckpt = checkpoint.load(checkpoint.locate(Path(path), which, warn=warn), resolve_device(device), verified=True)
+    ckpt = checkpoint.load(checkpoint.locate(Path(path), which, warn=warn), resolve_device(device),
+                           verified=True)
     if dtype == "auto":
         auto_dtype(ckpt, val_loss, warn or (lambda msg: None))
     else:

@@ -112,7 +112,8 @@ class Tokenizer(ABC):
             for name, data in self._files().items():
                 (directory / name).write_bytes(data)
         except OSError as e:
-            raise TinyGPTError(f"cannot save the tokenizer to {directory}: {e.strerror}; use a writable path") from None
+            raise TinyGPTError(f"cannot save the tokenizer to {directory}: {e.strerror}; use a writable "
+                               "path") from None
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
@@ -177,16 +178,19 @@ class CharTokenizer(Tokenizer):
 
 
 def byte_level_alphabet() -> list[str]:
-    """GPT-2's byte-level alphabet: entry b is the printable character that stands for byte b in its vocab.json
+    """GPT-2's byte-level alphabet: entry b is the printable character that stands for byte b in its
+    vocab.json
     and merges (and in every byte-level BPE, GGUF's included). Printable Latin-1 bytes stand for themselves;
     the other 68 (controls, space, ...) are moved, in byte order, to the code points from 256 up."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), 256)]
     moved = iter(range(256, 512))
     return [chr(b) if b in keep else chr(next(moved)) for b in range(256)]
 
 
 def ranks_from_vocab(vocab: dict[str, int], fix: str) -> dict[bytes, int]:
-    """tiktoken ranks from a Hugging Face GPT-2 vocab.json (byte-level strings -> ids, which are the ranks)."""
+    """tiktoken ranks from a Hugging Face GPT-2 vocab.json (byte-level strings -> ids, which are the
+    ranks)."""
     back = {c: b for b, c in enumerate(byte_level_alphabet())}
     try:
         return {bytes(back[c] for c in token): int(i) for token, i in vocab.items()}
@@ -234,7 +238,8 @@ class GPT2Tokenizer(Tokenizer):
         try:  # tiktoken's own download and cache, as used by tiktoken.get_encoding("gpt2")
             ranks = openai_public.gpt2()["mergeable_ranks"]
         except Exception as e:  # network, proxy and hash failures all surface differently
-            raise TinyGPTError(f"could not download the GPT-2 vocabulary ({type(e).__name__}); {fix}") from None
+            raise TinyGPTError(f"could not download the GPT-2 vocabulary ({type(e).__name__}); "
+                               f"{fix}") from None
         return cls(ranks, specials)
 
     def _encode(self, text: str) -> list[int]:
@@ -314,7 +319,8 @@ class SentencePieceTokenizer(Tokenizer):
         cls, texts: Sequence[str], vocab_size: int, specials: Sequence[str], model_type: str
     ) -> SentencePieceTokenizer:
         if model_type not in cls.MODEL_TYPES:
-            raise UsageError(f"unknown sentencepiece model type {model_type!r}; choose {' or '.join(cls.MODEL_TYPES)}")
+            raise UsageError(f"unknown sentencepiece model type {model_type!r}; choose "
+                             f"{' or '.join(cls.MODEL_TYPES)}")
         names = _special_names(specials)
         # SentencePiece trains on sentences; newlines reach the model through byte fallback,
         # which round-trips them (and any other unseen character) exactly.
@@ -335,7 +341,8 @@ class SentencePieceTokenizer(Tokenizer):
         except RuntimeError as e:
             # Drop the C++ source location and assertion that precede sentencepiece's reason.
             reason = " ".join(str(e).split()).rsplit("] ", 1)[-1].rstrip(".")
-            raise TinyGPTError(f"sentencepiece training failed: {reason} (vocab_size is {vocab_size})") from None
+            raise TinyGPTError(f"sentencepiece training failed: {reason} (vocab_size is "
+                               f"{vocab_size})") from None
         return cls(writer.getvalue(), names)
 
     def _encode(self, text: str) -> list[int]:
@@ -376,7 +383,8 @@ def build_tokenizer(
     if isinstance(texts, str):  # a bare string would otherwise train on single characters
         texts = [texts]
     if not any(texts):
-        raise UsageError(f"the {kind} tokenizer learns its vocabulary from the corpus, which is empty; check the data")
+        raise UsageError(f"the {kind} tokenizer learns its vocabulary from the corpus, which is empty; check "
+                         "the data")
     size = DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size
     if kind == "char":
         return CharTokenizer.train(texts, special_tokens)
@@ -392,12 +400,14 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise TinyGPTError(f"no tokenizer at {directory} ({CONFIG_FILE} is missing); point at a saved run") from None
+        raise TinyGPTError(f"no tokenizer at {directory} ({CONFIG_FILE} is missing); point at a saved "
+                           "run") from None
     except (OSError, ValueError):
         raise TinyGPTError(corrupt) from None
     kind = config.get("kind") if isinstance(config, dict) else None
     if not isinstance(kind, str) or kind not in _KINDS:
-        raise TinyGPTError(f"{path} names unknown tokenizer kind {kind!r}; expected one of {', '.join(KINDS)}")
+        raise TinyGPTError(f"{path} names unknown tokenizer kind {kind!r}; expected one of "
+                           f"{', '.join(KINDS)}")
     try:
         specials = config["special_tokens"]
         tokenizer = _KINDS[kind]._restore(directory, config, sorted(specials, key=specials.__getitem__))

@@ -23,7 +23,8 @@ from tinygpt.checkpoint import weights_hash
 from tinygpt.rundir import CHECKPOINTS
 
 FLAGS = ["--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "32", "--model.block_size", "32",
-         "--model.dropout", "0.1", "--train.batch_size", "8", "--train.eval_interval", "40", "--train.eval_iters", "2",
+         "--model.dropout", "0.1", "--train.batch_size", "8", "--train.eval_interval", "40",
+         "--train.eval_iters", "2",
          "--train.checkpoint_interval", "7", "--train.warmup_iters", "10"]
 
 
@@ -32,7 +33,8 @@ def train_cmd(data: Path, out: Path, iters: int, *extra: str) -> list[str]:
             "--train.max_iters", str(iters), *FLAGS, *extra]
 
 
-def run_with_kills(data: Path, out: Path, iters: int, kills: int, rng: random.Random, env: dict, log=print) -> int:
+def run_with_kills(data: Path, out: Path, iters: int, kills: int, rng: random.Random, env: dict,
+                   log=print) -> int:
     """Start the run, SIGKILL it `kills` times at random moments, resuming after each; return the launches.
 
     Each kill comes a random fraction of a second after the run's last checkpoint passed a random step, so
@@ -92,7 +94,8 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout_s: float
 def check(kills: int, iters: int, seed: int, workdir: Path, log=print) -> tuple[str, str]:
     env = {**os.environ, "TINYGPT_CACHE": str(workdir / "cache"), "PYTHONUNBUFFERED": "1"}
     data = workdir / "corpus.txt"
-    words = random.Random(0).choices(["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"], k=6000)
+    words = random.Random(0).choices(["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"],
+                                     k=6000)
     data.write_text(" ".join(words))
     start = time.perf_counter()
     subprocess.run(train_cmd(data, workdir / "straight", iters), env=env, check=True, capture_output=True)

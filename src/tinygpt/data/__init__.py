@@ -1,1 +1,2 @@
-"""Data: reading files and conversations, preparing token files, and the batches training and evaluation read."""
+"""Data: reading files and conversations, preparing token files, and the batches training and evaluation
+read."""

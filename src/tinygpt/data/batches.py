@@ -30,7 +30,8 @@ def windows(split: Split, starts: np.ndarray,
     x, y = t[:, :-1], t[:, 1:]
     if split.mask is not None:
         y = y.masked_fill(torch.from_numpy(split.mask[index[:, 1:]] == 0), -1)
-    segments = None if split.segments is None else torch.from_numpy(split.segments[index[:, :-1]].astype(np.int64))
+    segments = (None if split.segments is None
+                else torch.from_numpy(split.segments[index[:, :-1]].astype(np.int64)))
     return x, y, segments
 
 
@@ -78,7 +79,8 @@ class EpochSampler:
         self._order = self._epoch_starts(self.epoch)
 
 
-def eval_starts(n_tokens: int, block_size: int, max_windows: int | None = None, packed: bool = False) -> np.ndarray:
+def eval_starts(n_tokens: int, block_size: int, max_windows: int | None = None,
+                packed: bool = False) -> np.ndarray:
     """Back-to-back windows over a split (all of them, or max_windows spread evenly): deterministic,
     so successive evaluations are comparable and consume no training randomness."""
     stride = block_size + 1 if packed else block_size

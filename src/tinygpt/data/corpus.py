@@ -35,7 +35,8 @@ SKILLS: dict[str, tuple[Callable[[tuple], tuple[str, str]], list[tuple]]] = {
     "reverse": (lambda it: (f"reverse the word {it[0]}", f"{it[0]} reversed is {it[0][::-1]}."),
                 [(w,) for w in WORDS]),
     "repeat": (lambda it: (f"say {it[0]} twice", f"{it[0]} {it[0]}"), [(w,) for w in WORDS]),
-    "capital": (lambda it: (f"what is the capital of {it[0]}?", f"The capital of {it[0]} is {CAPITALS[it[0]]}."),
+    "capital": (lambda it: (f"what is the capital of {it[0]}?",
+                            f"The capital of {it[0]} is {CAPITALS[it[0]]}."),
                 [(c,) for c in CAPITALS]),
 }
 HELD_OUT_SKILLS = ("addition", "reverse", "repeat")  # a fact can't be guessed, so capitals are all seen

@@ -78,7 +78,8 @@ def read_dialogs(path: str | Path, fmt: str = "auto") -> list[Conversation]:
         return _read_hf(path)
     p = Path(path).expanduser()
     if not p.exists():
-        raise TinyGPTError(f"dialog path {p} does not exist (for a Hugging Face hub dataset pass the format hf)")
+        raise TinyGPTError(f"dialog path {p} does not exist (for a Hugging Face hub dataset pass the format "
+                           "hf)")
     if fmt == "auto":
         fmt = detect_format(p)
     if fmt == "hf":
@@ -88,8 +89,8 @@ def read_dialogs(path: str | Path, fmt: str = "auto") -> list[Conversation]:
         files = [(f, ff) for f, ff in _dialog_files(p) if fmt in ("dialogs-folder", ff)]
         convs = [c for f, ff in files for c in _read_file(f, ff)]
     elif fmt == "text":
-        raise TinyGPTError(f"no conversations in {p}: give a .jsonl, .yml/.yaml (chatterbot) or DailyDialog .txt "
-                           "file, or name its format")
+        raise TinyGPTError(f"no conversations in {p}: give a .jsonl, .yml/.yaml (chatterbot) or DailyDialog "
+                           ".txt file, or name its format")
     else:
         convs = _read_file(p, fmt)
     if not convs:
@@ -102,7 +103,8 @@ def chatterbot_english() -> list[Conversation]:
     try:
         english = importlib.resources.files("chatterbot_corpus") / "data" / "english"
     except ModuleNotFoundError:
-        raise TinyGPTError("the chatterbot corpus is not installed: `pip install chatterbot-corpus`") from None
+        raise TinyGPTError("the chatterbot corpus is not installed: `pip install "
+                           "chatterbot-corpus`") from None
     # read through importlib.resources rather than as paths, which a zipped install does not have
     files = sorted((f for f in english.iterdir() if f.name.endswith(".yml")), key=lambda f: f.name)
     return [c for f in files for c in _kept(_chatterbot(f.read_text(encoding="utf-8"), f.name), f.name)]
@@ -129,7 +131,8 @@ def _kept(convs: Iterable[Conversation], where: str) -> list[Conversation]:
         if {"user", "assistant"} <= {m.role for m in conv}:
             kept.append(conv)
     if not kept:
-        raise TinyGPTError(f"no conversations in {where}: each needs at least one user and one assistant message")
+        raise TinyGPTError(f"no conversations in {where}: each needs at least one user and one assistant "
+                           "message")
     return kept
 
 
@@ -143,15 +146,18 @@ def _messages(raw: Any, where: str) -> Conversation:
     """A ``[{"role": ..., "content": ...}, ...]`` list, checked strictly: a typo in a role
     would otherwise silently train the model on the wrong speaker."""
     if not isinstance(raw, list):
-        raise TinyGPTError(f'{where}: no "messages" list; write {{"messages": [{{"role": "user", "content": "..."}}, ...]}}')
+        raise TinyGPTError(f'{where}: no "messages" list; write {{"messages": [{{"role": "user", "content": '
+                           f'"..."}}, ...]}}')
     conv = []
     for i, m in enumerate(raw, 1):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise TinyGPTError(f'{where}: message {i} needs a "role" and a "content"')
         if m["role"] not in ROLES:
-            raise TinyGPTError(f"{where}: message {i} has unknown role {m['role']!r}; use one of {', '.join(ROLES)}")
+            raise TinyGPTError(f"{where}: message {i} has unknown role {m['role']!r}; use one of "
+                               f"{', '.join(ROLES)}")
         if not isinstance(m["content"], str):
-            raise TinyGPTError(f"{where}: message {i} content is a {type(m['content']).__name__}; it must be a string")
+            raise TinyGPTError(f"{where}: message {i} content is a {type(m['content']).__name__}; it must be "
+                               "a string")
         conv.append(Message(m["role"], m["content"]))
     return conv
 
@@ -176,12 +182,15 @@ def _chatterbot(text: str, where: str) -> Iterator[Conversation]:
     except yaml.YAMLError as e:
         line = yaml_error_line(e)
         at = f" line {line}" if line else ""
-        raise TinyGPTError(f"{where}{at}: invalid YAML ({getattr(e, 'problem', None) or e}); fix the file") from None
+        raise TinyGPTError(f"{where}{at}: invalid YAML ({getattr(e, 'problem', None) or e}); fix the "
+                           "file") from None
     convs = doc.get("conversations") if isinstance(doc, dict) else None
     if not isinstance(convs, list):
-        raise TinyGPTError(f"{where}: no `conversations:` list; a chatterbot file lists conversations as lists of turns")
+        raise TinyGPTError(f"{where}: no `conversations:` list; a chatterbot file lists conversations as "
+                           "lists of turns")
     for i, conv in enumerate(convs, 1):
-        turns = conv if isinstance(conv, list) else [conv]  # a lone string (trivia.yml has one) is a lone turn
+        # a lone string (trivia.yml has one) is a lone turn
+        turns = conv if isinstance(conv, list) else [conv]
         if any(isinstance(t, (list, dict)) for t in turns):
             raise TinyGPTError(f"{where}: conversation {i} is not a list of texts")
         yield _alternating(turns)
@@ -199,7 +208,8 @@ def _read_hf(source: str | Path) -> list[Conversation]:
     try:
         import datasets  # optional dependency, only needed here
     except ImportError:
-        raise TinyGPTError("reading Hugging Face datasets needs the datasets package: `pip install datasets`") from None
+        raise TinyGPTError("reading Hugging Face datasets needs the datasets package: `pip install "
+                           "datasets`") from None
     local = Path(source).expanduser()
     if local.exists():
         try:
@@ -209,9 +219,11 @@ def _read_hf(source: str | Path) -> list[Conversation]:
     else:
         try:
             ds = datasets.load_dataset(str(source))
-        except Exception as e:  # the hub client fails in many ways (offline, not found, scripts); all mean the same here
-            raise TinyGPTError(f"could not load {source} from the Hugging Face hub ({type(e).__name__}): the hub could "
-                               "not be reached or has no such dataset; pass a local folder saved with save_to_disk") from None
+        # the hub client fails in many ways (offline, not found, scripts); all mean the same here
+        except Exception as e:
+            raise TinyGPTError(f"could not load {source} from the Hugging Face hub ({type(e).__name__}): the "
+                               "hub could not be reached or has no such dataset; pass a local folder saved "
+                               "with save_to_disk") from None
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"] if "train" in ds else next(iter(ds.values()))
     return _kept(_hf_conversations(ds, str(source)), str(source))

@@ -25,7 +25,8 @@ def read_text_file(path: Path) -> str:
     raw = path.read_bytes()
     nul = raw.find(b"\x00")
     if nul >= 0:
-        raise TinyGPTError(f"{path} looks like a binary file (NUL byte at offset {nul}); give a UTF-8 text file")
+        raise TinyGPTError(f"{path} looks like a binary file (NUL byte at offset {nul}); give a UTF-8 text "
+                           "file")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:

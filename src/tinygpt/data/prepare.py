@@ -64,7 +64,8 @@ def encode_documents(tok: Tokenizer, docs: Sequence[str]) -> np.ndarray:
 
 
 def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
-    """The smallest unsigned type that holds every id: token files are read once per epoch, so half the bytes count."""
+    """The smallest unsigned type that holds every id: token files are read once per epoch, so half the bytes
+    count."""
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
@@ -109,7 +110,8 @@ def load_prepared(folder: Path) -> Dataset:
         def optional(suffix: str) -> np.ndarray | None:
             f = folder / f"{name}_{suffix}.bin"
             return np.memmap(f, dtype=np.uint8, mode="r") if f.exists() else None
-        return Split(np.memmap(folder / f"{name}.bin", dtype=dtype, mode="r"), optional("mask"), optional("segments"))
+        return Split(np.memmap(folder / f"{name}.bin", dtype=dtype, mode="r"), optional("mask"),
+                     optional("segments"))
 
     return Dataset(load_tokenizer(folder / "tokenizer"), split("train"), split("val"), meta, folder)
 
@@ -155,9 +157,11 @@ def prepare_text(cfg: DataConfig, docs: Sequence[str], source: str, special_toke
                     train_tokens=len(train), val_tokens=len(val), characters=sum(map(len, docs)),
                     val_bytes=sum(len(d.encode()) for d in val_docs))
 
-    key = _cache_key(cfg, [hashlib.sha256(d.encode()).hexdigest() for d in docs], specials=list(special_tokens),
+    key = _cache_key(cfg, [hashlib.sha256(d.encode()).hexdigest() for d in docs],
+                     specials=list(special_tokens),
                      given_tokenizer=tokenizer and tokenizer.fingerprint())
-    return _cached(key, f"{source} ({sum(map(len, docs)):,} characters, {cfg.tokenizer} tokenizer)", build, log)
+    return _cached(key, f"{source} ({sum(map(len, docs)):,} characters, {cfg.tokenizer} tokenizer)", build,
+                   log)
 
 
 def split_conversations(convs: Sequence[Conversation], val_fraction: float) -> tuple[list, list]:
@@ -233,13 +237,15 @@ def prepare_dialogs(cfg: DataConfig, convs: Sequence[Conversation], source: str,
     window = block_size + 1
 
     def build(folder: Path) -> dict:
-        markup = [part.replace(s, "") for r in template.roles.values() for part in r for s in template.specials]
+        markup = [part.replace(s, "") for r in template.roles.values() for part in r
+                  for s in template.specials]
         texts = [m.content for c in convs for m in c] + markup + [template.begin, template.end]
         # A given tokenizer (a run being finetuned or evaluated) may predate the template: add its markers.
         tok = tokenizer.with_specials(template.specials) if tokenizer else \
             _train_tokenizer(cfg, [t for t in texts if t], template.specials)
         tok.save(folder / "tokenizer")
-        meta: dict = dict(source=source, builtin=source == BUILTIN, packed=True, window=window, chat_template=template.name,
+        meta: dict = dict(source=source, builtin=source == BUILTIN, packed=True, window=window,
+                          chat_template=template.name,
                           loss_on=cfg.loss_on, vocab_size=tok.vocab_size, tokenizer=tok.kind)
         for name, part in (("train", train_convs), ("val", val_convs)):
             pieces, cut = [], 0
@@ -254,13 +260,15 @@ def prepare_dialogs(cfg: DataConfig, convs: Sequence[Conversation], source: str,
             segments.tofile(folder / f"{name}_segments.bin")
             write_dialogs(folder / f"{name}_dialogs.jsonl", part)
             meta.update({f"{name}_conversations": len(part), f"{name}_tokens": len(ids),
-                         f"{name}_target_tokens": int(mask.sum()), f"{name}_cut_pieces": cut, "dtype": ids.dtype.name})
+                         f"{name}_target_tokens": int(mask.sum()), f"{name}_cut_pieces": cut,
+                         "dtype": ids.dtype.name})
             if cut:
                 log(f"data: {cut} {name} exchange(s) longer than the {window}-token window were cut to fit")
         return meta
 
     key = _cache_key(cfg, [[[m.role, m.content] for m in c] for c in convs], template=template.name,
-                     loss_on=cfg.loss_on, window=window, given_tokenizer=tokenizer and tokenizer.fingerprint())
+                     loss_on=cfg.loss_on, window=window, given_tokenizer=tokenizer
+                     and tokenizer.fingerprint())
     return _cached(key, f"{source} ({len(convs):,} conversations, {cfg.tokenizer} tokenizer, "
                         f"{template.name} chat template)", build, log)
 
@@ -281,7 +289,7 @@ def copy_to(ds: Dataset, dest: Path) -> Dataset:
     return load_prepared(dest)
 
 
-# ---------------------------------------------------------------- batches
+# ---------------------------------------------------------------- preparing a config's data
 
 def prepare(cfg: Config, log=print, tokenizer: Tokenizer | None = None) -> Dataset:
     """The prepared dataset for a config: text or dialogs from cfg.data.path, or the built-in chat corpus.
@@ -289,7 +297,8 @@ def prepare(cfg: Config, log=print, tokenizer: Tokenizer | None = None) -> Datas
     finetune it); for conversations it gains the chat template's markers where it lacks them."""
     d = cfg.data
     if d.path is None:
-        return prepare_dialogs(d, builtin_conversations(seed=0), BUILTIN, cfg.model.block_size, log, tokenizer)
+        return prepare_dialogs(d, builtin_conversations(seed=0), BUILTIN, cfg.model.block_size, log,
+                               tokenizer)
     fmt = detect_format(d.path) if d.format == "auto" else d.format
     if fmt == "text":
         return prepare_text(d, read_corpus(d.path), str(d.path), log=log, tokenizer=tokenizer)

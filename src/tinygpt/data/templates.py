@@ -62,7 +62,8 @@ class ChatTemplate:
         return ids, mask
 
     def jinja(self) -> str:
-        """This template in Jinja, for Hugging Face's `apply_chat_template` and GGUF's tokenizer.chat_template:
+        """This template in Jinja, for Hugging Face's `apply_chat_template` and GGUF's
+        tokenizer.chat_template:
         it renders the text that render() encodes (add_generation_prompt = open_reply). JSON literals are
         valid Jinja literals, escapes included."""
         def lit(value: object) -> str:
@@ -71,8 +72,8 @@ class ChatTemplate:
                 "{{- " + lit(self.begin) + " -}}"
                 "{%- for message in messages -%}"
                 "{%- if message['role'] not in roles -%}"
-                "{{- raise_exception('unknown role ' + message['role'] + ': use system, user or assistant') -}}"
-                "{%- endif -%}"
+                "{{- raise_exception('unknown role ' + message['role'] + ': use system, user or assistant') "
+                "-}}{%- endif -%}"
                 "{{- roles[message['role']][0] + message['content'] + roles[message['role']][1] -}}"
                 "{%- endfor -%}"
                 "{%- if add_generation_prompt -%}{{- roles['assistant'][0] -}}"
@@ -89,12 +90,14 @@ TEMPLATES = {
             description="<|endoftext|><|user|>hi<|end|><|assistant|>hello<|end|>"),
         ChatTemplate(
             "litegpt",
-            roles={"system": ("<system>: ", " "), "user": ("<user>: ", " "), "assistant": ("<assistant>: ", " ")},
+            roles={"system": ("<system>: ", " "), "user": ("<user>: ", " "),
+                   "assistant": ("<assistant>: ", " ")},
             specials=("<BOS>", "<EOS>", "<system>:", "<user>:", "<assistant>:"), begin="<BOS> ", end="<EOS>",
             description="LiteGPT's format: <BOS> <user>: hi <assistant>: hello <EOS>"),
         ChatTemplate(
             "tinygpt",
-            roles={"system": ("System: ", " <sep> "), "user": ("User: ", " <sep> "), "assistant": ("Bot: ", " </s> ")},
+            roles={"system": ("System: ", " <sep> "), "user": ("User: ", " <sep> "),
+                   "assistant": ("Bot: ", " </s> ")},
             specials=("<s>", "<sep>", "</s>"), begin="<s> ",
             description="TinyGPT's format: <s> User: hi <sep> Bot: hello </s>"),
     ]

@@ -29,7 +29,8 @@ def gguf_module():
     try:
         import gguf
     except ImportError:
-        raise UsageError("GGUF export needs the gguf package: pip install 'tinygpt[export]' (or pip install gguf)") from None
+        raise UsageError("GGUF export needs the gguf package: pip install 'tinygpt[export]' (or pip install "
+                         "gguf)") from None
     return gguf
 
 
@@ -42,12 +43,15 @@ def tensor_names(family: Family, n_layer: int) -> dict[str, str]:
         names["transformer.wpe.weight"] = "position_embd.weight"
     for i in range(n_layer):
         t, g = f"transformer.h.{i}.", f"blk.{i}."
-        names |= {t + f"ln_1.{p}": g + f"attn_norm.{p}" for p in ln} | {t + f"ln_2.{p}": g + f"ffn_norm.{p}" for p in ln}
+        names |= ({t + f"ln_1.{p}": g + f"attn_norm.{p}" for p in ln}
+                  | {t + f"ln_2.{p}": g + f"ffn_norm.{p}" for p in ln})
         for p in ("weight", "bias") if family.name == "gpt2" else ("weight",):
-            names |= {t + f"attn.c_proj.{p}": g + f"attn_output.{p}", t + f"mlp.c_proj.{p}": g + f"ffn_down.{p}",
+            names |= {t + f"attn.c_proj.{p}": g + f"attn_output.{p}",
+                      t + f"mlp.c_proj.{p}": g + f"ffn_down.{p}",
                       t + f"attn.c_attn.{p}": g + f"attn_qkv.{p}", t + f"mlp.c_fc.{p}": g + f"ffn_up.{p}"}
         if family.name != "gpt2":
-            names |= {t + "attn.q_norm.weight": g + "attn_q_norm.weight", t + "attn.k_norm.weight": g + "attn_k_norm.weight"}
+            names |= {t + "attn.q_norm.weight": g + "attn_q_norm.weight",
+                      t + "attn.k_norm.weight": g + "attn_k_norm.weight"}
     return names
 
 
@@ -85,7 +89,8 @@ def padded(vocab: GGUFVocab, rows: int) -> GGUFVocab:
 
 
 def add_architecture(writer, family: Family, cfg) -> None:
-    """The hyper-parameters llama.cpp reads for the architecture (one epsilon serves every norm, as in tinygpt)."""
+    """The hyper-parameters llama.cpp reads for the architecture (one epsilon serves every norm, as in
+    tinygpt)."""
     writer.add_context_length(cfg.block_size)
     writer.add_embedding_length(cfg.n_embd)
     writer.add_block_count(cfg.n_layer)
@@ -99,7 +104,8 @@ def add_architecture(writer, family: Family, cfg) -> None:
     writer.add_rope_freq_base(ROPE_BASE)
     writer.add_layer_norm_rms_eps(1e-5)
     if family.name == "apertus":
-        # llama.cpp's apertus computes xIELU, which these constants make relu(x)^2 exactly: softplus(alpha_p) = 1
+        # llama.cpp's apertus computes xIELU, which these constants make relu(x)^2 exactly: softplus(alpha_p)
+        # = 1
         # gives the positive branch x^2 + beta*x with beta 0; alpha_n = -1e4 makes the negative branch's
         # softplus underflow to 0. All four keys are required, one value per layer.
         n = cfg.n_layer
@@ -110,7 +116,8 @@ def add_architecture(writer, family: Family, cfg) -> None:
 
 
 def add_tensors(writer, tensors: dict[str, np.ndarray], dtype: str, gguf) -> list[str]:
-    """Add the tensors in `dtype`; norms, biases and other 1-D tensors stay float32 (as llama.cpp's own converter
+    """Add the tensors in `dtype`; norms, biases and other 1-D tensors stay float32 (as llama.cpp's own
+    converter
     keeps them), and q8_0 needs rows that are a multiple of its 32-value block: other matrices go in as f16.
     Returns the names that fell back."""
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
@@ -133,7 +140,8 @@ def export_gguf(ckpt: Checkpoint, out: Path, template: ChatTemplate | None, dtyp
         raise UsageError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     gguf = gguf_module()
     family = family_of(ckpt.config.model, "GGUF")
-    vocab = padded(gguf_vocab(ckpt.tokenizer), ckpt.config.model.vocab_size)  # refusals come before any writing
+    # refusals come before any writing
+    vocab = padded(gguf_vocab(ckpt.tokenizer), ckpt.config.model.vocab_size)
     tensors = gguf_tensors(ckpt.model, family)
     with staged(out, overwrite, folder=False) as tmp:
         writer = gguf.GGUFWriter(str(tmp), family.gguf_arch)
@@ -150,6 +158,6 @@ def export_gguf(ckpt: Checkpoint, out: Path, template: ChatTemplate | None, dtyp
         writer.write_tensors_to_file()
         writer.close()
     if fell_back:
-        log(f"gguf: {len(fell_back)} matrices whose rows are not a multiple of 32 values were written as f16, "
-            "not q8_0")
+        log(f"gguf: {len(fell_back)} matrices whose rows are not a multiple of 32 values were written as "
+            "f16, not q8_0")
     return out

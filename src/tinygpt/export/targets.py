@@ -54,20 +54,22 @@ def _mismatches(cfg: ModelConfig, family: Family) -> list[str]:
 def family_of(cfg: ModelConfig, runtime: str = "Hugging Face") -> Family:
     """The family whose network equals this one, or a TinyGPTError naming what stands in the way."""
     if cfg.head == "adaptive":
-        raise TinyGPTError(f"cannot export to {runtime}: the adaptive softmax head gives log-probabilities through "
-                           "clusters of narrower projections, not one linear output layer, and no runtime implements "
-                           "it; train with --model.head linear")
+        raise TinyGPTError(f"cannot export to {runtime}: the adaptive softmax head gives log-probabilities "
+                           "through clusters of narrower projections, not one linear output layer, and no "
+                           "runtime implements it; train with --model.head linear")
     by_distance = sorted(FAMILIES, key=lambda f: len(_mismatches(cfg, f)))
     nearest = by_distance[0]
     wrong = _mismatches(cfg, nearest)
     if not wrong:
         if runtime == "GGUF" and nearest.gguf_arch is None:
-            raise TinyGPTError(f"cannot export to GGUF: llama.cpp has no post-LN architecture ({nearest.name}, "
-                               "as in the gpt-lite preset); export it with --format hf instead")
+            raise TinyGPTError("cannot export to GGUF: llama.cpp has no post-LN architecture "
+                               f"({nearest.name}, as in the gpt-lite preset); export it with --format hf "
+                               "instead")
         return nearest
     raise TinyGPTError(f"cannot export to {runtime}: no architecture there computes this model exactly; the "
                        f"nearest is {nearest.hf_class} ({nearest.name}), which needs "
-                       + ", ".join(f"{k}={v!r}" for k, v in nearest.requires.items()) + f", not {', '.join(wrong)}")
+                       + ", ".join(f"{k}={v!r}" for k,
+                                   v in nearest.requires.items()) + f", not {', '.join(wrong)}")
 
 
 def with_zero_biases(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

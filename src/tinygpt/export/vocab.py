@@ -90,8 +90,8 @@ def _add_specials(hf: HFTokenizer, tok: Tokenizer) -> HFTokenizer:
     # A special that is also a base token keeps the base id in HF, which would move tinygpt's ids.
     clashes = [s for s, i in tok.special_tokens.items() if hf.token_to_id(s) != i]
     if clashes:
-        raise TinyGPTError(f"special token(s) {clashes} are also ordinary tokens of the {tok.kind} vocabulary, "
-                           "so the export cannot keep their ids; rename them")
+        raise TinyGPTError(f"special token(s) {clashes} are also ordinary tokens of the {tok.kind} "
+                           "vocabulary, so the export cannot keep their ids; rename them")
     return hf
 
 
@@ -103,7 +103,8 @@ def _gpt2_ranks(tok: GPT2Tokenizer) -> list[bytes]:
     lines = tok._ranks_file.splitlines()
     by_rank = {int(rank): base64.b64decode(token) for token, rank in (line.split() for line in lines)}
     if sorted(by_rank) != list(range(len(by_rank))):
-        raise TinyGPTError("the GPT-2 ranks have gaps, so they have no byte-level BPE form; use a complete ranks file")
+        raise TinyGPTError("the GPT-2 ranks have gaps, so they have no byte-level BPE form; use a complete "
+                           "ranks file")
     return [by_rank[r] for r in range(len(by_rank))]
 
 
@@ -118,8 +119,8 @@ def _last_merge(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes
             if r < best:
                 best, at = r, i
         if at < 0:
-            raise TinyGPTError(f"GPT-2 token {token!r} cannot be built by merges of lower ranks; the ranks file "
-                               "is not a BPE vocabulary")
+            raise TinyGPTError(f"GPT-2 token {token!r} cannot be built by merges of lower ranks; the ranks "
+                               "file is not a BPE vocabulary")
         parts[at:at + 2] = [parts[at] + parts[at + 1]]
     return parts[0], parts[1]
 
@@ -221,7 +222,8 @@ def _proto_fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
         elif wire in (1, 5):  # fixed 64 and 32 bits
             size = 8 if wire == 1 else 4
         else:
-            raise TinyGPTError(f"the SentencePiece model has protobuf wire type {wire}, which it never uses; it is corrupt")
+            raise TinyGPTError(f"the SentencePiece model has protobuf wire type {wire}, which it never uses; "
+                               "it is corrupt")
         yield key >> 3, data[pos:pos + size]
         pos += size
 
@@ -248,7 +250,8 @@ def _sp_model(tok: SentencePieceTokenizer) -> tuple[str, list[_Piece]]:
             model_type = int(dict(_proto_fields(value)).get(3, 1))
     names = {1: "unigram", 2: "bpe"}
     if model_type not in names:
-        raise TinyGPTError(f"SentencePiece model type {model_type} is not one tinygpt trains; retrain the tokenizer")
+        raise TinyGPTError(f"SentencePiece model type {model_type} is not one tinygpt trains; retrain the "
+                           "tokenizer")
     return names[model_type], pieces
 
 
@@ -265,7 +268,8 @@ def _sp_merges(pieces: list[_Piece]) -> list[tuple[str, str]]:
     highest-scoring first; HF needs that as merges, so every split of a normal piece into two normal
     pieces, in score order."""
     normal = {p.text for p in pieces if p.type == TokenType.NORMAL}
-    order = sorted((i for i, p in enumerate(pieces) if p.type == TokenType.NORMAL), key=lambda i: (-pieces[i].score, i))
+    order = sorted((i for i, p in enumerate(pieces) if p.type == TokenType.NORMAL),
+                   key=lambda i: (-pieces[i].score, i))
     return [(pieces[i].text[:k], pieces[i].text[k:]) for i in order for k in range(1, len(pieces[i].text))
             if pieces[i].text[:k] in normal and pieces[i].text[k:] in normal]
 
@@ -279,7 +283,8 @@ def _hf_sentencepiece(tok: SentencePieceTokenizer) -> HFTokenizer:
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=_sp_merges(pieces), unk_token=unk, byte_fallback=True))
     # tinygpt's SentencePiece normalizes with "identity", which still escapes spaces (only " ").
     hf.normalizer = normalizers.Replace(" ", _SP_SPACE)
-    hf.decoder = decoders.Sequence([decoders.Replace(_SP_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    hf.decoder = decoders.Sequence([decoders.Replace(_SP_SPACE, " "), decoders.ByteFallback(),
+                                    decoders.Fuse()])
     return hf
 
 
@@ -288,7 +293,8 @@ def _hf_sentencepiece(tok: SentencePieceTokenizer) -> HFTokenizer:
 
 def hf_tokenizer(tok: Tokenizer) -> HFTokenizer:
     """A Hugging Face fast tokenizer that encodes text to ``tok.encode(text, allow_special=True)``'s ids
-    and decodes them back (see the module notes for the limits). No post-processor: nothing adds BOS or EOS."""
+    and decodes them back (see the module notes for the limits). No post-processor: nothing adds BOS or
+    EOS."""
     if isinstance(tok, GPT2Tokenizer):
         hf = _hf_gpt2(tok)
     elif isinstance(tok, BPETokenizer):
@@ -336,8 +342,8 @@ def gguf_vocab(tok: Tokenizer) -> GGUFVocab:
     # llama.cpp maps token text to id and aborts the load when two ids share a text.
     if len(set(vocab.tokens)) != len(vocab.tokens):
         clashes = sorted(s for s in specials if vocab.tokens.count(s) > 1)
-        raise TinyGPTError(f"special token(s) {clashes} are also ordinary tokens of the {tok.kind} vocabulary, "
-                           "so the GGUF vocabulary would have two ids for one text; rename them")
+        raise TinyGPTError(f"special token(s) {clashes} are also ordinary tokens of the {tok.kind} "
+                           "vocabulary, so the GGUF vocabulary would have two ids for one text; rename them")
     return vocab
 
 
@@ -349,13 +355,15 @@ def write_vocab(writer: gguf.GGUFWriter, v: GGUFVocab, chat_template: str | None
     writer.add_token_list(v.tokens)
     writer.add_token_types(v.token_types)
     if v.model == "gpt2":
-        if not v.merges:  # add_array would drop it silently, and llama.cpp refuses a gpt2 model without merges
+        # add_array would drop it silently, and llama.cpp refuses a gpt2 model without merges
+        if not v.merges:
             raise TinyGPTError("a gpt2-model GGUF vocabulary needs merges")
         writer.add_token_merges(v.merges)
     if v.scores is not None:
         writer.add_token_scores(v.scores)
     writer.add_eos_token_id(v.eos_id)
-    # tinygpt has no BOS; llama.cpp would default it to an ordinary token (1 or 11), so it is EOT, as in GPT-2.
+    # tinygpt has no BOS; llama.cpp would default it to an ordinary token (1 or 11), so it is EOT, as in
+    # GPT-2.
     writer.add_bos_token_id(v.eos_id)
     writer.add_add_bos_token(v.add_bos)
     writer.add_add_space_prefix(v.add_space_prefix)

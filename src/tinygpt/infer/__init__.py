@@ -1,1 +1,2 @@
-"""Decoding: the KV caches, sampling, the decode loop and generate(), continuous batching and the chat session."""
+"""Decoding: the KV caches, sampling, the decode loop and generate(), continuous batching and the chat
+session."""

@@ -1,4 +1,5 @@
-"""Chat: a multi-turn session with a trained model (its history fitted to the context), and the console loop."""
+"""Chat: a multi-turn session with a trained model (its history fitted to the context), and the console
+loop."""
 
 from __future__ import annotations
 
@@ -75,8 +76,10 @@ class ChatSession:
 HELP = "commands: /reset clears the conversation, /help shows this, exit or quit (or Ctrl-D) leaves"
 
 
-def console(session: ChatSession, lines: Iterable[str], out: TextIO | None = None, interactive: bool = True) -> None:
-    """The chat loop. Interactive: 'You:' prompts and streamed replies. Piped: one reply line per input line."""
+def console(session: ChatSession, lines: Iterable[str], out: TextIO | None = None,
+            interactive: bool = True) -> None:
+    """The chat loop. Interactive: 'You:' prompts and streamed replies. Piped: one reply line per input
+    line."""
     out = out or sys.stdout
     if interactive:
         print(f"Chatting with tinygpt. {HELP}.", file=out)

@@ -37,7 +37,8 @@ class Generation:
     generator: torch.Generator | None = None
     group: object | None = None
     tokens: list[int] = field(default_factory=list)  # without the stop id that ended it
-    finish_reason: str | None = None  # "stop": a stop id or a caller's stop; "length": sampling.max_new_tokens
+    # "stop": a stop id or a caller's stop; "length": sampling.max_new_tokens
+    finish_reason: str | None = None
     cancelled: bool = False  # set from any thread; the decoder drops the generation before its next step
     row: int = -1  # the cache row while active
     logits: torch.Tensor | None = None  # (1, vocab) scores for the next token
@@ -62,7 +63,8 @@ class BatchDecoder:
 
     @decoding()
     def add(self, gens: list[Generation]) -> None:
-        """Prefill the prompts (at least one token each) into free rows, in one forward pass; their first tokens
+        """Prefill the prompts (at least one token each) into free rows, in one forward pass; their first
+        tokens
         are sampled at the next step. Prompts of different lengths are padded at the end: a padded position
         lies past its row's length, so it is never attended to and the row's next tokens overwrite it."""
         if len(gens) > self.free:
@@ -125,7 +127,8 @@ class BatchDecoder:
         for gens in groups.values():
             s = gens[0].sampling
             logits = torch.cat([g.logits for g in gens]) if len(gens) > 1 else gens[0].logits
-            for g, tok in zip(gens, sample_token(logits, s.temperature, s.top_k, s.top_p, gens[0].generator).tolist()):
+            for g, tok in zip(gens, sample_token(logits, s.temperature, s.top_k, s.top_p,
+                                                 gens[0].generator).tolist()):
                 if tok in g.stop_ids:
                     g.finish_reason = "stop"
                     continue
@@ -152,10 +155,13 @@ class BatchDecoder:
 
 
 def sample_texts(model: GPT, tokenizer: Tokenizer, prompt: list[int], sampling: SampleConfig, n: int,
-                 generator: torch.Generator | None = None, on_piece: Callable[[int, str], None] = lambda i, s: None,
+                 generator: torch.Generator | None = None, on_piece: Callable[[int, str], None] = lambda i,
+                 s: None,
                  max_batch: int = 16) -> list[str]:
-    """n samples of the text after `prompt`, decoded together (at most max_batch at a time, the next one joining
-    as one ends), each up to end-of-text or sampling.max_new_tokens. All share `generator`, so a seed gives the
+    """n samples of the text after `prompt`, decoded together (at most max_batch at a time, the next one
+    joining
+    as one ends), each up to end-of-text or sampling.max_new_tokens. All share `generator`, so a seed gives
+    the
     same n texts again. on_piece(i, text) sees sample i's text as it becomes final."""
     decoder = BatchDecoder(model, min(n, max_batch))
     group = object()

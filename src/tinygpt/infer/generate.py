@@ -98,8 +98,10 @@ def stream_tokens(model: GPT, idx: torch.Tensor, sampling: SampleConfig, stop_id
             history = TokenHistory(idx, block)
             cache = KVCache.for_model(model, idx.size(0)) if use_cache else None
             logits = model.next_logits(history.last(block), cache)
-            # Checking for stop ids reads a flag back from the device; without stop ids there is nothing to check.
-            stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=idx.device) if stop_ids else None
+            # Checking for stop ids reads a flag back from the device; without stop ids there is nothing to
+            # check.
+            stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long,
+                                device=idx.device) if stop_ids else None
             done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
             tok = sample_token(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
         one_token_step = OneDNNLinears(model)
@@ -188,7 +190,8 @@ class TextPieces:
 
 
 def stream_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], sampling: SampleConfig,
-                generator: torch.Generator | None = None, stop_ids: Sequence[int] | None = None) -> Iterator[str]:
+                generator: torch.Generator | None = None,
+                stop_ids: Sequence[int] | None = None) -> Iterator[str]:
     """Yield the text of a single sample piece by piece, stopping before a stop id (default: end-of-text)."""
     stops = set(stop_ids) if stop_ids is not None else {tokenizer.eot_id}
     device = next(model.parameters()).device

@@ -1,4 +1,5 @@
-"""`tinygpt report`: one file comparing runs: their curves, their final figures, how their configs differ and a few
+"""`tinygpt report`: one file comparing runs: their curves, their final figures, how their configs differ and
+a few
 samples from each. A .png is the figure alone; .html and .md embed it as a data URI, so the report is one file
 that can be mailed or attached to an issue without the run directories."""
 
@@ -42,11 +43,13 @@ class Report:
 
 def write_report(runs: list[Path], out: Path, samples: int = 2, sample_tokens: int = 120,
                  log: Callable[[str], None] = print) -> Path:
-    """Write the report on the run directories `runs` to `out`, whose suffix (.png, .html or .md) picks the format,
+    """Write the report on the run directories `runs` to `out`, whose suffix (.png, .html or .md) picks the
+    format,
     with `samples` texts of up to `sample_tokens` tokens from each run's last checkpoint (not in a .png)."""
     out = Path(out)
     if out.suffix.lower() not in FORMATS:
-        raise UsageError(f"a report is written as {', '.join(FORMATS)}; {out.name} has none of these suffixes")
+        raise UsageError(f"a report is written as {', '.join(FORMATS)}; {out.name} has none of these "
+                         "suffixes")
     if not runs:
         raise UsageError("name at least one run directory to report on")
     records = []
@@ -76,7 +79,8 @@ def describe(record: RunRecord) -> str:
     if last is None:
         return "no evaluations yet"
     where = "final" if record.final else "last"
-    return f"{len(record.metrics)} evaluations, {where} step {last.get('step')} val loss {_number(last.get('val_loss'), 4)}"
+    return (f"{len(record.metrics)} evaluations, {where} step {last.get('step')} val loss "
+            f"{_number(last.get('val_loss'), 4)}")
 
 
 def run_samples(record: RunRecord, n: int, tokens: int) -> list[str]:
@@ -137,7 +141,8 @@ def _duration(seconds: Any) -> str:
     if seconds < 60:
         return f"{seconds:.1f} s"
     minutes = int(seconds // 60)
-    return f"{minutes} min {int(seconds % 60):02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+    return (f"{minutes} min {int(seconds % 60):02d} s" if minutes < 60
+            else f"{minutes // 60} h {minutes % 60:02d} min")
 
 
 def _text(value: Any) -> str:
@@ -183,7 +188,8 @@ def _html_table(headers: list[str], rows: list[list[str]]) -> str:
 def markdown(report: Report) -> str:
     """The report as Markdown: the figure as a data-URI image, Markdown tables, samples in fenced blocks."""
     parts = ["# tinygpt report", f"![training curves]({_data_uri(report.png)})", "## Final figures",
-             _md_table(*final_table(report)), "## Config differences", config_note(report) or _md_table(*config_table(report))]
+             _md_table(*final_table(report)), "## Config differences", config_note(report)
+             or _md_table(*config_table(report))]
     if report.sampled:
         parts.append("## Samples")
         for label in report.labels:
@@ -202,7 +208,8 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _fenced(text: str) -> str:
-    """text in a code block whose fence is longer than any run of backticks in it, so no sample can close it."""
+    """text in a code block whose fence is longer than any run of backticks in it, so no sample can close
+    it."""
     fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", text)), default=0))
     return f"{fence}text\n{text}\n{fence}"
 

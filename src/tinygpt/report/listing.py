@@ -36,7 +36,8 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 
 def state_of(record: RunRecord) -> str:
-    """running (its lock is held), finished, interrupted (resumable), or failed (an error, or nothing to resume)."""
+    """running (its lock is held), finished, interrupted (resumable), or failed (an error, or nothing to
+    resume)."""
     who = holder(record.dir)
     if who is not None:
         return f"running (pid {who.get('pid', '?')})"
@@ -56,7 +57,8 @@ def describe_run(run_dir: Path) -> RunLine:
     total = r.status.get("total")
     files = [run_dir / name for name in (rundir.STATUS, rundir.METRICS, rundir.CONFIG)]
     files = [p for p in files if p.exists()]
-    updated = r.status.get("updated") or max((p.stat().st_mtime for p in files), default=run_dir.stat().st_mtime)
+    updated = r.status.get("updated") or max((p.stat().st_mtime for p in files),
+                                             default=run_dir.stat().st_mtime)
     return RunLine(r, state_of(r), f"{step}/{total}" if total else str(step), time.time() - updated)
 
 

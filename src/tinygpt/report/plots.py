@@ -41,12 +41,14 @@ def figure_png(records: list[RunRecord], labels: list[str]) -> bytes:
         for ax, (title, x, xlabel, ylabel, ys) in zip(axes, PANELS):
             for i, record in enumerate(records):
                 for y in ys:
-                    _curve(ax, record.metrics, x, y, f"C{i % 10}", "--" if y in DASHED and len(ys) > 1 else "-")
+                    _curve(ax, record.metrics, x, y, f"C{i % 10}", "--" if y in DASHED and len(ys) > 1
+                           else "-")
             ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
         legend = axes[len(PANELS)]  # the grid's spare panel holds the legend, readable however many runs
         legend.axis("off")
         handles = [Line2D([], [], color=f"C{i % 10}", label=label) for i, label in enumerate(labels)]
-        handles += [Line2D([], [], color="grey", label="train"), Line2D([], [], color="grey", ls="--", label="val")]
+        handles += [Line2D([], [], color="grey", label="train"),
+                    Line2D([], [], color="grey", ls="--", label="val")]
         legend.legend(handles=handles, loc="center", frameon=False, fontsize=10)
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=DPI)

@@ -1,4 +1,5 @@
-"""What a run directory says about its run, read without loading a model: its config, its metrics and its status.
+"""What a run directory says about its run, read without loading a model: its config, its metrics and its
+status.
 
 Everything here tolerates the files of a run that is still training, or that crashed: a missing status.json or
 config.yaml reads as empty, and a half-written last line of metrics.jsonl is left out.
@@ -41,7 +42,8 @@ class RunRecord:
 
 
 def read_run(path: Path) -> RunRecord:
-    """The record of the run directory `path`; UsageError when it holds neither config.yaml nor metrics.jsonl."""
+    """The record of the run directory `path`; UsageError when it holds neither config.yaml nor
+    metrics.jsonl."""
     path = Path(path)
     if not rundir.is_run(path):
         raise UsageError(f"{path} is not a run directory (it has no {rundir.CONFIG} or {rundir.METRICS})")
@@ -79,7 +81,8 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def differing_keys(records: list[RunRecord]) -> dict[str, list[Any]]:
-    """The config keys whose values are not the same in all records, each with its value per record (None where
+    """The config keys whose values are not the same in all records, each with its value per record (None
+    where
     a record lacks the key), in the order of the first record's config."""
     keys = dict.fromkeys(k for r in records for k in r.config)
     values = {k: [r.config.get(k) for r in records] for k in keys}

@@ -56,21 +56,26 @@ class Server:
             raise ApiError(404, f"the model {req.model!r} does not exist; this server has {self.name!r}",
                            "model_not_found", "model")
         if req.n > self.cfg.max_batch:
-            raise ApiError(400, f"n is {req.n}; this server decodes at most {self.cfg.max_batch} at once", "invalid_value", "n")
+            raise ApiError(400, f"n is {req.n}; this server decodes at most {self.cfg.max_batch} at once",
+                           "invalid_value", "n")
 
     def sampling_for(self, req: Sampling, defaults: dict[str, Any], max_tokens: int | None) -> SampleConfig:
         """The run's sampling settings, then the endpoint's defaults, then the request's fields."""
         if max_tokens is not None and max_tokens > self.cfg.max_tokens:
-            raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {self.cfg.max_tokens}",
+            raise ApiError(400,
+                           f"max_tokens is {max_tokens}; this server allows at most {self.cfg.max_tokens}",
                            "invalid_value", "max_tokens")
-        fields = {"max_new_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k}
+        fields = {"max_new_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
+                  "top_k": req.top_k}
         sampling = dataclasses.replace(self.ckpt.config.sample)
         settings = {**defaults, **{k: v for k, v in fields.items() if v is not None}}
-        settings["max_new_tokens"] = min(settings.get("max_new_tokens", sampling.max_new_tokens), self.cfg.max_tokens)
+        settings["max_new_tokens"] = min(settings.get("max_new_tokens", sampling.max_new_tokens),
+                                         self.cfg.max_tokens)
         sample_settings(sampling, settings, "the request")
         return sampling
 
-    def generations(self, req: Sampling, ids: list[int], sampling: SampleConfig, stop_ids: set[int]) -> list[Generation]:
+    def generations(self, req: Sampling, ids: list[int], sampling: SampleConfig,
+                    stop_ids: set[int]) -> list[Generation]:
         generator = seeded_generator(self.ckpt.model, req.seed)
         group = object()
         return [Generation(ids, sampling, frozenset(stop_ids), generator, group) for _ in range(req.n)]
@@ -94,7 +99,8 @@ class Server:
         """The conversation rendered with the run's template and fitted to the context as `tinygpt chat` does:
         the oldest exchanges go first; a last user turn that alone does not fit is refused."""
         if self.template is None:
-            raise ApiError(400, f"{self.name} was trained on plain text, not conversations: use /v1/completions",
+            raise ApiError(400,
+                           f"{self.name} was trained on plain text, not conversations: use /v1/completions",
                            "model_not_chat", "messages")
         roles = {"developer": "system"}
         history = [Message(roles.get(m.role, m.role), m.text()) for m in req.messages]
@@ -105,7 +111,8 @@ class Server:
         budget = prompt_budget(self.ckpt.config.model.block_size, sampling.max_new_tokens)
         last = [m for m in history[:1] if m.role == "system"] + history[-1:]
         tok = self.ckpt.tokenizer
-        self.fits(self.encode(lambda: self.template.render(tok, last, open_reply=True)[0], "messages"), budget,
+        self.fits(self.encode(lambda: self.template.render(tok, last, open_reply=True)[0], "messages"),
+                  budget,
                   "the last message (with the system message)", "messages")
         return fit_history(tok, self.template, history, budget)
 
@@ -118,11 +125,13 @@ class Server:
     def fits(self, ids: list[int], limit: int, what: str, param: str) -> list[int]:
         if len(ids) > limit:
             raise ApiError(400, f"{what} has {len(ids)} tokens; this model's context allows {limit} here "
-                           f"(context length {self.ckpt.config.model.block_size})", "context_length_exceeded", param)
+                           f"(context length {self.ckpt.config.model.block_size})", "context_length_exceeded",
+                           param)
         return ids
 
     def stop_ids(self, req: Sampling, chat: bool) -> set[int]:
-        """What ends a generation, as in the CLI: end-of-text for a completion (`tinygpt sample`), the template's
+        """What ends a generation, as in the CLI: end-of-text for a completion (`tinygpt sample`), the
+        template's
         end-of-turn tokens for a chat reply (`tinygpt chat`); nothing with ignore_eos."""
         tok = self.ckpt.tokenizer
         if req.ignore_eos:
@@ -133,7 +142,8 @@ class Server:
 class Reply:
     """A request's ticket in flight: turns the worker's token updates into text pieces, one per choice."""
 
-    def __init__(self, server: Server, request: Request, gens: list[Generation], stops: list[str], strip: bool):
+    def __init__(self, server: Server, request: Request, gens: list[Generation], stops: list[str],
+                 strip: bool):
         loop = asyncio.get_running_loop()
         self.updates: asyncio.Queue[Update] = asyncio.Queue()
         self.request, self.server = request, server
@@ -162,7 +172,8 @@ class Reply:
                     u: Update | None = await asyncio.wait_for(self.updates.get(), POLL_S)
                 except asyncio.TimeoutError:
                     u = None
-                if time.monotonic() - checked >= POLL_S:  # also while tokens flow: a non-streaming client may leave
+                # also while tokens flow: a non-streaming client may leave
+                if time.monotonic() - checked >= POLL_S:
                     checked = time.monotonic()
                     if await self.request.is_disconnected():
                         return
@@ -191,12 +202,14 @@ def completion_id(prefix: str) -> str:
 
 # ---------------------------------------------------------------- responses
 
-def chat_chunk(rid: str, server: Server, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
+def chat_chunk(rid: str, server: Server, choices: list[dict[str, Any]],
+               usage: dict[str, int] | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": server.name,
             "system_fingerprint": None, "choices": choices, "usage": usage}
 
 
-def text_chunk(rid: str, server: Server, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
+def text_chunk(rid: str, server: Server, choices: list[dict[str, Any]],
+               usage: dict[str, int] | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": server.name,
             "system_fingerprint": None, "choices": choices, "usage": usage}
 
@@ -208,7 +221,8 @@ async def sse(reply: Reply, chat: bool, include_usage: bool) -> AsyncIterator[by
     chunk = chat_chunk if chat else text_chunk
     last_write = time.monotonic()
     if chat:  # OpenAI opens each choice with the assistant role
-        yield event(chunk(rid, server, [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+        yield event(chunk(rid, server, [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None,
                                          "finish_reason": None} for i in range(len(reply.texts))]))
     try:
         async for item in reply.pieces():
@@ -220,7 +234,8 @@ async def sse(reply: Reply, chat: bool, include_usage: bool) -> AsyncIterator[by
             i, piece, reason = item
             if piece or reason:
                 content = ({"delta": {"content": piece} if piece else {}} if chat else {"text": piece})
-                yield event(chunk(rid, server, [{"index": i, **content, "logprobs": None, "finish_reason": reason}]))
+                yield event(chunk(rid, server, [{"index": i, **content, "logprobs": None,
+                                                 "finish_reason": reason}]))
                 last_write = time.monotonic()
     except ApiError as e:
         yield event(e.body())
@@ -248,10 +263,12 @@ async def collect(reply: Reply, chat: bool) -> dict[str, Any]:
             reasons[i] = reason or reasons[i]
     rid, server = completion_id("chatcmpl" if chat else "cmpl"), reply.server
     if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": t, "refusal": None}, "logprobs": None,
+        choices = [{"index": i, "message": {"role": "assistant", "content": t, "refusal": None},
+                    "logprobs": None,
                     "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
         return {**chat_chunk(rid, server, choices, reply.usage()), "object": "chat.completion"}
-    choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
+    choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r} for i,
+               (t, r) in enumerate(zip(texts, reasons))]
     return text_chunk(rid, server, choices, reply.usage())
 
 
@@ -267,7 +284,8 @@ async def respond(reply: Reply, req: Sampling, chat: bool) -> Any:
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refusing more than `limit` bytes without reading them all (413)."""
-    too_large = ApiError(413, f"the request body is larger than this server's limit of {limit} bytes", "body_too_large")
+    too_large = ApiError(413, f"the request body is larger than this server's limit of {limit} bytes",
+                         "body_too_large")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise too_large
@@ -317,7 +335,8 @@ def build_app(server: Server) -> FastAPI:
     @v1.get("/models/{name}")
     async def model(name: str) -> dict[str, Any]:
         if name != server.name:
-            raise ApiError(404, f"the model {name!r} does not exist; this server has {server.name!r}", "model_not_found")
+            raise ApiError(404, f"the model {name!r} does not exist; this server has {server.name!r}",
+                           "model_not_found")
         return model_card(server)
 
     @v1.post("/completions")
@@ -325,7 +344,8 @@ def build_app(server: Server) -> FastAPI:
         req = parse(await read_body(request, server.cfg.max_body), CompletionRequest)
         server.check(req)
         sampling = server.sampling_for(req, {}, req.max_tokens)
-        gens = server.generations(req, server.completion_prompt(req), sampling, server.stop_ids(req, chat=False))
+        gens = server.generations(req, server.completion_prompt(req), sampling,
+                                  server.stop_ids(req, chat=False))
         return await respond(Reply(server, request, gens, req.stop_strings(), strip=False), req, chat=False)
 
     @v1.post("/chat/completions")
@@ -333,7 +353,8 @@ def build_app(server: Server) -> FastAPI:
         req = parse(await read_body(request, server.cfg.max_body), ChatRequest)
         server.check(req)
         sampling = server.sampling_for(req, CHAT_SAMPLING, req.max_completion_tokens or req.max_tokens)
-        gens = server.generations(req, server.chat_prompt(req, sampling), sampling, server.stop_ids(req, chat=True))
+        gens = server.generations(req, server.chat_prompt(req, sampling), sampling,
+                                  server.stop_ids(req, chat=True))
         return await respond(Reply(server, request, gens, req.stop_strings(), strip=True), req, chat=True)
 
     app.include_router(v1)
@@ -359,7 +380,8 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
-        return error_response(ApiError(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else None))
+        return error_response(ApiError(e.status_code, str(e.detail), "not_found" if e.status_code == 404
+                                       else None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -372,7 +394,8 @@ def serve(ckpt: Checkpoint, cfg: ServeConfig, log: Any = print) -> None:
 
     server = Server(ckpt, cfg)
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
-        log(f"warning: listening on {cfg.host} without --api-key: anyone who can reach this machine can use the model")
+        log(f"warning: listening on {cfg.host} without --api-key: anyone who can reach this machine can use "
+            "the model")
     base = f"http://{cfg.host}:{cfg.port}"
     log(f"serving {ckpt.home} as model {server.name!r} ({'chat' if server.template else 'text completion'}): "
         f"chat page {base}/ , OpenAI API {base}/v1 (max batch {cfg.max_batch})")

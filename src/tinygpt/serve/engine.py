@@ -75,9 +75,11 @@ class Engine:
         """Queue a ticket; raises QueueFull when it would have to wait and queue_size tickets already do."""
         ticket.sent, ticket.ended = [0] * len(ticket.generations), [False] * len(ticket.generations)
         with self.wake:
-            rows_left = self.decoder.free - sum(len(t.generations) for t in self.queue)  # read racily: an estimate
+            # read racily: an estimate
+            rows_left = self.decoder.free - sum(len(t.generations) for t in self.queue)
             if rows_left < len(ticket.generations) and len(self.queue) >= self.queue_size:
-                raise QueueFull(f"the server is busy: {len(self.queue)} requests are already waiting; retry later")
+                raise QueueFull(f"the server is busy: {len(self.queue)} requests are already waiting; retry "
+                                "later")
             self.queue.append(ticket)
             self.wake.notify()
 
@@ -112,7 +114,8 @@ class Engine:
             ticket = self.queue[0]
             if ticket.deadline < now or any(g.cancelled for g in ticket.generations):
                 self.queue.popleft()
-                self._end(ticket, "the request timed out while waiting in the queue" if ticket.deadline < now else None)
+                self._end(ticket, "the request timed out while waiting in the queue" if ticket.deadline < now
+                          else None)
             elif len(ticket.generations) <= free:
                 free -= len(self.queue.popleft().generations)
                 admitted.append(ticket)
@@ -136,7 +139,8 @@ class Engine:
                 new = g.tokens[ticket.sent[i]:]
                 ticket.sent[i] = len(g.tokens)
                 self.generated += len(new)
-                reason = g.finish_reason or ("stop" if g.row < 0 else None)  # ended by a stop, a limit or a cancel
+                # ended by a stop, a limit or a cancel
+                reason = g.finish_reason or ("stop" if g.row < 0 else None)
                 ticket.ended[i] = reason is not None
                 if new or reason:
                     self._send(ticket, Update(i, new, reason))

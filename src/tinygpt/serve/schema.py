@@ -53,7 +53,8 @@ class Sampling(BaseModel):
     max_tokens: int | None = sampling_field("max_new_tokens")
     temperature: float | None = sampling_field("temperature")
     top_p: float | None = sampling_field("top_p")
-    # Extensions, not in OpenAI's API (the openai client sends them as extra_body): top_k; and ignore_eos, as in
+    # Extensions, not in OpenAI's API (the openai client sends them as extra_body): top_k; and ignore_eos, as
+    # in
     # vLLM, which generates through end-of-text to exactly max_tokens (for benchmarks and load tests).
     top_k: int | None = sampling_field("top_k")
     ignore_eos: bool = False
@@ -104,7 +105,8 @@ class ChatMessage(BaseModel):
     def text(self) -> str:
         if isinstance(self.content, list):
             if any(p.type != "text" for p in self.content):
-                raise ApiError(400, "only text content parts are supported", "unsupported_content", "messages")
+                raise ApiError(400, "only text content parts are supported", "unsupported_content",
+                               "messages")
             return "".join(p.text or "" for p in self.content)
         return self.content or ""
 

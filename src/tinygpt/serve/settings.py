@@ -39,4 +39,5 @@ class ServeConfig:
             if value <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
         if self.queue_size < 0 or not 0 <= self.port <= 65535:
-            raise UsageError(f"--queue-size must be 0 or more and --port in 0..65535 (got {self.queue_size}, {self.port})")
+            raise UsageError(f"--queue-size must be 0 or more and --port in 0..65535 (got {self.queue_size}, "
+                             f"{self.port})")

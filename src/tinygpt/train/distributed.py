@@ -124,8 +124,8 @@ def for_run(dist: Dist, cfg: TrainConfig) -> Dist:
     if not dist.active:
         return dist
     if cfg.parallel == "fsdp" and cfg.optimizer == "muon":
-        raise UsageError("train.optimizer muon needs each weight matrix whole, which train.parallel fsdp shards; "
-                         "use train.parallel ddp with muon, or adamw with fsdp")
+        raise UsageError("train.optimizer muon needs each weight matrix whole, which train.parallel fsdp "
+                         "shards; use train.parallel ddp with muon, or adamw with fsdp")
     return dataclasses.replace(dist, parallel=cfg.parallel)
 
 
@@ -145,12 +145,13 @@ def wrap(model: torch.nn.Module, dist: Dist) -> torch.nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         p = next(model.parameters())
-        return DistributedDataParallel(model, device_ids=[p.device.index] if p.device.type == "cuda" else None)
+        return DistributedDataParallel(model, device_ids=[p.device.index] if p.device.type == "cuda"
+                                       else None)
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:
-        raise UsageError(f"train.parallel fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, PyTorch 2.6+); "
-                         f"this is PyTorch {torch.__version__}: use train.parallel ddp") from None
+        raise UsageError("train.parallel fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, PyTorch "
+                         f"2.6+); this is PyTorch {torch.__version__}: use train.parallel ddp") from None
     for block in model.transformer.h:
         fully_shard(block)
     fully_shard(model)
@@ -160,7 +161,8 @@ def wrap(model: torch.nn.Module, dist: Dist) -> torch.nn.Module:
 @contextlib.contextmanager
 def gradient_sync(wrapped: torch.nn.Module, dist: Dist, sync: bool) -> Iterator[None]:
     """Around one micro-batch's forward and backward: gradients are averaged over the processes only when
-    `sync` (the last micro-batch of a step), so accumulation costs one exchange per step, not one per micro-batch."""
+    `sync` (the last micro-batch of a step), so accumulation costs one exchange per step, not one per
+    micro-batch."""
     if not dist.active or sync:
         yield
     elif dist.parallel == "ddp":
@@ -175,11 +177,16 @@ def gradient_sync(wrapped: torch.nn.Module, dist: Dist, sync: bool) -> Iterator[
 
 
 def whole_state(model: GPT, optimizer: Any, dist: Dist) -> tuple[GPT | None, Any]:
-    """The model and optimizer state to save, whole: as they are, or under FSDP gathered from the shards (every
+    """The model and optimizer state to save, whole: as they are, or under FSDP gathered from the shards
+    (every
     process takes part; rank 0 gets them, as a plain model built around the gathered weights)."""
     if dist.parallel != "fsdp" or not dist.active:
         return model, optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=whole)

@@ -1,4 +1,5 @@
-"""Where a run's numbers go: metrics.jsonl always, status.json for `tinygpt runs`, and TensorBoard or W&B on request.
+"""Where a run's numbers go: metrics.jsonl always, status.json for `tinygpt runs`, and TensorBoard or W&B on
+request.
 
 The trainer knows only the Logger interface: `start` once the run's length is known, `log` at every evaluation
 (the same entry metrics.jsonl gets), `close` with how the session ended. Everything else (plots, reports, the
@@ -24,7 +25,8 @@ from tinygpt.errors import TinyGPTError
 
 
 class Logger:
-    """One destination for a run's metrics. `facts`: step (where this session starts), total, params, device, dtype."""
+    """One destination for a run's metrics. `facts`: step (where this session starts), total, params, device,
+    dtype."""
 
     def start(self, cfg: Config, facts: dict[str, Any]) -> None:
         pass
@@ -43,7 +45,8 @@ def scalars(entry: dict[str, Any]) -> dict[str, float]:
 
 
 class JsonlLog(Logger):
-    """metrics.jsonl: one JSON object per evaluation, appended (a crash loses at most the line being written)."""
+    """metrics.jsonl: one JSON object per evaluation, appended (a crash loses at most the line being
+    written)."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / rundir.METRICS
@@ -93,7 +96,8 @@ class TensorBoardLog(Logger):
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        # On resume, events a crashed session wrote after the checkpoint are dropped (purge_step), as in metrics.jsonl.
+        # On resume, events a crashed session wrote after the checkpoint are dropped (purge_step), as in
+        # metrics.jsonl.
         self.writer = SummaryWriter(str(self.dir), purge_step=facts["step"] + 1 if facts["step"] else None)
         self.writer.add_text("config", "```\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "```")
         experiment, session_start, self.session_end = hparams(hyperparameters(cfg), {"val_loss": 0.0})
@@ -112,13 +116,15 @@ class TensorBoardLog(Logger):
 
 
 def hyperparameters(cfg: Config) -> dict[str, Any]:
-    """The config as flat dotted keys with values TensorBoard's HParams accepts (numbers, strings, booleans)."""
+    """The config as flat dotted keys with values TensorBoard's HParams accepts (numbers, strings,
+    booleans)."""
     flat = {f"{s}.{k}": v for s, fields in cfg.to_dict().items() for k, v in fields.items()}
     return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flat.items()}
 
 
 class WandbLog(Logger):
-    """A Weights & Biases run in RUN/wandb, offline unless the user configured W&B (WANDB_MODE, WANDB_API_KEY);
+    """A Weights & Biases run in RUN/wandb, offline unless the user configured W&B (WANDB_MODE,
+    WANDB_API_KEY);
     an offline run is uploaded later with `wandb sync RUN/wandb/offline-run-*`. Resuming continues the same
     W&B run (its id is kept in RUN/wandb/tinygpt-run-id)."""
 
@@ -148,7 +154,8 @@ EXTRA = {"tensorboard": (TensorBoardLog, "torch.utils.tensorboard"), "wandb": (W
 
 
 def require(cfg: Config) -> None:
-    """Fail in one line, before a run directory is touched, where a package that train.log needs is missing."""
+    """Fail in one line, before a run directory is touched, where a package that train.log needs is
+    missing."""
     for name in log_targets(cfg.train.log):
         try:
             importlib.import_module(EXTRA[name][1])
@@ -159,4 +166,5 @@ def require(cfg: Config) -> None:
 def open_loggers(cfg: Config, run_dir: Path, preset: str | None = None) -> list[Logger]:
     """The run's loggers: metrics.jsonl and status.json, then each of train.log (whose packages `require`
     checked when the run was created or resumed)."""
-    return [JsonlLog(run_dir), StatusLog(run_dir, preset), *(EXTRA[name][0](run_dir) for name in log_targets(cfg.train.log))]
+    return [JsonlLog(run_dir), StatusLog(run_dir, preset), *(EXTRA[name][0](run_dir)
+                                                             for name in log_targets(cfg.train.log))]

@@ -90,14 +90,16 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
 
 
 def ending(e: BaseException) -> tuple[str, str | None]:
-    """How a session that raised e ended, for the loggers: interrupted (a signal, Ctrl-C) or failed (and why)."""
+    """How a session that raised e ended, for the loggers: interrupted (a signal, Ctrl-C) or failed (and
+    why)."""
     if isinstance(e, Interrupted | KeyboardInterrupt):
         return "interrupted", None
     return "failed", (str(e).splitlines() or [type(e).__name__])[0]
 
 
 class Trainer:
-    """One training session's moving parts: model, optimizer, data order, progress and the files they go to."""
+    """One training session's moving parts: model, optimizer, data order, progress and the files they go
+    to."""
 
     def __init__(self, cfg: Config, run_dir: Path, data: Dataset, log: Callable[[str], None],
                  dist: Dist = SINGLE, loggers: Sequence[Logger] = (), resume_from: Path | None = None,
@@ -113,7 +115,8 @@ class Trainer:
         self.dtype = autocast_dtype(t, self.device)
         self.model = self.new_model(init_state if resume_from is None else None)
         self.peak = peak_flops(self.device)
-        self.sampler = EpochSampler(len(data.train.tokens), cfg.model.block_size, t.batch_size, t.seed, data.packed)
+        self.sampler = EpochSampler(len(data.train.tokens), cfg.model.block_size, t.batch_size, t.seed,
+                                    data.packed)
         self.tokens_per_step = dist.world * t.batch_size * t.grad_accum * cfg.model.block_size
         self.progress = Progress()
         self.stopped_early = False
@@ -171,7 +174,8 @@ class Trainer:
     def start(self) -> None:
         """Start the loggers (with the session's facts) and put the model in training mode."""
         p = self.progress
-        facts = dict(step=p.step, total=p.total, params=self.model.num_params(non_embedding=False), device=str(self.device),
+        facts = dict(step=p.step, total=p.total, params=self.model.num_params(non_embedding=False),
+                     device=str(self.device),
                      dtype="bfloat16" if self.dtype == torch.bfloat16 else "float32")
         for logger in self.loggers:
             logger.start(self.cfg, facts)
@@ -200,13 +204,15 @@ class Trainer:
         self.log(f"resuming from {ckpt} at step {self.progress.step}")
 
     def step(self) -> None:
-        """One optimizer step at the scheduled learning rate, and its bookkeeping (progress, bar, budget plan)."""
+        """One optimizer step at the scheduled learning rate, and its bookkeeping (progress, bar, budget
+        plan)."""
         p, t = self.progress, self.cfg.train
         self.lr = lr_at(p.step, t, p.total)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         result = train_step(self.step_model, self.model, self.optimizer,
-                            micro_batches(self.data, self.sampler, self.cfg, self.device, self.dist), t.grad_clip,
+                            micro_batches(self.data, self.sampler, self.cfg, self.device, self.dist),
+                            t.grad_clip,
                             self.dtype, self.dist)
         if not result.finite:
             self.nonfinite(result)
@@ -229,25 +235,29 @@ class Trainer:
                 p.total = self.bar.total = new_total
 
     def nonfinite(self, result: StepResult) -> None:
-        """A NaN/inf step (already skipped by train_step): stop the run, or go on with train.skip_nonfinite."""
+        """A NaN/inf step (already skipped by train_step): stop the run, or go on with
+        train.skip_nonfinite."""
         step = self.progress.step + 1
         if not self.cfg.train.skip_nonfinite:
             last = checkpoint.valid_checkpoints(self.run_dir, ("last", "best"))
             raise TinyGPTError(
                 f"non-finite loss or gradient at step {step} (loss {result.loss.item()}, grad norm "
-                f"{result.grad_norm.item()}); last good checkpoint: {last[0] if last else 'none'}. Lower --train.lr, "
-                "or pass --train.skip_nonfinite true to skip such steps")
+                f"{result.grad_norm.item()}); last good checkpoint: {last[0] if last else 'none'}. Lower "
+                "--train.lr, or pass --train.skip_nonfinite true to skip such steps")
         self.log(f"warning: step {step}: non-finite loss or gradient, step skipped")
 
     def evaluate_and_keep(self) -> bool:
-        """Periodic evaluation: log and record it, keep the best checkpoint; False to stop early (patience)."""
+        """Periodic evaluation: log and record it, keep the best checkpoint; False to stop early
+        (patience)."""
         p, t = self.progress, self.cfg.train
         tok_s = self.interval_tokens / (time.perf_counter() - self.interval_start)
         p.elapsed_s = self.elapsed()
-        train_loss, val_loss = (self.loss(split, t.eval_iters * t.batch_size).loss for split in (self.data.train, self.data.val))
+        train_loss, val_loss = (self.loss(split, t.eval_iters * t.batch_size).loss
+                                for split in (self.data.train, self.data.val))
         self.record(self.metrics(train_loss, val_loss, self.lr, tok_s))
         mfu = f", MFU {tok_s * self.model.flops_per_token() / self.peak:.1%}" if self.peak else ""
-        self.log(f"step {p.step}: train {train_loss:.4f}, val {val_loss:.4f}, {tok_s:,.0f} tok/s{mfu}, ETA {self.eta()}")
+        self.log(f"step {p.step}: train {train_loss:.4f}, val {val_loss:.4f}, {tok_s:,.0f} tok/s{mfu}, ETA "
+                 f"{self.eta()}")
         if val_loss < p.best_val:
             p.best_val, p.bad_evals = val_loss, 0
             self.save("best")
@@ -260,7 +270,8 @@ class Trainer:
         return True
 
     def finish(self) -> dict[str, Any]:
-        """The final evaluation (the whole val split), recorded and logged; the best and last checkpoints saved."""
+        """The final evaluation (the whole val split), recorded and logged; the best and last checkpoints
+        saved."""
         p, t = self.progress, self.cfg.train
         self.bar.close()
         p.elapsed_s = self.elapsed()
@@ -272,7 +283,8 @@ class Trainer:
                      val_bpb=loss_metrics(val)["bits_per_byte"], final=True,
                      stopped_early=self.stopped_early)
         self.record(final)
-        self.log(f"final (step {p.step}): train {train_loss:.4f}, val {val_loss:.4f} (whole val split), {p.elapsed_s:.0f} s")
+        self.log(f"final (step {p.step}): train {train_loss:.4f}, val {val_loss:.4f} (whole val split), "
+                 f"{p.elapsed_s:.0f} s")
         if val_loss < p.best_val:
             p.best_val, p.bad_evals = val_loss, 0
             self.save("best")
@@ -311,7 +323,8 @@ class Trainer:
             logger.log(entry, self.progress.total)
 
     def close_logs(self, outcome: str, error: str | None = None) -> None:
-        """Tell the started loggers how the session ended (a failing logger must not hide the run's own error)."""
+        """Tell the started loggers how the session ended (a failing logger must not hide the run's own
+        error)."""
         for logger in self.started:
             try:
                 logger.close(outcome, error)

@@ -33,7 +33,8 @@ def orthogonalize(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum SGD whose update for each weight matrix is orthogonalised (Newton-Schulz) before it is applied.
+    """Momentum SGD whose update for each weight matrix is orthogonalised (Newton-Schulz) before it is
+    applied.
 
     torch.optim.Muon exists, but it always iterates in bfloat16, which CPUs without native bf16 emulate
     (2-100x slower than float32 there, by matrix size); this one iterates in bfloat16 only where that is
@@ -41,7 +42,8 @@ class Muon(torch.optim.Optimizer):
     which gives it the RMS of a typical AdamW update (Liu et al. 2025, "Muon is Scalable for LLM
     Training"), so the same learning rate and schedule drive both optimizers."""
 
-    def __init__(self, params: Iterable[torch.Tensor], lr: float, momentum: float = 0.95, weight_decay: float = 0.0):
+    def __init__(self, params: Iterable[torch.Tensor], lr: float, momentum: float = 0.95,
+                 weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
 
     @torch.no_grad()
@@ -88,7 +90,8 @@ class Optimizers:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state) != set(self.optimizers):
-            raise ValueError(f"optimizer state holds {sorted(state)}, this run uses {sorted(self.optimizers)}")
+            raise ValueError(f"optimizer state holds {sorted(state)}, this run uses "
+                             f"{sorted(self.optimizers)}")
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state[name])
 

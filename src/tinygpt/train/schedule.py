@@ -72,7 +72,8 @@ class BudgetPlanner:
 
 
 # The (n_layer, n_head, n_embd) shapes model.auto_size picks from, smallest first (heads of 32, then 64 wide).
-SIZE_LADDER = ((4, 2, 64), (4, 3, 96), (4, 4, 128), (4, 6, 192), (6, 8, 256), (6, 6, 384), (8, 8, 512), (12, 12, 768))
+SIZE_LADDER = ((4, 2, 64), (4, 3, 96), (4, 4, 128), (4, 6, 192), (6, 8, 256), (6, 6, 384), (8, 8, 512),
+               (12, 12, 768))
 # Training tokens per block parameter that auto_size wants the budget to afford; see choose_size.
 TOKENS_PER_PARAM = 1.2
 
@@ -90,8 +91,8 @@ def choose_size(cfg: Config, data: Dataset, device: torch.device, dtype: torch.d
     val 1.63 where 4 x 192 (1.0M tokens, 0.58 per parameter) reached 1.74. Speeds are measured rather than
     estimated from FLOPs because small models on CPUs are far from their FLOP bound."""
     start = time.perf_counter()
-    log(f"auto size: sizing the model to the {cfg.train.time_budget:g} s budget (--model.auto_size false or an "
-        "explicit --model.n_layer/n_head/n_embd keeps the preset's size)")
+    log(f"auto size: sizing the model to the {cfg.train.time_budget:g} s budget (--model.auto_size false or "
+        "an explicit --model.n_layer/n_head/n_embd keeps the preset's size)")
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.block_size
     chosen = SIZE_LADDER[0]
     for n_layer, n_head, n_embd in SIZE_LADDER:
@@ -104,18 +105,20 @@ def choose_size(cfg: Config, data: Dataset, device: torch.device, dtype: torch.d
         times = []
         for _ in range(3):  # the first step allocates the gradients and optimizer state: not timed
             begin = time.perf_counter()
-            train_step(model, model, optimizer, micro_batches(data, sampler, trial_cfg, device), cfg.train.grad_clip,
+            train_step(model, model, optimizer, micro_batches(data, sampler, trial_cfg, device),
+                       cfg.train.grad_clip,
                        dtype)
             times.append(time.perf_counter() - begin)
         params = sum(p.numel() for p in model.transformer.h.parameters())
         left = cfg.train.time_budget - (time.perf_counter() - start)
         tokens = left / (sum(times[1:]) / 2) * tokens_per_step
-        log(f"auto size: {n_layer} x {n_embd} ({params / 1e6:.2f}M block parameters) would see {tokens / 1e6:.1f}M "
-            f"tokens, {tokens / params:.1f} per parameter")
+        log(f"auto size: {n_layer} x {n_embd} ({params / 1e6:.2f}M block parameters) would see "
+            f"{tokens / 1e6:.1f}M tokens, {tokens / params:.1f} per parameter")
         if tokens < TOKENS_PER_PARAM * params:
             break
         chosen = (n_layer, n_head, n_embd)
     cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd = chosen
     spent = time.perf_counter() - start
-    log(f"auto size: chose n_layer {chosen[0]}, n_head {chosen[1]}, n_embd {chosen[2]} ({spent:.1f} s spent timing)")
+    log(f"auto size: chose n_layer {chosen[0]}, n_head {chosen[1]}, n_embd {chosen[2]} ({spent:.1f} s spent "
+        "timing)")
     return spent
