@@ -1,4 +1,5 @@
-# Set-up is part of every target: the first run creates .venv and installs tinygpt into it.
+# Set-up is part of every target: the first run creates .venv and installs tinygpt into it. The demo needs
+# the package alone (chat included); testing, linting and benchmarking add the `dev` extra on top.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Where no NVIDIA driver is present, pin the CPU build: an unpinned torch pulls a multi-GB CUDA build.
@@ -6,13 +7,18 @@ PY := $(VENV)/bin/python
 TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow llama-cpp bench lint clean
+.PHONY: setup setup-dev demo test test-slow llama-cpp bench lint clean
 
 setup: $(VENV)/.installed
+setup-dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
@@ -29,7 +35,7 @@ demo: setup
 
 # The chat page's test drives a real browser: Debian's chromium, installed here where it is missing
 # (the test skips, saying why, where it cannot be).
-test: setup
+test: setup-dev
 	@command -v chromium >/dev/null 2>&1 || { apt-get install -y -q chromium >/dev/null 2>&1 \
 		|| { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } \
 		|| echo "chromium could not be installed: the chat page's browser test will be skipped"; }
@@ -39,7 +45,7 @@ test: setup
 # building it takes 12 minutes on 2 cores (cmake and a C++ compiler needed; -march=native, so it uses this
 # CPU's SIMD); pip caches the wheel, so only the first run pays. Where it cannot be built, its checks and
 # benchmark rows skip with the reason.
-llama-cpp: setup
+llama-cpp: setup-dev
 	@$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install -q llama-cpp-python \
 		|| echo "llama-cpp-python could not be built: the llama.cpp checks and benchmark rows will be skipped"
 
@@ -50,7 +56,7 @@ test-slow: llama-cpp
 bench: llama-cpp
 	$(PY) bench/run_all.py $(BENCH_ARGS)
 
-lint: setup
+lint: setup-dev
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/lint-imports
 

@@ -35,7 +35,7 @@ from tinygpt.train import distributed
 EXAMPLES = """examples:
   tinygpt train                                    # built-in corpus, a few minutes on a laptop CPU
   tinygpt train --data notes.txt --out runs/notes  # your own text file (or a folder of .txt/.md files)
-  tinygpt train --data ../shared/data/tinyshakespeare.txt --tokenizer char --preset cpu-tiny \
+  tinygpt train --data data/tinyshakespeare.txt --tokenizer char --preset cpu-tiny \
 --out runs/shakespeare-char
   tinygpt train --out runs/notes --resume --train.max_iters 4000
   tinygpt sample --run runs/shakespeare-char --prompt "ROMEO:" --max-new-tokens 200
