@@ -36,7 +36,7 @@ PRESETS: dict[str, Preset] = {
             "model": dict(SMALL, bias=False, pos="rope", norm="rmsnorm", norm_placement="pre", mlp="swiglu",
                           tie_weights=False, head="linear", attn="sdpa", qk_norm=True, zero_init_proj=True),
             "data": dict(tokenizer="bpe", vocab_size=2048),
-            # 300 steps (~4 passes over the built-in corpus): its val loss is lowest there; 900 memorised replies.
+            # 300 steps (~4 passes over the built-in corpus): its val loss is lowest there; 900 memorised.
             "train": dict(SMALL_TRAIN, max_iters=300, min_lr=2e-5, schedule="wsd", decay_fraction=0.25,
                           optimizer="muon"),
         },
