@@ -14,7 +14,7 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import Any
 
@@ -297,6 +297,20 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def authenticator(server: Server) -> Callable[[Request], None]:
+    """With --api-key, every /v1 request must carry it. (A dependency, not an HTTP middleware: Starlette's
+    BaseHTTPMiddleware wraps `receive`, which hides a client's disconnect from the handler.)"""
+
+    def authenticate(request: Request) -> None:
+        key = server.cfg.api_key
+        given = request.headers.get("authorization", "")
+        if key and not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            what = "no API key was given" if not given else "the API key is wrong"
+            raise ApiError(401, f"{what}: send the header 'Authorization: Bearer KEY'", "invalid_api_key")
+
+    return authenticate
+
+
 def build_app(server: Server) -> FastAPI:
     """The ASGI app; the decode worker runs while the app does (its lifespan)."""
 
@@ -309,16 +323,7 @@ def build_app(server: Server) -> FastAPI:
     app = FastAPI(title="tinygpt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     add_error_handlers(app)
 
-    def authenticate(request: Request) -> None:
-        """With --api-key, every /v1 request must carry it. (A dependency, not an HTTP middleware: Starlette's
-        BaseHTTPMiddleware wraps `receive`, which hides a client's disconnect from the handler.)"""
-        key = server.cfg.api_key
-        given = request.headers.get("authorization", "")
-        if key and not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            what = "no API key was given" if not given else "the API key is wrong"
-            raise ApiError(401, f"{what}: send the header 'Authorization: Bearer KEY'", "invalid_api_key")
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticator(server))])
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
