@@ -37,9 +37,9 @@ def run_with_kills(data: Path, out: Path, iters: int, kills: int, rng: random.Ra
                    log=print) -> int:
     """Start the run, SIGKILL it `kills` times at random moments, resuming after each; return the launches.
 
-    Each kill comes a random fraction of a second after the run's last checkpoint passed a random step, so
-    that it lands mid-run (in a step, an evaluation or a checkpoint's write) however fast or loaded the
-    machine is."""
+    Each kill waits for a state, never for time, so it lands mid-run however fast or loaded the machine is:
+    the run's last checkpoint past a random step, then (by a coin toss) at once, in the steps after that
+    checkpoint, or while the next checkpoint is being written (its temporary folder exists)."""
     targets = sorted(rng.sample(range(1, iters), kills))
     launches = 0
     for i in range(kills + 1):
@@ -48,8 +48,7 @@ def run_with_kills(data: Path, out: Path, iters: int, kills: int, rng: random.Ra
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         launches += 1
         if i < kills:
-            if wait_for_step(out, targets[i], proc):
-                time.sleep(rng.uniform(0.0, 0.3))  # the random moment past the step
+            if wait_for_step(out, targets[i], proc) and (rng.random() < 0.5 or wait_for_write(out, proc)):
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGKILL)
                     proc.wait()
@@ -88,6 +87,20 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout_s: float
             proc.kill()
             raise RuntimeError(f"the run did not reach step {step} in {timeout_s:.0f} s")
         time.sleep(0.02)
+    return True
+
+
+def wait_for_write(out: Path, proc: subprocess.Popen, timeout_s: float = 600) -> bool:
+    """Poll until a checkpoint is being written (a hidden temporary folder in checkpoints/): True, or False
+    once the run has ended."""
+    deadline = time.monotonic() + timeout_s
+    while not any(p.name.startswith(".tmp-") for p in (out / CHECKPOINTS).iterdir()):
+        if proc.poll() is not None:
+            return False
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the run wrote no checkpoint in {timeout_s:.0f} s")
+        time.sleep(0.005)
     return True
 
 
