@@ -22,9 +22,7 @@ from tinygpt.device import autocast_dtype, resolve_device
 from tinygpt.errors import TinyGPTError, UsageError
 from tinygpt.infer.quantize import DTYPES, auto_dtype, quantize
 from tinygpt.init_from import Source, grow_vocab, open_source
-from tinygpt.model import GPT
 from tinygpt.rundir import RunLock, describe, holder
-from tinygpt.split_loss import loss_over
 from tinygpt.tokenizer import GPT2Tokenizer
 from tinygpt.train import loggers
 from tinygpt.train.distributed import SINGLE, Dist, for_run, from_main, meet, start_group
@@ -244,16 +242,10 @@ def load(path: str | Path, which: str = "last", device: str = "auto", warn: Log 
     ckpt = checkpoint.load(checkpoint.locate(Path(path), which, warn=warn), resolve_device(device),
                            verified=True)
     if dtype == "auto":
-        auto_dtype(ckpt, val_loss, warn or (lambda msg: None))
+        auto_dtype(ckpt, warn or (lambda msg: None))
     else:
         quantize(ckpt.model, dtype)
     return ckpt
-
-
-def val_loss(model: GPT, data: Dataset, windows: int) -> float:
-    """The mean loss over `windows` windows of data's val split, in one batch (auto_dtype's quality check)."""
-    device = model.transformer.wte.weight.device
-    return loss_over(model, data.val, windows, device, None, windows, data.packed).loss
 
 
 def trained_template(ckpt: checkpoint.Checkpoint) -> ChatTemplate | None:

@@ -20,6 +20,7 @@ from tinygpt.checkpoint import Checkpoint
 from tinygpt.data.prepare import Dataset, load_prepared
 from tinygpt.infer.kernels import Int8Linear, int8_speedup
 from tinygpt.model import GPT
+from tinygpt.split_loss import loss_over
 
 DTYPES = ("float32", "bfloat16", "int8")
 INT8_MIN_SPEEDUP = 1.2  # below this, int8's approximation is not worth it
@@ -46,10 +47,13 @@ def quantize(model: nn.Module, dtype: str) -> nn.Module:
     return model.eval()
 
 
-ValLoss = Callable[[GPT, Dataset, int], float]  # (model, prepared data, windows) -> mean val loss
+def val_loss(model: GPT, data: Dataset, windows: int) -> float:
+    """The mean loss over `windows` windows of data's val split, in one batch (auto_dtype's quality check)."""
+    device = model.transformer.wte.weight.device
+    return loss_over(model, data.val, windows, device, None, windows, data.packed).loss
 
 
-def auto_dtype(ckpt: Checkpoint, val_loss: ValLoss, log: Callable[[str], None]) -> str:
+def auto_dtype(ckpt: Checkpoint, log: Callable[[str], None]) -> str:
     """--dtype auto: int8 where a one-time probe finds it faster here and it moves the run's val perplexity
     (val_loss over a few windows) by less than 1%; otherwise float32, the exact path. Returns the choice; with
     int8, ckpt.model becomes the quantized model."""
