@@ -57,7 +57,7 @@ bench: llama-cpp
 	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 lint: setup-dev
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench docs
 	$(VENV)/bin/lint-imports
 
 clean:

@@ -26,7 +26,9 @@ import torch  # noqa: E402  (after the path set-up above, like every tinygpt imp
 from tinygpt.device import cpu_has_native_bf16  # noqa: E402  (the trainer's own test, so both agree)
 
 RESULTS = REPO / "bench" / "results.json"
-# Shared data sits next to the checkout (../shared/data), as the README's example commands assume.
+# Tiny Shakespeare ships in data/; GPT-2's ranks file does not (the README says how to get it): the benchmarks
+# look for it in ../shared/data beside the checkout, where these machines keep it.
+SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import REPO, SHARED_DATA, print_table, save_results
+from common import REPO, SHAKESPEARE, SHARED_DATA, print_table, save_results
 
 from tinygpt import run as tinygpt_run
 from tinygpt.config import SampleConfig
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         # what it trains is what counts
         demo = args.demo_run or train(Path(tmp) / "demo", "--train.dtype", "float32")
-        big = args.big_run or train(Path(tmp) / "big", "--data", str(SHARED_DATA / "tinyshakespeare.txt"),
+        big = args.big_run or train(Path(tmp) / "big", "--data", str(SHAKESPEARE),
                                     "--tokenizer",
                                     "gpt2", "--data.gpt2_ranks", str(SHARED_DATA / "gpt2.tiktoken"),
                                     *BIG_SHAPE,

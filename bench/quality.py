@@ -3,7 +3,7 @@
 It runs the real command line, so everything a user gets is measured (data preparation, the
 time-budget planner, evaluations, checkpoints):
 
-    python -m tinygpt train --data ../shared/data/tinyshakespeare.txt --tokenizer char \\
+    python -m tinygpt train --data data/tinyshakespeare.txt --tokenizer char \\
         --train.time_budget 120 --out <tmp> --overwrite [extra args]
 
 (a time budget with no model-size flag sizes the model to the budget; `-- --model.auto_size false` keeps
@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO, SHARED_DATA, OtherLoad, load_warning, save_results
+from common import REPO, SHAKESPEARE, OtherLoad, load_warning, save_results
 
-DATA = SHARED_DATA / "tinyshakespeare.txt"
+DATA = SHAKESPEARE
 GOAL_VAL_LOSS = 1.65
 
 

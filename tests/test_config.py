@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from tinygpt import config
@@ -100,3 +104,16 @@ def test_a_time_budget_without_a_size_sizes_the_model_to_it(tmp_path):
     # a size in the file counts
     assert config.resolve(None, f, {"train.time_budget": 120}).model.auto_size is False
     assert config.resolve().model.auto_size is False  # no budget, no sizing
+
+
+def test_the_field_tables_in_docs_match_the_config():
+    """docs/config.md's tables are generated from the field docstrings; a stale page fails here."""
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "docs" / "config_table.py"), "--check"])
+    assert run.returncode == 0, "docs/config.md is stale: run `python docs/config_table.py`"
+
+
+def test_the_default_recipe_stops_at_its_best_held_out_loss():
+    # Measured (docs/presets.md): val loss 1.382 at 300 steps against 1.741 at 900 on the built-in corpus.
+    cfg = config.resolve()
+    assert cfg.train.max_iters == 300 and cfg.train.time_budget is None and cfg.train.epochs is None

@@ -143,7 +143,7 @@ def test_decode_rejects_ids_outside_vocab(trained: dict[str, Tokenizer]) -> None
 def test_gpt2_matches_reference_counts(trained: dict[str, Tokenizer]) -> None:
     tok = trained["gpt2"]
     assert tok.encode("Hello world") == [15496, 995]
-    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    text = (Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
     split = int(0.9 * len(text))
     assert (len(tok.encode(text[:split])), len(tok.encode(text[split:]))) == (301_966, 36_059)
 

@@ -74,7 +74,7 @@ class ModelConfig:
     auto_size: bool = False
     """With train.time_budget: replace n_layer, n_embd and n_head by the size that learns most in the budget
     on
-    this machine, chosen from a ladder of shapes by timing a few steps of each (the README says how)."""
+    this machine, chosen from a ladder of shapes by timing a few steps of each (docs/config.md says how)."""
 
 
 @dataclass

@@ -31,7 +31,7 @@ PRESETS: dict[str, Preset] = {
         "The default. A 2M-parameter GPT with today's choices: rotary positions, RMSNorm, no biases, SwiGLU "
         "MLP, QK-norm, zero-initialised output projections, untied head, the Muon optimizer for the blocks' "
         "matrices, a warmup-stable-decay schedule, and a "
-        "byte-level BPE tokenizer (2048 ids) trained on your data. See the README for why each is there.",
+        "byte-level BPE tokenizer (2048 ids) trained on your data. docs/presets.md says why each is there.",
         {
             "model": dict(SMALL, bias=False, pos="rope", norm="rmsnorm", norm_placement="pre", mlp="swiglu",
                           tie_weights=False, head="linear", attn="sdpa", qk_norm=True, zero_init_proj=True),
