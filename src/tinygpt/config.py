@@ -100,7 +100,25 @@ class DataConfig:
     gpt2_ranks: str | None = None
     """Local gpt2.tiktoken ranks file for offline use (else $TINYGPT_GPT2_RANKS, else tiktoken downloads)."""
     val_fraction: float = 0.1
-    """Share of the corpus (its tail) held out for validation."""
+    """Share of the corpus (its tail, by position in the input files) held out for validation."""
+    suffixes: str = ""
+    """Extra file suffixes that count as text in a data folder, comma-separated (e.g. .py,.c); .txt, .md,
+    .text and .rst always do, compressed (.gz, .xz, .zst) or not."""
+    text_field: str = "text"
+    """The text of each record in JSONL, Parquet and Hugging Face datasets."""
+    tokenizer_sample: int = 64_000_000
+    """Bytes of text that trained tokenizers (bpe, sentencepiece) learn from: whole documents drawn at
+    random (seeded) when the corpus is larger, so memory stays bounded."""
+    on_error: Literal["error", "skip"] = "error"
+    """A document that cannot be read (binary, invalid UTF-8, a JSONL line that is not JSON or lacks the
+    field): stop with its file and position, or skip it and count it."""
+    workers: int = 0
+    """Processes that tokenize in parallel; 0 means one per CPU core."""
+    chunk_bytes: int = 4_000_000
+    """Text is read and tokenized in pieces of about this size (cut at line starts), so memory does not
+    grow with the corpus."""
+    shard_tokens: int = 50_000_000
+    """Tokens per shard file of a prepared dataset; a killed prepare continues from its last whole shard."""
 
 
 @dataclass
@@ -456,7 +474,8 @@ def validate(cfg: Config) -> None:
     positive = {
         "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
         "model.block_size": m.block_size, "data.vocab_size": data.vocab_size,
-        "train.max_iters": t.max_iters, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
+        "data.tokenizer_sample": data.tokenizer_sample, "data.chunk_bytes": data.chunk_bytes,
+        "data.shard_tokens": data.shard_tokens, "train.max_iters": t.max_iters, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
         "train.eval_interval": t.eval_interval, "train.eval_iters": t.eval_iters,
         "train.checkpoint_interval": t.checkpoint_interval,
     }
@@ -481,6 +500,8 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"rope needs an even head size, got n_embd/n_head = {m.n_embd // m.n_head}")
     if not 0 <= m.dropout < 1:
         raise UsageError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if data.workers < 0:
+        raise UsageError(f"data.workers must be 0 (one per core) or more, got {data.workers}")
     if not 0 < data.val_fraction < 1:
         raise UsageError(f"data.val_fraction must be between 0 and 1 (exclusive), got {data.val_fraction}")
     if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):

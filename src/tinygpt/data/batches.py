@@ -15,9 +15,31 @@ import torch
 
 @dataclass
 class Split:
-    tokens: np.ndarray  # memory-mapped token ids
+    tokens: np.ndarray | TokenStream  # memory-mapped token ids
     mask: np.ndarray | None = None  # dialog data: 1 where the token is a training target
     segments: np.ndarray | None = None  # dialog data: which packed piece of its row each token belongs to
+
+
+class TokenStream:
+    """Shard files read as one token stream: windows may span the end of a shard (shards are only cuts of
+    one stream, made at a fixed size)."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+        self.dtype = parts[0].dtype
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: np.ndarray) -> np.ndarray:
+        index = np.asarray(index)
+        which = np.searchsorted(self.offsets, index, side="right") - 1
+        out = np.empty(index.shape, dtype=self.dtype)
+        for k in np.unique(which):
+            chosen = which == k
+            out[chosen] = self.parts[k][index[chosen] - self.offsets[k]]
+        return out
 
 
 def windows(split: Split, starts: np.ndarray,

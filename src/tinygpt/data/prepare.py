@@ -20,53 +20,19 @@ from pathlib import Path
 import numpy as np
 
 from tinygpt.config import Config, DataConfig
-from tinygpt.data.batches import Split
+from tinygpt.data import stream
+from tinygpt.data.batches import Split, TokenStream
 from tinygpt.data.corpus import builtin_conversations
 from tinygpt.data.dialogs import Conversation, Message, detect_format, read_dialogs, write_dialogs
-from tinygpt.data.files import read_corpus
+from tinygpt.data.shards import ShardWriter, shard_files, token_blocks, token_inputs
+from tinygpt.data.sources import is_dataset_folder
 from tinygpt.data.templates import TEMPLATES, ChatTemplate
-from tinygpt.errors import TinyGPTError
+from tinygpt.errors import TinyGPTError, UsageError
 from tinygpt.rundir import atomic_folder
 from tinygpt.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 
 BUILTIN = "the built-in chat corpus"
-CACHE_VERSION = 2  # bump when the token-file layout or the splitting rule changes
-
-
-def split_documents(docs: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """Split at the character that leaves val_fraction of the corpus as the tail, cutting the
-    document the boundary falls in (for one file this is the usual text[:n] / text[n:] split)."""
-    total = sum(len(d) for d in docs)
-    cut = int(total * (1 - val_fraction))
-    train: list[str] = []
-    val: list[str] = []
-    seen = 0
-    for d in docs:
-        if seen + len(d) <= cut:
-            train.append(d)
-        elif seen >= cut:
-            val.append(d)
-        else:
-            train.append(d[: cut - seen])
-            val.append(d[cut - seen:])
-        seen += len(d)
-    return [d for d in train if d], [d for d in val if d]
-
-
-def encode_documents(tok: Tokenizer, docs: Sequence[str]) -> np.ndarray:
-    """Token ids of the documents, separated by end-of-text."""
-    ids: list[int] = []
-    for i, d in enumerate(docs):
-        if i:
-            ids.append(tok.eot_id)
-        ids.extend(tok.encode(d))
-    return np.asarray(ids, dtype=token_dtype(tok.vocab_size))
-
-
-def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
-    """The smallest unsigned type that holds every id: token files are read once per epoch, so half the bytes
-    count."""
-    return np.uint16 if vocab_size <= 2**16 else np.uint32
+CACHE_VERSION = 3  # bump when the token-file layout or the splitting rule changes
 
 
 # ---------------------------------------------------------------- the prepared dataset
@@ -107,6 +73,10 @@ def load_prepared(folder: Path) -> Dataset:
     dtype = np.dtype(meta["dtype"])
 
     def split(name: str) -> Split:
+        if "format" in meta:  # shards (stream.py), read as one stream
+            parts = [np.memmap(f, dtype=dtype, mode="r") for f in shard_files(folder, name)]
+            return Split(parts[0] if len(parts) == 1 else TokenStream(parts))
+
         def optional(suffix: str) -> np.ndarray | None:
             f = folder / f"{name}_{suffix}.bin"
             return np.memmap(f, dtype=np.uint8, mode="r") if f.exists() else None
@@ -135,33 +105,80 @@ def _cached(key: str, describe: str, build: Callable[[Path], dict], log) -> Data
     return load_prepared(dest)
 
 
-def _train_tokenizer(cfg: DataConfig, texts: list[str], specials: Sequence[str]) -> Tokenizer:
-    return build_tokenizer(cfg.tokenizer, texts, vocab_size=cfg.vocab_size, special_tokens=specials,
-                           gpt2_ranks=cfg.gpt2_ranks, sp_model_type=cfg.sp_model_type)
+def prepare_text(cfg: DataConfig, path: Path, log=print, tokenizer: Tokenizer | None = None) -> Dataset:
+    """A text corpus (file, folder, JSONL, Parquet, dataset folder) tokenized into the cache and loaded. The
+    cache key is the files' names, sizes and modification times with the settings, so a corpus is read only
+    to be tokenized (a killed preparation continues where it stopped on the next run)."""
+    key = _cache_key(cfg, stream.settings_of(cfg, path, tokenizer, ()))
+    dest = cache_root() / "data" / key[:24]
+    if (dest / "meta.json").exists():
+        log(f"data: reusing {path}, prepared in {dest}")
+        return load_prepared(dest)
+    log(f"data: preparing {path} ({cfg.tokenizer} tokenizer) in {dest}")
+    stream.prepare_corpus(cfg, path, dest, log, tokenizer)
+    return load_prepared(dest)
 
 
-def prepare_text(cfg: DataConfig, docs: Sequence[str], source: str, special_tokens: Sequence[str] = (),
-            log=print, tokenizer: Tokenizer | None = None) -> Dataset:
-    """Tokenize text documents (train = all but the tail, val = the tail) into the cache and load them."""
-    train_docs, val_docs = split_documents(docs, cfg.val_fraction)
-    if not train_docs or not val_docs:
-        raise TinyGPTError(f"{source} is too short to split into train and val parts")
+def is_text_records(path: Path, fmt: str, field: str) -> bool:
+    """Whether JSONL or a dataset folder holds documents (a `field` string per record) rather than
+    conversations (a "messages" list)."""
+    if fmt == "hf" and path.is_dir() and is_dataset_folder(path):
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = next(iter(ds.values()))
+        names = ds.column_names
+        return field in names and "messages" not in names
+    first = path if path.is_file() else min(path.glob("*.jsonl"), default=None) if path.is_dir() else None
+    if fmt not in ("jsonl", "dialogs-folder") or first is None or first.suffix != ".jsonl":
+        return False
+    with first.open("rb") as f:
+        line = next((x for x in f if x.strip()), b"{}")
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and isinstance(record.get(field), str) and "messages" not in record
+
+
+def prepared_folder(path: Path, tokenizer: Tokenizer | None) -> Dataset:
+    """A folder written by `tinygpt prepare` (or a run's data folder), used as it is."""
+    ds = load_prepared(path)
+    if tokenizer is not None and ds.tokenizer.fingerprint() != tokenizer.fingerprint():
+        raise TinyGPTError(f"{path} was prepared with another tokenizer than this run's; prepare the corpus "
+                           "again from its text (tinygpt eval --data TEXT)")
+    return ds
+
+
+def prepare_tokens(cfg: DataConfig, path: Path, found: dict, log, tokenizer: Tokenizer | None) -> Dataset:
+    """Already tokenized data (nanoGPT's train.bin/val.bin, llm.c shards), GPT-2 ids as uint16, copied into
+    shards in the cache."""
+    if (tokenizer.kind if tokenizer else cfg.tokenizer) != "gpt2":
+        raise UsageError(f"{path} holds GPT-2 token ids: give --tokenizer gpt2")
+    if not found["val"]:
+        raise TinyGPTError(f"{path} has no validation tokens (a val.bin, or a shard with 'val' in its name)")
+    files = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for fs in found.values() for f, _ in fs]
 
     def build(folder: Path) -> dict:
-        tok = tokenizer or _train_tokenizer(cfg, list(docs), special_tokens)
+        tok = tokenizer or build_tokenizer("gpt2", [], gpt2_ranks=cfg.gpt2_ranks)
         tok.save(folder / "tokenizer")
-        train, val = encode_documents(tok, train_docs), encode_documents(tok, val_docs)
-        train.tofile(folder / "train.bin")
-        val.tofile(folder / "val.bin")
-        return dict(source=source, dtype=train.dtype.name, vocab_size=tok.vocab_size, tokenizer=tok.kind,
-                    train_tokens=len(train), val_tokens=len(val), characters=sum(map(len, docs)),
-                    val_bytes=sum(len(d.encode()) for d in val_docs))
+        sizes = {}
+        for split, parts in found.items():
+            writer = ShardWriter(folder, split, cfg.shard_tokens, np.dtype(np.uint16))
+            for f, offset in parts:
+                for block in token_blocks(f, offset, np.dtype(np.uint16)):
+                    if len(block) and int(block.max()) >= tok.vocab_size:
+                        raise TinyGPTError(f"{f} holds id {int(block.max())}, outside GPT-2's "
+                                           f"{tok.vocab_size} ids")
+                    writer.write(block)
+            writer.close()
+            sizes.update({f"{split}_tokens": writer.tokens, f"{split}_shards": writer.shards})
+        return dict(format=stream.FORMAT, source=str(path), dtype="uint16", vocab_size=tok.vocab_size,
+                    tokenizer=tok.kind, **sizes)
 
-    key = _cache_key(cfg, [hashlib.sha256(d.encode()).hexdigest() for d in docs],
-                     specials=list(special_tokens),
-                     given_tokenizer=tokenizer and tokenizer.fingerprint())
-    return _cached(key, f"{source} ({sum(map(len, docs)):,} characters, {cfg.tokenizer} tokenizer)", build,
-                   log)
+    key = _cache_key(cfg, files, tokens=True)
+    return _cached(key, f"{path} (GPT-2 token ids)", build, log)
 
 
 def split_conversations(convs: Sequence[Conversation], val_fraction: float) -> tuple[list, list]:
@@ -242,7 +259,9 @@ def prepare_dialogs(cfg: DataConfig, convs: Sequence[Conversation], source: str,
         texts = [m.content for c in convs for m in c] + markup + [template.begin, template.end]
         # A given tokenizer (a run being finetuned or evaluated) may predate the template: add its markers.
         tok = tokenizer.with_specials(template.specials) if tokenizer else \
-            _train_tokenizer(cfg, [t for t in texts if t], template.specials)
+            build_tokenizer(cfg.tokenizer, [t for t in texts if t], vocab_size=cfg.vocab_size,
+                            special_tokens=template.specials, gpt2_ranks=cfg.gpt2_ranks,
+                            sp_model_type=cfg.sp_model_type)
         tok.save(folder / "tokenizer")
         meta: dict = dict(source=source, builtin=source == BUILTIN, packed=True, window=window,
                           chat_template=template.name,
@@ -254,7 +273,7 @@ def prepare_dialogs(cfg: DataConfig, convs: Sequence[Conversation], source: str,
                 pieces += p
                 cut += n
             ids, mask, segments = pack(pieces, window, tok.eot_id)
-            ids = ids.astype(token_dtype(tok.vocab_size))
+            ids = ids.astype(stream.token_dtype(tok.vocab_size))
             ids.tofile(folder / f"{name}.bin")
             mask.tofile(folder / f"{name}_mask.bin")
             segments.tofile(folder / f"{name}_segments.bin")
@@ -299,9 +318,14 @@ def prepare(cfg: Config, log=print, tokenizer: Tokenizer | None = None) -> Datas
     if d.path is None:
         return prepare_dialogs(d, builtin_conversations(seed=0), BUILTIN, cfg.model.block_size, log,
                                tokenizer)
-    fmt = detect_format(d.path) if d.format == "auto" else d.format
-    if fmt == "text":
-        return prepare_text(d, read_corpus(d.path), str(d.path), log=log, tokenizer=tokenizer)
+    path = Path(d.path).expanduser()
+    if (path / "meta.json").is_file():
+        return prepared_folder(path, tokenizer)
+    if (found := token_inputs(path)) is not None:
+        return prepare_tokens(d, path, found, log, tokenizer)
+    fmt = detect_format(path) if d.format == "auto" else d.format
+    if fmt == "text" or is_text_records(path, fmt, d.text_field):
+        return prepare_text(d, path, log=log, tokenizer=tokenizer)
     return prepare_dialogs(d, read_dialogs(d.path, fmt), str(d.path), cfg.model.block_size, log, tokenizer)
 
 

@@ -1,0 +1,326 @@
+"""Preparing a text corpus of any size: streamed, tokenized on every core, written to shards as it goes.
+
+Memory does not grow with the corpus: the input is read in pieces (sources.py), at most two pieces per
+worker are in flight, and tokens go straight to shard files (shards.py). Two passes at most: trained
+tokenizers first read the corpus once for their sample (char: its alphabet), then it is tokenized.
+
+The validation split is the tail of the input, by position in the files on disk (their sizes are known
+before reading, so no second pass is needed): plain text is cut at the exact byte (for a single file or a
+folder this is the rule tinygpt always had: the last `val_fraction` of the text, the document it falls in
+cut in two), while JSONL, Parquet, compressed files and datasets send each whole document to the split
+where it starts.
+
+A prepare works in `DIR.partial` and renames it to DIR when done; after each whole shard it notes where the
+input stood (progress.json), so running it again after a kill continues from the last whole shard and
+writes the same bytes as a run that was never stopped.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from tinygpt.config import DataConfig
+from tinygpt.data import sources
+from tinygpt.data.shards import ShardWriter
+from tinygpt.errors import TinyGPTError
+from tinygpt.rundir import atomic_file
+from tinygpt.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
+
+FORMAT = 1  # the prepared-folder layout; meta.json says which
+Item = tuple[str, bool, str]  # (split, starts a document, text)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned type that holds every id: shards are read once per epoch, so half the bytes
+    count."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+# ---------------------------------------------------------------- the tokenizer
+
+def sample_texts(pieces: Iterator[sources.Piece], budget: int, seed: int = 0) -> list[str]:
+    """At most `budget` bytes of pieces, whole ones, each equally likely to be kept (a bottom-k sample by a
+    seeded random key, so one pass and bounded memory); kept in reading order. All of them when the corpus
+    is smaller than the budget."""
+    rng, heap, size = random.Random(seed), [], 0  # heap of (-key, ordinal, text): the largest key on top
+    for i, p in enumerate(pieces):
+        heapq.heappush(heap, (-rng.random(), i, p.text))
+        size += len(p.text.encode())
+        while size > budget and len(heap) > 1:
+            size -= len(heapq.heappop(heap)[2].encode())
+    return [text for _, _, text in sorted(heap, key=lambda e: e[1])]
+
+
+def train_tokenizer(d: DataConfig, pieces: Callable[[], Iterator[sources.Piece]],
+                    specials: Sequence[str], log) -> Tokenizer:
+    """A new tokenizer of kind d.tokenizer for the corpus (gpt2 reads nothing)."""
+    texts: list[str] = []
+    if d.tokenizer == "char":  # every character of the corpus, streamed
+        alphabet: set[str] = set()
+        for p in pieces():
+            alphabet.update(p.text)
+        texts = ["".join(alphabet)]
+    elif d.tokenizer != "gpt2":
+        log(f"data: training the {d.tokenizer} tokenizer on up to {d.tokenizer_sample / 1e6:,.0f} MB of the "
+            "corpus")
+        texts = sample_texts(pieces(), d.tokenizer_sample)
+    return build_tokenizer(d.tokenizer, texts, vocab_size=d.vocab_size, special_tokens=specials,
+                           gpt2_ranks=d.gpt2_ranks, sp_model_type=d.sp_model_type)
+
+
+# ---------------------------------------------------------------- routing and tokenizing
+
+def route(pieces: Iterator[sources.Piece], cut: int) -> Iterator[Item]:
+    """Each piece to train or val: val is everything from position `cut` on; plain text is cut at that byte
+    (moved forward to a character boundary)."""
+    for p in pieces:
+        end = p.start + (len(p.raw) if p.raw is not None else 0)
+        if p.start >= cut:
+            yield "val", p.new_doc, p.text
+        elif p.raw is None or end <= cut:
+            yield "train", p.new_doc, p.text
+        else:
+            k = cut - p.start
+            while k < len(p.raw) and p.raw[k] & 0xC0 == 0x80:
+                k += 1
+            head, tail = p.raw[:k].decode("utf-8"), p.raw[k:].decode("utf-8")
+            if head:
+                yield "train", p.new_doc, head
+            if tail:
+                yield "val", p.new_doc and not head, tail
+
+
+def tasks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
+    """Items grouped into tasks of about `size` characters: what one worker tokenizes at a time."""
+    task: list[Item] = []
+    chars = 0
+    for item in items:
+        task.append(item)
+        chars += len(item[2])
+        if chars >= size:
+            yield task
+            task, chars = [], 0
+    if task:
+        yield task
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _start_worker(tokenizer_dir: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = load_tokenizer(tokenizer_dir)
+
+
+def _encode_task(texts: list[str], dtype: str) -> list[np.ndarray]:
+    assert _worker_tokenizer is not None
+    return [np.asarray(_worker_tokenizer.encode(t), dtype=dtype) for t in texts]
+
+
+def encoded(work: Iterator[tuple[int, list[Item]]], tokenizer_dir: Path, dtype: np.dtype,
+            workers: int) -> Iterator[tuple[int, list[Item], list[np.ndarray]]]:
+    """(task number, items, their ids) in order, tokenized by `workers` processes (in this one for 1), with
+    at most two tasks per worker in flight so memory stays bounded."""
+    _start_worker(str(tokenizer_dir))
+    if workers == 1:
+        for t, items in work:
+            yield t, items, _encode_task([i[2] for i in items], dtype.name)
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers: HF tokenizers' threads
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with ctx.Pool(workers, _start_worker, (str(tokenizer_dir),)) as pool:
+        inflight: deque = deque()
+        for t, items in work:
+            inflight.append((t, items, pool.apply_async(_encode_task, ([i[2] for i in items], dtype.name))))
+            if len(inflight) >= 2 * workers:
+                t0, items0, result = inflight.popleft()
+                yield t0, items0, result.get()
+        while inflight:
+            t0, items0, result = inflight.popleft()
+            yield t0, items0, result.get()
+
+
+def worker_count(d: DataConfig, total: int) -> int:
+    """d.workers, or one per usable core; one for a corpus of a piece or two, where starting a pool costs
+    more than it saves."""
+    if total <= 2 * d.chunk_bytes:
+        return 1
+    if d.workers:
+        return d.workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------- writing, and continuing after a kill
+
+class Writing:
+    """The token stream's way into the shards: end-of-text ids between documents, the first `skip` ids of
+    the task a continued prepare starts in left out (they are in its whole shards already), progress.json
+    written after every whole shard."""
+
+    def __init__(self, folder: Path, d: DataConfig, tok: Tokenizer, settings: dict, resume: dict | None):
+        self.folder, self.settings, self.eot = folder, settings, np.asarray([tok.eot_id])
+        self.resume = resume or {"task": 0, "skip": 0, "started": {"train": False, "val": False},
+                                 "splits": {"train": [0, 0], "val": [0, 0]}}
+        dtype = token_dtype(tok.vocab_size)
+        self.writers = {s: ShardWriter(folder, s, d.shard_tokens, dtype, *self.resume["splits"][s],
+                                       on_shard=self._saved) for s in ("train", "val")}
+        self.started = dict(self.resume["started"])
+        self.task, self.offset, self.started_at_task = 0, 0, dict(self.started)
+
+    def _saved(self, consumed: int = 0) -> None:
+        state = {"settings": self.settings, "task": self.task, "skip": self.offset + consumed,
+                 "started": self.started_at_task,
+                 "splits": {s: [w.shards, w.tokens] for s, w in self.writers.items()}}
+        with atomic_file(self.folder / "progress.json") as tmp:
+            tmp.write_text(json.dumps(state))
+
+    def add(self, t: int, items: list[Item], arrays: list[np.ndarray]) -> None:
+        """One tokenized task, in order."""
+        self.task, self.offset, self.started_at_task = t, 0, dict(self.started)
+        skip = self.resume["skip"] if t == self.resume["task"] else 0
+        for (split, new_doc, _), ids in zip(items, arrays):
+            if not len(ids):
+                continue
+            if split == "val" and self.writers["train"].file is not None:  # the tail rule: train is done
+                self.writers["train"].close()
+                self._saved()
+            parts = [self.eot, ids] if new_doc and self.started[split] else [ids]
+            self.started[split] = True
+            for arr in parts:
+                if self.offset + len(arr) <= skip:
+                    self.offset += len(arr)
+                    continue
+                arr = arr[max(0, skip - self.offset):]
+                self.offset = max(self.offset, skip)
+                self.writers[split].write(arr)
+                self.offset += len(arr)
+
+    def close(self) -> dict[str, int]:
+        for w in self.writers.values():
+            w.close()
+        return {f"{s}_{k}": v for s, w in self.writers.items() for k, v in (("tokens", w.tokens),
+                                                                              ("shards", w.shards))}
+
+
+def _continued(partial: Path, settings: dict, log) -> dict | None:
+    """What a killed prepare of the same corpus and settings left in `partial`, or None (starting over)."""
+    try:
+        state = json.loads((partial / "progress.json").read_text())
+    except (OSError, ValueError):
+        state = None
+    if state and state.get("settings") == settings and (partial / "tokenizer").is_dir():
+        whole = sum(n for n, _ in state["splits"].values())
+        log(f"data: continuing the prepare in {partial} from its {whole} whole shard(s)")
+        return state
+    if partial.exists():
+        log(f"data: starting over: {partial} holds no resumable prepare of these settings")
+        shutil.rmtree(partial)
+    return None
+
+
+def corpus(path: Path, d: DataConfig, problems: sources.Problems) -> tuple[int, Callable[[], Iterator]]:
+    """(size of the input on disk, a function that starts reading it as pieces)."""
+    if path.is_dir() and sources.is_dataset_folder(path):
+        return sources.dataset_size(path), lambda: sources.dataset_pieces(path, d.text_field)
+    files = sources.corpus_files(path, sources.suffixes(d.suffixes))
+    return sum(f.stat().st_size for f in files), lambda: sources.file_pieces(files, d, problems)
+
+
+def settings_of(d: DataConfig, path: Path, tokenizer: Tokenizer | None, specials: Sequence[str]) -> dict:
+    """Everything the shards depend on: a continued prepare must have the same."""
+    keys = ("tokenizer", "vocab_size", "sp_model_type", "val_fraction", "suffixes", "text_field",
+            "tokenizer_sample", "on_error", "chunk_bytes", "shard_tokens")
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    return {"format": FORMAT, **{k: getattr(d, k) for k in keys}, "specials": list(specials),
+            "given_tokenizer": tokenizer.fingerprint() if tokenizer else None,
+            "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
+def prepare_corpus(d: DataConfig, path: Path, dest: Path, log, tokenizer: Tokenizer | None = None,
+                   specials: Sequence[str] = ()) -> dict:
+    """Tokenize the text corpus at `path` into the prepared folder `dest` (which must not exist yet) and
+    return its meta. With `tokenizer`, encode with it instead of training one."""
+    began = time.monotonic()
+    problems = sources.Problems(d.on_error)
+    total, pieces = corpus(path, d, problems)
+    settings = settings_of(d, path, tokenizer, specials)
+    partial = dest.with_name(dest.name + ".partial")
+    resume = _continued(partial, settings, log)
+    partial.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(partial / "tokenizer") if resume else \
+        tokenizer or train_tokenizer(d, pieces, specials, log)
+    if not resume:
+        tok.save(partial / "tokenizer")
+    writing = Writing(partial, d, tok, settings, resume)
+    workers = worker_count(d, total)
+    try:
+        documents = _tokenize(writing, pieces, total, d, workers)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise TinyGPTError(f"the disk is full ({partial}): the whole shards written so far are kept; free "
+                           "space and run the same command again to continue") from None
+    sizes = writing.close()
+    if not sizes["train_tokens"] or not sizes["val_tokens"]:
+        shutil.rmtree(partial)
+        raise TinyGPTError(f"{path} is too short to split into train and val parts (val is the last "
+                           f"{d.val_fraction:.0%} of the input)")
+    meta = dict(format=FORMAT, source=str(path), dtype=token_dtype(tok.vocab_size).name,
+                vocab_size=tok.vocab_size, tokenizer=tok.kind, **sizes, **documents, input_bytes=total,
+                skipped_documents=problems.skipped, val_rule="tail", workers=workers,
+                seconds=round(time.monotonic() - began, 1))
+    (partial / "progress.json").unlink(missing_ok=True)
+    (partial / "meta.json").write_text(json.dumps(meta, indent=2))
+    partial.rename(dest)
+    log(summary(meta, problems))
+    return meta
+
+
+def _tokenize(writing: Writing, pieces: Callable[[], Iterator[sources.Piece]], total: int, d: DataConfig,
+              workers: int) -> dict[str, int]:
+    """Read, route, tokenize and write the whole corpus (tasks a continued prepare has written already are
+    read and routed but not tokenized), with a progress bar on stderr; returns the document counts."""
+    counts = {"train_documents": 0, "val_documents": 0}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=None, leave=False) as bar:
+        def watched() -> Iterator[sources.Piece]:
+            for p in pieces():
+                bar.update(max(0, p.start - bar.n))
+                yield p
+
+        def counted() -> Iterator[Item]:
+            for item in route(watched(), int(total * (1 - d.val_fraction))):
+                counts[f"{item[0]}_documents"] += item[1]
+                yield item
+
+        start = writing.resume["task"]
+        work = ((t, items) for t, items in enumerate(tasks(counted(), d.chunk_bytes)) if t >= start)
+        tokenizer_dir = writing.folder / "tokenizer"
+        for t, items, arrays in encoded(work, tokenizer_dir, writing.writers["train"].dtype, workers):
+            writing.add(t, items, arrays)
+            bar.set_postfix(tokens=f"{sum(w.tokens for w in writing.writers.values()):,}", refresh=False)
+    return counts
+
+
+def summary(meta: dict, problems: sources.Problems) -> str:
+    tokens = meta["train_tokens"] + meta["val_tokens"]
+    seconds, size = max(meta["seconds"], 1e-3), meta["input_bytes"]
+    line = (f"data: {meta['train_documents'] + meta['val_documents']:,} documents, {tokens:,} tokens "
+            f"({tokens / max(1, size):.3f} per byte) in {seconds:.1f} s ({size / 1e6 / seconds:.1f} MB/s, "
+            f"{meta['workers']} worker(s))")
+    if problems.skipped:
+        line += f"; skipped {problems.skipped} bad document(s), the first: {problems.first}"
+    return line
