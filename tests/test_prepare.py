@@ -6,52 +6,41 @@ import pytest
 
 from conftest import A, S, U, tok_for
 from tinygpt.config import DataConfig
-from tinygpt.data import batches, files, prepare
+from tinygpt.data import batches, prepare, stream
 from tinygpt.data.templates import TEMPLATES
 from tinygpt.errors import TinyGPTError
-from tinygpt.tokenizer import build_tokenizer
-
-
-def test_split_takes_the_tail_as_val():
-    assert prepare.split_documents(["abcdefghij"], 0.1) == (["abcdefghi"], ["j"])
-    train, val = prepare.split_documents(["aaaa", "bbbb", "cc"], 0.3)  # 10 chars, cut at 7
-    assert train == ["aaaa", "bbb"] and val == ["b", "cc"]
-
-
-def test_documents_are_joined_by_end_of_text():
-    tok = build_tokenizer("char", ["ab"])
-    ids = prepare.encode_documents(tok, ["ab", "ba"])
-    assert ids.dtype == np.uint16
-    assert ids.tolist() == [0, 1, tok.eot_id, 1, 0]
 
 
 def test_prepare_writes_memmaps_and_reuses_the_cache(text_file, tmp_path, monkeypatch):
     cfg = DataConfig(tokenizer="char")
-    docs = files.read_corpus(text_file)
-    ds = prepare.prepare_text(cfg, docs, str(text_file), log=lambda m: None)
+    ds = prepare.prepare_text(cfg, text_file, log=lambda m: None)
     assert isinstance(ds.train.tokens,
                       np.memmap) and ds.train.tokens.dtype == np.uint16 and ds.train.mask is None
-    text = docs[0]
-    cut = int(len(text) * 0.9)
+    text = text_file.read_text()
+    cut = int(len(text) * 0.9)  # the tail of the text is val
     assert ds.tokenizer.decode(ds.train.tokens.tolist()) == text[:cut]
     assert ds.tokenizer.decode(ds.val.tokens.tolist()) == text[cut:]
 
     def no_retokenizing(*a, **k):
         raise AssertionError("tokenized again despite the cache")
-    monkeypatch.setattr(prepare, "build_tokenizer", no_retokenizing)
+    monkeypatch.setattr(stream, "prepare_corpus", no_retokenizing)
     messages = []
-    again = prepare.prepare_text(cfg, docs, str(text_file), log=messages.append)
+    again = prepare.prepare_text(cfg, text_file, log=messages.append)
     assert "reusing" in messages[0] and np.array_equal(again.train.tokens, ds.train.tokens)
     own = prepare.copy_to(again, tmp_path / "run" / "data")
-    assert (tmp_path / "run" / "data" / "train.bin").exists() and np.array_equal(own.val.tokens,
-                                                                                 ds.val.tokens)
+    assert (tmp_path / "run" / "data" / "train_000000.bin").exists() and np.array_equal(own.val.tokens,
+                                                                                        ds.val.tokens)
 
 
 def test_short_corpus_is_refused(tmp_path):
     cfg = DataConfig(tokenizer="char")
-    ds = prepare.prepare_text(cfg, ["just a few words here"], "tiny.txt", log=lambda m: None)
+    (tmp_path / "tiny.txt").write_text("just a few words here")
+    ds = prepare.prepare_text(cfg, tmp_path / "tiny.txt", log=lambda m: None)
     with pytest.raises(TinyGPTError, match="shorter than one training window"):
         prepare.check_length(ds, block_size=64)
+    (tmp_path / "blank.txt").write_text("\n\n")
+    with pytest.raises(TinyGPTError, match="is empty"):
+        prepare.prepare_text(cfg, tmp_path / "blank.txt", log=lambda m: None)
 
 
 def test_long_conversations_split_between_exchanges_and_pack_without_crossing_rows():

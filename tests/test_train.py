@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from tinygpt import checkpoint, config
-from tinygpt.data import files, prepare
+from tinygpt.data import prepare
 from tinygpt.errors import TinyGPTError
 from tinygpt.model import GPT
 from tinygpt.train.loop import Trainer, train
@@ -24,7 +24,7 @@ def tiny_config(**train_overrides):
 
 
 def prepared(text_file, cfg, run_dir):
-    ds = prepare.prepare_text(cfg.data, files.read_corpus(text_file), str(text_file), log=lambda m: None)
+    ds = prepare.prepare_text(cfg.data, text_file, log=lambda m: None)
     cfg.model.vocab_size = ds.tokenizer.vocab_size
     return prepare.copy_to(ds, run_dir / "data")
 

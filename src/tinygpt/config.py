@@ -475,7 +475,8 @@ def validate(cfg: Config) -> None:
         "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
         "model.block_size": m.block_size, "data.vocab_size": data.vocab_size,
         "data.tokenizer_sample": data.tokenizer_sample, "data.chunk_bytes": data.chunk_bytes,
-        "data.shard_tokens": data.shard_tokens, "train.max_iters": t.max_iters, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
+        "data.shard_tokens": data.shard_tokens,
+        "train.max_iters": t.max_iters, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
         "train.eval_interval": t.eval_interval, "train.eval_iters": t.eval_iters,
         "train.checkpoint_interval": t.checkpoint_interval,
     }

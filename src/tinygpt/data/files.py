@@ -1,6 +1,6 @@
 """Reading files from disk: the one place that decides what counts as text and which files a folder holds.
 
-Both the text reader (prepare) and the dialog readers (dialogs) start here, so neither imports the other.
+Both the corpus reader (sources) and the dialog readers (dialogs) start here, so neither imports the other.
 """
 
 from __future__ import annotations
@@ -33,20 +33,3 @@ def read_text_file(path: Path) -> str:
         raise TinyGPTError(f"{path} is not valid UTF-8 (bad byte at offset {e.start}); "
                            "convert it, e.g. `iconv -f latin1 -t utf-8`") from None
     return text
-
-
-def read_corpus(path: str | Path) -> list[str]:
-    """The documents of a text file (one document) or of a folder of text files (one each, sorted by name)."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise TinyGPTError(f"data path {p} does not exist")
-    if p.is_dir():
-        files = [f for f in visible_files(p) if f.suffix.lower() in TEXT_SUFFIXES]
-        if not files:
-            raise TinyGPTError(f"folder {p} has no text files ({', '.join(TEXT_SUFFIXES)})")
-    else:
-        files = [p]
-    docs = [t for t in (read_text_file(f) for f in files) if t.strip()]
-    if not docs:
-        raise TinyGPTError(f"{p} is empty: there is no text to train on")
-    return docs
