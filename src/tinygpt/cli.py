@@ -21,6 +21,7 @@ from tinygpt import config, presets, rundir
 from tinygpt import run as tinygpt_run
 from tinygpt.checkpoint import Checkpoint
 from tinygpt.config import SAMPLE_RANGES, sample_settings
+from tinygpt.data.prepare import prepare_dataset
 from tinygpt.errors import Interrupted, TinyGPTError, UsageError
 from tinygpt.evaluate import evaluate_run
 from tinygpt.export import gguf as gguf_export
@@ -136,6 +137,48 @@ def cmd_train(argv: list[str]) -> int:
     if dist.main:
         log(f"done. Next:\n  tinygpt sample --run {run.dir}\n  tinygpt report {run.dir}   # loss curves, "
             "figures and samples")
+    return 0
+
+
+# ---------------------------------------------------------------- prepare
+
+PREPARE_EXAMPLES = """examples:
+  tinygpt prepare --data corpus/ --tokenizer gpt2 --out data/corpus   # then: tinygpt train --data data/corpus
+  tinygpt prepare --data code/ --data.suffixes .py,.c --tokenizer bpe --out data/code
+  tinygpt prepare --data docs.jsonl.gz --data.text_field body --tokenizer gpt2 --out data/docs
+  tinygpt prepare --data fineweb10B/ --tokenizer gpt2 --out data/fineweb   # llm.c shards, taken as they are
+"""
+
+
+def cmd_prepare(argv: list[str]) -> int:
+    p = ArgumentParser(prog="tinygpt prepare", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       allow_abbrev=False, epilog=PREPARE_EXAMPLES,
+                       description="Tokenize a corpus of any size into a prepared dataset folder (tokenizer, "
+                       "token shards, meta.json) in bounded memory, on every core. Text files and folders "
+                       "(also .gz/.xz/.zst), JSONL and Parquet with a text field, Hugging Face save_to_disk "
+                       "folders, conversations, nanoGPT train.bin/val.bin and llm.c shards. Run it again "
+                       "after a kill to continue from the last whole shard.")
+    p.add_argument("--data", dest="data.path", required=True, metavar="PATH", help="the corpus")
+    p.add_argument("--tokenizer", dest="data.tokenizer", default=argparse.SUPPRESS,
+                   choices=["char", "gpt2", "bpe", "sentencepiece"], help="same as --data.tokenizer")
+    p.add_argument("--out", type=Path, required=True, help="the prepared dataset folder to write")
+    p.add_argument("--workers", dest="data.workers", default=argparse.SUPPRESS, type=int,
+                   help="tokenizing processes (default: one per CPU core)")
+    p.add_argument("--preset", choices=list(presets.PRESETS),
+                   help="take the data settings (tokenizer, vocabulary) of a preset (default: modern's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    group = p.add_argument_group("data (how the corpus is read and tokenized)")
+    for key, _, tp, doc in config.iter_fields():
+        if key.startswith("data.") and key not in ("data.path", "data.tokenizer", "data.workers"):
+            group.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS,
+                               metavar=config.type_name(tp).split(" ")[0], help=doc)
+    args = p.parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if "." in k}
+    cfg = config.resolve(args.preset, None, flags)  # the tokenizer `tinygpt train --data PATH` would use
+    ds = prepare_dataset(cfg, args.out, args.overwrite, log)
+    sizes = f"{ds.meta.get('train_tokens', 0):,} train / {ds.meta.get('val_tokens', 0):,} val tokens"
+    log(f"prepared {args.out}: {sizes}. Next:\n  tinygpt train --data {args.out}")
     return 0
 
 
@@ -342,8 +385,8 @@ def cmd_runs(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------- entry point
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "chat": cmd_chat, "eval": cmd_eval,
-            "export": cmd_export,
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "chat": cmd_chat,
+            "eval": cmd_eval, "export": cmd_export,
             "serve": cmd_serve, "report": cmd_report, "runs": cmd_runs}
 
 
@@ -351,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: tinygpt {train,sample,chat,eval,export,serve,report,runs} ...\n\n"
+        print("usage: tinygpt {prepare,train,sample,chat,eval,export,serve,report,runs} ...\n\n"
+              "  prepare  tokenize a corpus of any size into token shards, on every core\n"
               "  train    train a GPT on your text or conversations (or the built-in chat corpus)\n"
               "  sample   generate text from a trained run\n"
               "  chat     talk to a run trained on conversations\n"

@@ -142,9 +142,12 @@ def is_text_records(path: Path, fmt: str, field: str) -> bool:
     return isinstance(record, dict) and isinstance(record.get(field), str) and "messages" not in record
 
 
-def prepared_folder(path: Path, tokenizer: Tokenizer | None) -> Dataset:
+def prepared_folder(path: Path, tokenizer: Tokenizer | None, block_size: int) -> Dataset:
     """A folder written by `tinygpt prepare` (or a run's data folder), used as it is."""
     ds = load_prepared(path)
+    if ds.packed and block_size + 1 != ds.meta["window"]:
+        raise UsageError(f"{path} packs conversations into rows of {ds.meta['window']} tokens: train with "
+                         f"--model.block_size {ds.meta['window'] - 1}, or prepare it again")
     if tokenizer is not None and ds.tokenizer.fingerprint() != tokenizer.fingerprint():
         raise TinyGPTError(f"{path} was prepared with another tokenizer than this run's; prepare the corpus "
                            "again from its text (tinygpt eval --data TEXT)")
@@ -320,7 +323,7 @@ def prepare(cfg: Config, log=print, tokenizer: Tokenizer | None = None) -> Datas
                                tokenizer)
     path = Path(d.path).expanduser()
     if (path / "meta.json").is_file():
-        return prepared_folder(path, tokenizer)
+        return prepared_folder(path, tokenizer, cfg.model.block_size)
     if (found := token_inputs(path)) is not None:
         return prepare_tokens(d, path, found, log, tokenizer)
     fmt = detect_format(path) if d.format == "auto" else d.format
@@ -335,3 +338,28 @@ def check_length(ds: Dataset, block_size: int) -> None:
             raise TinyGPTError(
                 f"the {name} split has {len(split.tokens)} tokens, shorter than one training window "
                 f"({block_size + 1}); give more text or lower --model.block_size")
+
+
+def prepare_dataset(cfg: Config, out: Path, overwrite: bool = False, log=print) -> Dataset:
+    """`tinygpt prepare`: the corpus of cfg.data written to the folder `out`, which `train --data` and
+    `eval --data` then take as it is. A killed run of the same command continues (text corpora)."""
+    if (out / "meta.json").exists() and not overwrite:
+        raise UsageError(f"{out} holds a prepared dataset already; give --overwrite to replace it")
+    if out.exists() and not (out / "meta.json").exists() and any(out.iterdir()):
+        raise UsageError(f"{out} exists and is not a prepared dataset; choose another --out")
+    d = cfg.data
+    if d.path is None:
+        raise UsageError("give the corpus to prepare: --data PATH")
+    path = Path(d.path).expanduser()
+    fmt = detect_format(path) if d.format == "auto" else d.format
+    if token_inputs(path) is None and (fmt == "text" or is_text_records(path, fmt, d.text_field)):
+        tmp = out.with_name(out.name + ".new") if out.exists() else out
+        stream.prepare_corpus(d, path, tmp, log)
+        if tmp != out:
+            shutil.rmtree(out)
+            tmp.rename(out)
+        return load_prepared(out)
+    ds = prepare(cfg, log)  # token files and conversations: through the cache, then a copy
+    if out.exists():
+        shutil.rmtree(out)
+    return copy_to(ds, out)
