@@ -75,7 +75,7 @@ def token_inputs(path: Path) -> dict[str, list[tuple[Path, int]]] | None:
             and not (path / "meta.json").exists():
         return {"train": [(path / "train.bin", 0)], "val": [(path / "val.bin", 0)]}
     files = sorted(path.glob("*.bin")) if path.is_dir() else [path] if path.suffix == ".bin" else []
-    if not files or _magic(files[0]) != LLMC_MAGIC:
+    if not any(_magic(f) == LLMC_MAGIC for f in files):  # each file's header is checked below
         return None
     found: dict[str, list[tuple[Path, int]]] = {"train": [], "val": []}
     for f in files:
