@@ -65,3 +65,10 @@ def test_bad_documents_are_skipped_and_counted_on_request(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"text": "one"}\n{"body": "x"}\n')
     with pytest.raises(TinyGPTError, match=r"d.jsonl line 2 has no string field 'text'"):
         read(tmp_path / "d.jsonl")
+
+
+def test_a_byte_order_mark_is_dropped_from_a_file_of_many_pieces(tmp_path):
+    text = "".join(f"line {i}\n" for i in range(2000))
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    pieces = read(tmp_path / "bom.txt", chunk_bytes=500)
+    assert "".join(pieces) == text and len(pieces) > 5

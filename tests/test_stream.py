@@ -202,3 +202,37 @@ def test_nanogpt_and_llmc_token_files_train_like_the_same_tokens_prepared_from_t
 
     losses = {final_val(p) for p in (text, tmp_path / "nano", tmp_path / "llmc")}
     assert len(losses) == 1, losses
+
+
+def test_training_on_many_shards_matches_one_shard(tmp_path):
+    from tinygpt import run as tinygpt_run
+
+    text = tmp_path / "text.txt"
+    text.write_text(SHAKESPEARE.read_text()[:40_000])
+
+    def losses(shard_tokens):
+        out = tmp_path / f"prepared-{shard_tokens}"
+        ds = prepared(text, out, tokenizer="char", shard_tokens=shard_tokens)
+        assert ds.meta["train_shards"] == -(-ds.meta["train_tokens"] // shard_tokens)
+        cfg = config.resolve("cpu-tiny", flags={
+            "data.path": str(out), "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16,
+            "model.block_size": 32, "train.batch_size": 8, "train.max_iters": 6, "train.eval_interval": 3,
+            "train.eval_iters": 2})
+        run = tinygpt_run.create(cfg, tmp_path / f"run-{shard_tokens}", log=lambda m: None)
+        run.train(log=lambda m: None)
+        return [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
+
+    many, one = losses(1000), losses(10**9)  # 36 shards, windows spanning their ends, against one file
+    assert [(m["train_loss"], m.get("val_loss")) for m in many] == [(m["train_loss"], m.get("val_loss"))
+                                                                      for m in one]
+
+
+def test_bad_input_leaves_no_partial_dataset(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("fine text\n" * 50)
+    (tmp_path / "corpus" / "b.txt").write_bytes(b"\x00" * 10)
+    with pytest.raises(TinyGPTError, match=r"b.txt looks like a binary file \(NUL byte at offset 0\)"):
+        prepared(tmp_path / "corpus", tmp_path / "out", tokenizer="char")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    skipped = prepared(tmp_path / "corpus", tmp_path / "out", tokenizer="char", on_error="skip")
+    assert skipped.meta["skipped_documents"] == 1 and skipped.meta["train_documents"] == 1

@@ -90,19 +90,22 @@ def text_pieces(path: Path, base: int, chunk_bytes: int) -> Iterator[Piece]:
     with raw, stream:
         carry, offset, first = b"", 0, True
         while True:
-            block = carry + stream.read(chunk_bytes)
-            if first and block.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark is not text
+            data = stream.read(chunk_bytes)  # b"" only at the end (some readers return less before it)
+            block = carry + data
+            if first and offset == 0 and block.startswith(b"\xef\xbb\xbf"):  # a byte-order mark is not text
                 block, offset = block[3:], 3
-            last = len(block) < chunk_bytes + len(carry) or not block
-            cut = len(block) if last else _line_cut(block)
+            cut = _line_cut(block) if data else len(block)
             piece, carry = block[:cut], block[cut:]
             text = _decode(piece, str(path), offset)
-            if last and first and not text.strip():
-                return  # an empty or blank file is no document
+            if first and not text.strip():  # blank so far: no document yet
+                if not data:
+                    return  # an empty or blank file is no document
+                carry = block
+                continue
             if piece:
                 yield Piece(text, first, base + (offset if plain else raw.tell()), piece if plain else None)
-            first, offset = False, offset + len(piece)
-            if last:
+                first, offset = False, offset + len(piece)
+            if not data:
                 return
 
 

@@ -77,6 +77,8 @@ def train_tokenizer(d: DataConfig, pieces: Callable[[], Iterator[sources.Piece]]
         log(f"data: training the {d.tokenizer} tokenizer on up to {d.tokenizer_sample / 1e6:,.0f} MB of the "
             "corpus")
         texts = sample_texts(pieces(), d.tokenizer_sample)
+    if d.tokenizer != "gpt2" and not any(texts):
+        raise TinyGPTError(f"{d.path} is empty: there is no text to train on")
     return build_tokenizer(d.tokenizer, texts, vocab_size=d.vocab_size, special_tokens=specials,
                            gpt2_ranks=d.gpt2_ranks, sp_model_type=d.sp_model_type)
 
@@ -244,7 +246,8 @@ def settings_of(d: DataConfig, path: Path, tokenizer: Tokenizer | None, specials
     """Everything the shards depend on: a continued prepare must have the same."""
     keys = ("tokenizer", "vocab_size", "sp_model_type", "val_fraction", "suffixes", "text_field",
             "tokenizer_sample", "on_error", "chunk_bytes", "shard_tokens")
-    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if sources.is_dataset_folder(path) \
+        else sources.corpus_files(path, sources.suffixes(d.suffixes))
     return {"format": FORMAT, **{k: getattr(d, k) for k in keys}, "specials": list(specials),
             "given_tokenizer": tokenizer.fingerprint() if tokenizer else None,
             "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
@@ -261,15 +264,18 @@ def prepare_corpus(d: DataConfig, path: Path, dest: Path, log, tokenizer: Tokeni
     partial = dest.with_name(dest.name + ".partial")
     resume = _continued(partial, settings, log)
     partial.mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer(partial / "tokenizer") if resume else \
-        tokenizer or train_tokenizer(d, pieces, specials, log)
-    if not resume:
-        tok.save(partial / "tokenizer")
-    writing = Writing(partial, d, tok, settings, resume)
-    workers = worker_count(d, total)
     try:
+        tok = load_tokenizer(partial / "tokenizer") if resume else \
+            tokenizer or train_tokenizer(d, pieces, specials, log)
+        if not resume:
+            tok.save(partial / "tokenizer")
+        writing = Writing(partial, d, tok, settings, resume)
+        workers = worker_count(d, total)
         documents = _tokenize(writing, pieces, total, d, workers)
-    except OSError as e:
+    except TinyGPTError:  # bad input: mending it changes the settings, so nothing here could be continued
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    except OSError as e:  # a kill or a full disk keeps the whole shards for the next run
         if e.errno != errno.ENOSPC:
             raise
         raise TinyGPTError(f"the disk is full ({partial}): the whole shards written so far are kept; free "
@@ -277,6 +283,8 @@ def prepare_corpus(d: DataConfig, path: Path, dest: Path, log, tokenizer: Tokeni
     sizes = writing.close()
     if not sizes["train_tokens"] or not sizes["val_tokens"]:
         shutil.rmtree(partial)
+        if not sizes["train_tokens"] + sizes["val_tokens"]:
+            raise TinyGPTError(f"{path} is empty: there is no text to train on")
         raise TinyGPTError(f"{path} is too short to split into train and val parts (val is the last "
                            f"{d.val_fraction:.0%} of the input)")
     meta = dict(format=FORMAT, source=str(path), dtype=token_dtype(tok.vocab_size).name,
