@@ -14,7 +14,6 @@ tokenizes the same folder with GPT-2's BPE (tiktoken), in its own process, measu
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys

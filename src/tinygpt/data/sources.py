@@ -224,6 +224,7 @@ def corpus_files(path: Path, text_suffixes: tuple[str, ...]) -> list[Path]:
 def file_pieces(files: list[Path], d, problems: Problems) -> Iterator[Piece]:
     """The pieces of each file in turn, positions counted across the files. A file that turns out bad is
     left out from there on when problems skips (its pieces read before the fault are kept)."""
+    problems.skipped, problems.first = 0, ""  # each pass (tokenizer sample, tokenizing) counts afresh
     base = 0
     for f in files:
         kind = _kind(f)
