@@ -110,8 +110,8 @@ def test_bad_input_gives_one_line_and_leaves_disk_alone(tmp_path, text_file, cap
         out_dir = tmp_path / "bad-run"
         got, _, err = run(capsys, "train", *flags, "--out", out_dir)
         assert (got, message in err) == (code, True), (flags, err)
-        assert (err.splitlines()[-1].startswith("error: ")
-                and sum(line.startswith("error") for line in err.splitlines()) == 1 and "Traceback" not in err)
+        errors = [line for line in err.splitlines() if line.startswith("error")]
+        assert err.splitlines()[-1].startswith("error: ") and len(errors) == 1 and "Traceback" not in err
         assert snapshot(tmp_path) == before and not out_dir.exists()
 
 
