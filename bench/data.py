@@ -10,6 +10,8 @@ tokenizes the same folder with GPT-2's BPE (tiktoken), in its own process, measu
 - nanoGPT's OpenWebText method: Hugging Face `datasets` `map(num_proc=N)` with tiktoken, then the ids
   written into one memmap in batches;
 - one thread of tiktoken over the same text, read file by file (the per-core ceiling), no writing.
+
+Imports are not timed (torch's alone takes seconds); peak RSS includes them.
 """
 
 from __future__ import annotations
@@ -47,15 +49,16 @@ def build_corpus(folder: Path, megabytes: int) -> Path:
     raise SystemExit(f"only {size / 1e6:.0f} MB of Python source under {site}; need {megabytes} MB")
 
 
+# name: (imports, untimed; the work, timed)
 METHODS = {
-    "tinygpt prepare": """
-        from tinygpt.cli import main
+    "tinygpt prepare": ("from tinygpt.cli import main", """
         main(["prepare", "--data", CORPUS, "--tokenizer", "gpt2", "--data.gpt2_ranks", RANKS, "--out", OUT])
-    """,
-    "before #23 (in memory)": """
+    """),
+    "before #23 (in memory)": ("""
         import numpy as np
         from pathlib import Path
         from tinygpt.tokenizer import build_tokenizer
+    """, """
         tok = build_tokenizer("gpt2", [], gpt2_ranks=RANKS)
         docs = [f.read_text() for f in sorted(Path(CORPUS).glob("*.txt"))]
         ids = []
@@ -64,17 +67,18 @@ METHODS = {
                 ids.append(tok.eot_id)
             ids.extend(tok.encode(d))
         np.asarray(ids, dtype=np.uint16).tofile(OUT + ".bin")
-    """,
-    "nanoGPT (datasets map)": """
-        import os, numpy as np, datasets, tiktoken
+    """),
+    "nanoGPT (datasets map)": ("""
+        import numpy as np, datasets
         from pathlib import Path
         from tinygpt.tokenizer import GPT2Tokenizer
+    """, """
         enc = GPT2Tokenizer.build(RANKS, [])._enc
         files = [str(f) for f in sorted(Path(CORPUS).glob("*.txt"))]
         ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train",
                                    cache_dir=OUT + ".cache")
         def process(example):
-            ids = enc.encode_ordinary(example["text"]) + [enc.eot_token]
+            ids = enc.encode_ordinary(example["text"]) + [50256]  # GPT-2's <|endoftext|>
             return {"ids": ids, "len": len(ids)}
         tokenized = ds.map(process, remove_columns=["text"], num_proc=WORKERS)
         n = int(np.sum(tokenized["len"], dtype=np.uint64))
@@ -86,18 +90,20 @@ METHODS = {
             arr[at: at + len(chunk)] = chunk
             at += len(chunk)
         arr.flush()
-    """,
-    "tiktoken, 1 thread": """
+    """),
+    "tiktoken 1 thread": ("""
         from pathlib import Path
         from tinygpt.tokenizer import GPT2Tokenizer
+    """, """
         enc = GPT2Tokenizer.build(RANKS, [])._enc
         n = sum(len(enc.encode_ordinary(f.read_text())) for f in sorted(Path(CORPUS).glob("*.txt")))
-    """,
+    """),
 }
 
 MEASURE = """
 import resource, sys, time
 CORPUS, RANKS, OUT, WORKERS = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+{setup}
 began = time.monotonic()
 {body}
 seconds = time.monotonic() - began
@@ -107,7 +113,8 @@ print("RESULT", seconds, own, kids)
 
 
 def measure(name: str, corpus: Path, out: Path, workers: int) -> dict:
-    code = MEASURE.format(body=textwrap.dedent(METHODS[name]))
+    setup, body = METHODS[name]
+    code = MEASURE.format(setup=textwrap.dedent(setup), body=textwrap.dedent(body))
     run = subprocess.run([sys.executable, "-c", code, str(corpus), str(RANKS), str(out), str(workers)],
                          capture_output=True, text=True, cwd=REPO, env={"PYTHONPATH": str(REPO / "src"),
                                                                       "PATH": "/usr/bin:/bin"})
