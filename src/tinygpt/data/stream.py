@@ -20,12 +20,9 @@ from __future__ import annotations
 import errno
 import heapq
 import json
-import multiprocessing
-import os
 import random
 import shutil
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -33,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tinygpt.config import DataConfig
-from tinygpt.data import sources
+from tinygpt.data import sources, workers
 from tinygpt.data.shards import ShardWriter
 from tinygpt.errors import TinyGPTError
 from tinygpt.rundir import atomic_file
@@ -119,55 +116,8 @@ def tasks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
         yield task
 
 
-_worker_tokenizer: Tokenizer | None = None
-
-
-def _start_worker(tokenizer_dir: str | None) -> None:
-    global _worker_tokenizer
-    if tokenizer_dir is not None:  # spawned: forked workers inherit the parent's tokenizer instead
-        _worker_tokenizer = load_tokenizer(tokenizer_dir)
-
-
-def _encode_task(texts: list[str], dtype: str) -> list[np.ndarray]:
-    assert _worker_tokenizer is not None
-    return [np.asarray(_worker_tokenizer.encode(t), dtype=dtype) for t in texts]
-
-
-def encoded(work: Iterator[tuple[int, list[Item]]], tok: Tokenizer, tokenizer_dir: Path, dtype: np.dtype,
-            workers: int) -> Iterator[tuple[int, list[Item], list[np.ndarray]]]:
-    """(task number, items, their ids) in order, tokenized by `workers` processes (in this one for 1), with
-    at most two tasks per worker in flight so memory stays bounded. Processes, not threads: on 2 cores
-    tiktoken in two processes ran 1.62-1.65x one thread, in two threads 1.45x (GIL-held list building)."""
-    global _worker_tokenizer
-    _worker_tokenizer = tok
-    if workers == 1:
-        for t, items in work:
-            yield t, items, _encode_task([i[2] for i in items], dtype.name)
-        return
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers: HF tokenizers' threads
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    init = None if ctx.get_start_method() == "fork" else str(tokenizer_dir)
-    with ctx.Pool(workers, _start_worker, (init,)) as pool:
-        inflight: deque = deque()
-        for t, items in work:
-            inflight.append((t, items, pool.apply_async(_encode_task, ([i[2] for i in items], dtype.name))))
-            if len(inflight) >= 2 * workers:
-                t0, items0, result = inflight.popleft()
-                yield t0, items0, result.get()
-        while inflight:
-            t0, items0, result = inflight.popleft()
-            yield t0, items0, result.get()
-
-
-def worker_count(d: DataConfig, total: int) -> int:
-    """d.workers, or one per usable core; one for a corpus of a piece or two, where starting a pool costs
-    more than it saves."""
-    if total <= 2 * d.chunk_bytes:
-        return 1
-    if d.workers:
-        return d.workers
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def _encode(texts: list[str], dtype: str) -> list[np.ndarray]:
+    return [np.asarray(workers.tokenizer().encode(t), dtype=dtype) for t in texts]
 
 
 # ---------------------------------------------------------------- writing, and continuing after a kill
@@ -274,8 +224,8 @@ def prepare_corpus(d: DataConfig, path: Path, dest: Path, log, tokenizer: Tokeni
         if not resume:
             tok.save(partial / "tokenizer")
         writing = Writing(partial, d, tok, settings, resume)
-        workers = worker_count(d, total)
-        documents = _tokenize(writing, pieces, total, d, workers)
+        n_workers = workers.worker_count(d, total)
+        documents = _tokenize(writing, pieces, total, d, n_workers)
     except TinyGPTError:  # bad input: mending it changes the settings, so nothing here could be continued
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -293,7 +243,7 @@ def prepare_corpus(d: DataConfig, path: Path, dest: Path, log, tokenizer: Tokeni
                            f"{d.val_fraction:.0%} of the input)")
     meta = dict(format=FORMAT, source=str(path), dtype=token_dtype(tok.vocab_size).name,
                 vocab_size=tok.vocab_size, tokenizer=tok.kind, **sizes, **documents, input_bytes=total,
-                skipped_documents=problems.skipped, val_rule="tail", workers=workers,
+                skipped_documents=problems.skipped, val_rule="tail", workers=n_workers,
                 seconds=round(time.monotonic() - began, 1))
     (partial / "progress.json").unlink(missing_ok=True)
     (partial / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -303,7 +253,7 @@ def prepare_corpus(d: DataConfig, path: Path, dest: Path, log, tokenizer: Tokeni
 
 
 def _tokenize(writing: Writing, pieces: Callable[[], Iterator[sources.Piece]], total: int, d: DataConfig,
-              workers: int) -> dict[str, int]:
+              n_workers: int) -> dict[str, int]:
     """Read, route, tokenize and write the whole corpus (tasks a continued prepare has written already are
     read and routed but not tokenized), with a progress bar on stderr; returns the document counts."""
     counts = {"train_documents": 0, "val_documents": 0}
@@ -320,9 +270,9 @@ def _tokenize(writing: Writing, pieces: Callable[[], Iterator[sources.Piece]], t
 
         start = writing.resume["task"]
         work = ((t, items) for t, items in enumerate(tasks(counted(), d.chunk_bytes)) if t >= start)
-        tokenizer_dir = writing.folder / "tokenizer"
-        for t, items, arrays in encoded(work, writing.tok, tokenizer_dir, writing.writers["train"].dtype,
-                                        workers):
+        tokenizer_dir, dtype = writing.folder / "tokenizer", writing.writers["train"].dtype.name
+        jobs = ((t, items, ([i[2] for i in items], dtype)) for t, items in work)
+        for (t, items), arrays in workers.in_order(jobs, _encode, writing.tok, tokenizer_dir, n_workers):
             writing.add(t, items, arrays)
             bar.set_postfix(tokens=f"{sum(w.tokens for w in writing.writers.values()):,}", refresh=False)
     return counts
