@@ -72,10 +72,17 @@ def _dialog_files(root: Path) -> Iterator[tuple[Path, str]]:
 def read_dialogs(path: str | Path, fmt: str = "auto") -> list[Conversation]:
     """The conversations in a dialog file, a folder of them, or (fmt "hf") a Hugging Face dataset,
     given as a folder saved with save_to_disk or as a hub name. fmt may be what detect_format found."""
+    return list(iter_dialogs(path, fmt))
+
+
+def iter_dialogs(path: str | Path, fmt: str = "auto") -> Iterator[Conversation]:
+    """read_dialogs one conversation at a time: JSONL files and datasets are streamed, other files read
+    one at a time, so memory holds one file of them at most."""
     if fmt not in ("auto", "dialogs-folder", *DIALOG_FORMATS):
         raise UsageError(f"unknown dialog format {fmt!r}; use auto or one of {', '.join(DIALOG_FORMATS)}")
     if fmt == "hf":
-        return _read_hf(path)
+        yield from _read_hf(path)
+        return
     p = Path(path).expanduser()
     if not p.exists():
         raise TinyGPTError(f"dialog path {p} does not exist (for a Hugging Face hub dataset pass the format "
@@ -83,19 +90,20 @@ def read_dialogs(path: str | Path, fmt: str = "auto") -> list[Conversation]:
     if fmt == "auto":
         fmt = detect_format(p)
     if fmt == "hf":
-        return _read_hf(p)
+        yield from _read_hf(p)
+        return
     if p.is_dir():
         # an explicit format reads only the files of that format
         files = [(f, ff) for f, ff in _dialog_files(p) if fmt in ("dialogs-folder", ff)]
-        convs = [c for f, ff in files for c in _read_file(f, ff)]
     elif fmt == "text":
         raise TinyGPTError(f"no conversations in {p}: give a .jsonl, .yml/.yaml (chatterbot) or DailyDialog "
                            ".txt file, or name its format")
     else:
-        convs = _read_file(p, fmt)
-    if not convs:
+        files = [(p, fmt)]
+    if not files:
         raise TinyGPTError(f"no conversations in {p}: it has no .jsonl, .yml/.yaml or DailyDialog .txt files")
-    return convs
+    for f, ff in files:
+        yield from _read_file(f, ff)
 
 
 def chatterbot_english() -> list[Conversation]:
@@ -112,28 +120,52 @@ def chatterbot_english() -> list[Conversation]:
 
 def write_dialogs(path: str | Path, convs: Iterable[Conversation]) -> None:
     """Write conversations as jsonl, the format read_dialogs reads back unchanged."""
-    lines = (json.dumps({"messages": [{"role": m.role, "content": m.content} for m in c]}, ensure_ascii=False)
-             for c in convs)
-    Path(path).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    Path(path).write_text("".join(dialog_line(c) for c in convs), encoding="utf-8")
 
 
-def _read_file(path: Path, fmt: str) -> list[Conversation]:
-    text = read_text_file(path)
-    parse = {"jsonl": _jsonl, "chatterbot": _chatterbot, "dailydialog": _dailydialog}[fmt]
-    return _kept(parse(text, str(path)), str(path))
+def dialog_line(conv: Conversation) -> str:
+    """One conversation as a JSONL line (with its newline), the form read_dialogs reads back unchanged."""
+    messages = [{"role": m.role, "content": m.content} for m in conv]
+    return json.dumps({"messages": messages}, ensure_ascii=False) + "\n"
 
 
-def _kept(convs: Iterable[Conversation], where: str) -> list[Conversation]:
+def _read_file(path: Path, fmt: str) -> Iterator[Conversation]:
+    if fmt == "jsonl":
+        return _kept(_jsonl(_lines(path), str(path)), str(path))
+    parse = {"chatterbot": _chatterbot, "dailydialog": _dailydialog}[fmt]
+    return _kept(parse(read_text_file(path), str(path)), str(path))
+
+
+def _lines(path: Path) -> Iterator[str]:
+    """A UTF-8 file's lines, split at "\n" only (str.splitlines would also split at U+2028, which JSON
+    allows inside strings), read as they come, with the checks of read_text_file."""
+    with path.open("rb") as f:
+        offset = 0
+        for n, raw in enumerate(f):
+            if n == 0 and raw.startswith(b"\xef\xbb\xbf"):
+                raw, offset = raw[3:], 3
+            if (nul := raw.find(b"\x00")) >= 0:
+                raise TinyGPTError(f"{path} looks like a binary file (NUL byte at offset {offset + nul}); "
+                                   "give a UTF-8 text file")
+            try:
+                yield raw.decode("utf-8").removesuffix("\n")
+            except UnicodeDecodeError as e:
+                raise TinyGPTError(f"{path} is not valid UTF-8 (bad byte at offset {offset + e.start}); "
+                                   "convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+            offset += len(raw)
+
+
+def _kept(convs: Iterable[Conversation], where: str) -> Iterator[Conversation]:
     """The conversations worth training on, with empty messages dropped; refuses a source with none."""
-    kept = []
+    kept = 0
     for conv in convs:
         conv = [m for m in conv if m.content.strip()]
         if {"user", "assistant"} <= {m.role for m in conv}:
-            kept.append(conv)
+            kept += 1
+            yield conv
     if not kept:
         raise TinyGPTError(f"no conversations in {where}: each needs at least one user and one assistant "
                            "message")
-    return kept
 
 
 def _alternating(turns: Iterable[Any]) -> Conversation:
@@ -162,9 +194,8 @@ def _messages(raw: Any, where: str) -> Conversation:
     return conv
 
 
-def _jsonl(text: str, where: str) -> Iterator[Conversation]:
-    # split on "\n" only: str.splitlines would also split at U+2028, which JSON allows inside strings
-    for n, line in enumerate(text.split("\n"), 1):
+def _jsonl(lines: Iterable[str], where: str) -> Iterator[Conversation]:
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -204,7 +235,7 @@ def _dailydialog(text: str, where: str) -> Iterator[Conversation]:
 
 # ---------------------------------------------------------------- Hugging Face datasets
 
-def _read_hf(source: str | Path) -> list[Conversation]:
+def _read_hf(source: str | Path) -> Iterator[Conversation]:
     try:
         import datasets  # optional dependency, only needed here
     except ImportError:
@@ -226,20 +257,26 @@ def _read_hf(source: str | Path) -> list[Conversation]:
                                "with save_to_disk") from None
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    return _kept(_hf_conversations(ds, str(source)), str(source))
+    yield from _kept(_hf_conversations(ds, str(source)), str(source))
 
 
 def _hf_conversations(ds: Any, where: str) -> Iterator[Conversation]:
     cols = ds.column_names
     if "messages" in cols:
-        for i, msgs in enumerate(ds["messages"], 1):
+        for i, (msgs,) in enumerate(_rows(ds, ["messages"]), 1):
             yield _messages(msgs, f"{where} row {i}")
     elif "dialog" in cols:
-        for turns in ds["dialog"]:
+        for (turns,) in _rows(ds, ["dialog"]):
             yield _alternating(turns)
     elif "context" in cols and "response" in cols:
-        for context, response in zip(ds["context"], ds["response"]):
+        for context, response in _rows(ds, ["context", "response"]):
             yield [Message("user", str(context or "")), Message("assistant", str(response or ""))]
     else:
         raise TinyGPTError(f"{where} has columns {', '.join(cols)}; supported are messages, dialog, "
                            "or context with response")
+
+
+def _rows(ds: Any, columns: list[str]) -> Iterator[tuple]:
+    """A dataset's rows, a thousand at a time: indexing a column would hold all of it in memory."""
+    for batch in ds.select_columns(columns).iter(batch_size=1000):
+        yield from zip(*(batch[c] for c in columns))
