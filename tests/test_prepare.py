@@ -6,7 +6,7 @@ import pytest
 
 from conftest import A, S, U, tok_for
 from tinygpt.config import DataConfig
-from tinygpt.data import batches, prepare, stream
+from tinygpt.data import batches, packing, prepare, stream
 from tinygpt.data.templates import TEMPLATES
 from tinygpt.errors import TinyGPTError
 
@@ -43,18 +43,27 @@ def test_short_corpus_is_refused(tmp_path):
         prepare.prepare_text(cfg, tmp_path / "blank.txt", log=lambda m: None)
 
 
-def test_long_conversations_split_between_exchanges_and_pack_without_crossing_rows():
+def packed(tmp_path, pieces, window, pad_id):
+    packer = packing.RowPacker(tmp_path, "t", window, pad_id, np.dtype(np.uint16))
+    for ids, mask in pieces:
+        packer.add(ids, mask)
+    packer.close()
+    return (np.fromfile(tmp_path / f"t{s}.bin", dtype=np.uint16 if s == "" else np.uint8)
+            for s in ("", "_mask", "_segments"))
+
+
+def test_long_conversations_split_between_exchanges_and_pack_without_crossing_rows(tmp_path):
     template = TEMPLATES["default"]
     tok = tok_for(template)
     conv = [S("be brief")] + [U("what is 2 plus 3?"), A("5")] * 6
     full, _ = template.render(tok, conv)
     window = len(full) // 2
-    pieces, cut = prepare.conversation_pieces(tok, template, conv, "assistant", window)
+    pieces, cut = packing.conversation_pieces(tok, template, conv, "assistant", window)
     assert cut == 0 and len(pieces) >= 2
     for ids, _ in pieces:
         text = tok.decode(ids)
         assert len(ids) <= window and text.startswith("<|endoftext|><|system|>be brief<|end|><|user|>")
-    ids, mask, segs = prepare.pack(pieces + pieces[:1], window, tok.eot_id)
+    ids, mask, segs = packed(tmp_path, pieces + pieces[:1], window, tok.eot_id)
     rows = ids.reshape(-1, window)
     # rows start pieces
     assert all(tok.decode(r.tolist()).startswith("<|endoftext|><|system|>") for r in rows)
@@ -66,7 +75,7 @@ def test_long_conversations_split_between_exchanges_and_pack_without_crossing_ro
 def test_a_single_overlong_exchange_is_cut_and_counted():
     template = TEMPLATES["default"]
     tok = tok_for(template)
-    pieces, cut = prepare.conversation_pieces(tok, template, [U("hello there " * 20), A("5")], "assistant",
+    pieces, cut = packing.conversation_pieces(tok, template, [U("hello there " * 20), A("5")], "assistant",
                                               30)
     assert cut == 1 and len(pieces[0][0]) == 30
 

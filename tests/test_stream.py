@@ -236,3 +236,18 @@ def test_bad_input_leaves_no_partial_dataset(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     skipped = prepared(tmp_path / "corpus", tmp_path / "out", tokenizer="char", on_error="skip")
     assert skipped.meta["skipped_documents"] == 1 and skipped.meta["train_documents"] == 1
+
+
+def test_conversations_packed_by_two_workers_match_one(tmp_path, monkeypatch):
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"what is {i} plus {i % 7}?"},
+                                      {"role": "assistant", "content": f"{i} plus {i % 7} is {i + i % 7}."}]})
+             for i in range(1500)]
+    (tmp_path / "chats.jsonl").write_text("\n".join(lines) + "\n")
+    out = {}
+    for n in (1, 2):
+        monkeypatch.setenv("TINYGPT_CACHE", str(tmp_path / f"cache{n}"))  # no reuse of the first's output
+        ds = prepared(tmp_path / "chats.jsonl", tmp_path / f"out{n}", tokenizer="char", workers=n,
+                      chunk_bytes=1000)
+        assert ds.packed and ds.meta["val_conversations"] == 150
+        out[n] = {f.name: f.read_bytes() for f in sorted((tmp_path / f"out{n}").glob("*.*"))}
+    assert out[1] == out[2] and len(out[1]) == 9

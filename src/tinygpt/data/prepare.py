@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +23,10 @@ from tinygpt.config import Config, DataConfig
 from tinygpt.data import stream
 from tinygpt.data.batches import Split, TokenStream
 from tinygpt.data.corpus import builtin_conversations
-from tinygpt.data.dialogs import Conversation, Message, detect_format, read_dialogs, write_dialogs
+from tinygpt.data.dialogs import Conversation, detect_format, iter_dialogs, read_dialogs
+from tinygpt.data.packing import write_conversations
 from tinygpt.data.shards import ShardWriter, shard_files, token_blocks, token_inputs
 from tinygpt.data.sources import is_dataset_folder
-from tinygpt.data.templates import TEMPLATES, ChatTemplate
 from tinygpt.errors import TinyGPTError, UsageError
 from tinygpt.rundir import atomic_folder
 from tinygpt.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
@@ -184,115 +184,26 @@ def prepare_tokens(cfg: DataConfig, path: Path, found: dict, log, tokenizer: Tok
     return _cached(key, f"{path} (GPT-2 token ids)", build, log)
 
 
-def split_conversations(convs: Sequence[Conversation], val_fraction: float) -> tuple[list, list]:
-    n_val = max(1, round(len(convs) * val_fraction))
-    return list(convs[:-n_val]), list(convs[-n_val:])
-
-
-def conversation_pieces(tok: Tokenizer, template: ChatTemplate, conv: Conversation, loss_on: str,
-                        window: int) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """A conversation as (ids, mask) pieces of at most `window` tokens, and how many were cut short.
-
-    A conversation that does not fit is split between exchanges (user turn + replies), each piece
-    repeating the system message, so no piece starts mid-turn. Only an exchange that alone exceeds
-    the window is cut, keeping its beginning.
-    """
-    ids, mask = template.render(tok, conv, loss_on)
-    if len(ids) <= window:
-        return [(ids, mask)], 0
-    system = conv[:1] if conv[0].role == "system" else []
-    exchanges: list[list[Message]] = []
-    for m in conv[len(system):]:
-        if m.role != "assistant" or not exchanges:
-            exchanges.append([])
-        exchanges[-1].append(m)
-    groups: list[list[Message]] = []
-    for ex in exchanges:
-        if groups and len(template.render(tok, system + groups[-1] + ex, loss_on)[0]) <= window:
-            groups[-1] += ex
-        else:
-            groups.append(list(ex))
-    pieces = [template.render(tok, system + g, loss_on) for g in groups]
-    cut = sum(len(i) > window for i, _ in pieces)
-    return [(i[:window], m[:window]) for i, m in pieces], cut
-
-
-def pack(pieces: Sequence[tuple[list[int], list[int]]], window: int,
-         pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lay pieces into rows of `window` tokens in order; a piece that does not fit in what is left of
-    a row starts the next one, and the gap is padded with pad_id (masked out). Returns ids, loss mask
-    and segment numbers (the piece's index within its row; padding gets one of its own), which keep
-    packed pieces from attending to each other."""
-    ids: list[int] = []
-    mask: list[int] = []
-    segs: list[int] = []
-
-    def pad() -> None:
-        gap = (-len(ids)) % window
-        if gap:
-            ids.extend([pad_id] * gap)
-            mask.extend([0] * gap)
-            segs.extend([segs[-1] + 1] * gap)
-
-    for p_ids, p_mask in pieces:
-        used = len(ids) % window
-        if used and used + len(p_ids) > window:
-            pad()
-        seg = segs[-1] + 1 if len(ids) % window else 0
-        ids.extend(p_ids)
-        mask.extend(p_mask)
-        segs.extend([seg] * len(p_ids))
-    pad()
-    return np.asarray(ids), np.asarray(mask, dtype=np.uint8), np.asarray(segs, dtype=np.uint8)
-
-
-def prepare_dialogs(cfg: DataConfig, convs: Sequence[Conversation], source: str, block_size: int,
-                    log=print, tokenizer: Tokenizer | None = None) -> Dataset:
-    """Render conversations with the chat template, pack them into rows of block_size + 1 tokens
-    with loss masks, and cache the result (the held-out conversations are kept for evaluation)."""
-    template = TEMPLATES[cfg.chat_template]
-    train_convs, val_convs = split_conversations(convs, cfg.val_fraction)
-    if not train_convs:
-        raise TinyGPTError(f"{source} has too few conversations to hold some out for validation")
+def prepare_dialogs(cfg: DataConfig, convs: Sequence[Conversation] | Callable[[], Iterator[Conversation]],
+                    source: str, block_size: int, log=print, tokenizer: Tokenizer | None = None,
+                    identity: object = None) -> Dataset:
+    """Render conversations with the chat template, pack them into rows of block_size + 1 tokens with loss
+    masks, and cache the result (the held-out conversations are kept for evaluation). `convs` is a list or a
+    function that starts reading them (streamed: memory holds a batch); `identity` names them in the cache
+    key (default: their content, which a list has)."""
     window = block_size + 1
+    conversations = convs if callable(convs) else lambda: iter(convs)
+    if identity is None:
+        identity = [[[m.role, m.content] for m in c] for c in conversations()]
 
     def build(folder: Path) -> dict:
-        markup = [part.replace(s, "") for r in template.roles.values() for part in r
-                  for s in template.specials]
-        texts = [m.content for c in convs for m in c] + markup + [template.begin, template.end]
-        # A given tokenizer (a run being finetuned or evaluated) may predate the template: add its markers.
-        tok = tokenizer.with_specials(template.specials) if tokenizer else \
-            build_tokenizer(cfg.tokenizer, [t for t in texts if t], vocab_size=cfg.vocab_size,
-                            special_tokens=template.specials, gpt2_ranks=cfg.gpt2_ranks,
-                            sp_model_type=cfg.sp_model_type)
-        tok.save(folder / "tokenizer")
-        meta: dict = dict(source=source, builtin=source == BUILTIN, packed=True, window=window,
-                          chat_template=template.name,
-                          loss_on=cfg.loss_on, vocab_size=tok.vocab_size, tokenizer=tok.kind)
-        for name, part in (("train", train_convs), ("val", val_convs)):
-            pieces, cut = [], 0
-            for c in part:
-                p, n = conversation_pieces(tok, template, c, cfg.loss_on, window)
-                pieces += p
-                cut += n
-            ids, mask, segments = pack(pieces, window, tok.eot_id)
-            ids = ids.astype(stream.token_dtype(tok.vocab_size))
-            ids.tofile(folder / f"{name}.bin")
-            mask.tofile(folder / f"{name}_mask.bin")
-            segments.tofile(folder / f"{name}_segments.bin")
-            write_dialogs(folder / f"{name}_dialogs.jsonl", part)
-            meta.update({f"{name}_conversations": len(part), f"{name}_tokens": len(ids),
-                         f"{name}_target_tokens": int(mask.sum()), f"{name}_cut_pieces": cut,
-                         "dtype": ids.dtype.name})
-            if cut:
-                log(f"data: {cut} {name} exchange(s) longer than the {window}-token window were cut to fit")
-        return meta
+        meta = write_conversations(folder, cfg, conversations, window, tokenizer, log)
+        return dict(source=source, builtin=source == BUILTIN, **meta)
 
-    key = _cache_key(cfg, [[[m.role, m.content] for m in c] for c in convs], template=template.name,
-                     loss_on=cfg.loss_on, window=window, given_tokenizer=tokenizer
-                     and tokenizer.fingerprint())
-    return _cached(key, f"{source} ({len(convs):,} conversations, {cfg.tokenizer} tokenizer, "
-                        f"{template.name} chat template)", build, log)
+    key = _cache_key(cfg, identity, template=cfg.chat_template, loss_on=cfg.loss_on, window=window,
+                     given_tokenizer=tokenizer and tokenizer.fingerprint())
+    return _cached(key, f"{source} (conversations, {cfg.tokenizer} tokenizer, {cfg.chat_template} chat "
+                        "template)", build, log)
 
 
 def copy_to(ds: Dataset, dest: Path) -> Dataset:
@@ -329,7 +240,15 @@ def prepare(cfg: Config, log=print, tokenizer: Tokenizer | None = None) -> Datas
     fmt = detect_format(path) if d.format == "auto" else d.format
     if fmt == "text" or is_text_records(path, fmt, d.text_field):
         return prepare_text(d, path, log=log, tokenizer=tokenizer)
-    return prepare_dialogs(d, read_dialogs(d.path, fmt), str(d.path), cfg.model.block_size, log, tokenizer)
+    files = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(path.rglob("*"))
+             if f.is_file()] if path.is_dir() else [[str(path), *_stat(path)]]
+    return prepare_dialogs(d, lambda: iter_dialogs(path, fmt), str(d.path), cfg.model.block_size, log,
+                           tokenizer, identity=files)
+
+
+def _stat(path: Path) -> list:
+    """A local file's size and modification time; a hub name's nothing (its name is its identity)."""
+    return [path.stat().st_size, path.stat().st_mtime_ns] if path.exists() else []
 
 
 def check_length(ds: Dataset, block_size: int) -> None:

@@ -48,14 +48,14 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 # ---------------------------------------------------------------- the tokenizer
 
-def sample_texts(pieces: Iterator[sources.Piece], budget: int, seed: int = 0) -> list[str]:
-    """At most `budget` bytes of pieces, whole ones, each equally likely to be kept (a bottom-k sample by a
-    seeded random key, so one pass and bounded memory); kept in reading order. All of them when the corpus
-    is smaller than the budget."""
+def sample_texts(texts: Iterator[str], budget: int, seed: int = 0) -> list[str]:
+    """At most `budget` bytes of the texts, whole ones, each equally likely to be kept (a bottom-k sample by
+    a seeded random key, so one pass and bounded memory); kept in reading order. All of them when they are
+    fewer than the budget."""
     rng, heap, size = random.Random(seed), [], 0  # heap of (-key, ordinal, text): the largest key on top
-    for i, p in enumerate(pieces):
-        heapq.heappush(heap, (-rng.random(), i, p.text))
-        size += len(p.text.encode())
+    for i, text in enumerate(texts):
+        heapq.heappush(heap, (-rng.random(), i, text))
+        size += len(text.encode())
         while size > budget and len(heap) > 1:
             size -= len(heapq.heappop(heap)[2].encode())
     return [text for _, _, text in sorted(heap, key=lambda e: e[1])]
@@ -73,7 +73,7 @@ def train_tokenizer(d: DataConfig, pieces: Callable[[], Iterator[sources.Piece]]
     elif d.tokenizer != "gpt2":
         log(f"data: training the {d.tokenizer} tokenizer on up to {d.tokenizer_sample / 1e6:,.0f} MB of the "
             "corpus")
-        texts = sample_texts(pieces(), d.tokenizer_sample)
+        texts = sample_texts((p.text for p in pieces()), d.tokenizer_sample)
     if d.tokenizer != "gpt2" and not any(texts):
         raise TinyGPTError(f"{d.path} is empty: there is no text to train on")
     return build_tokenizer(d.tokenizer, texts, vocab_size=d.vocab_size, special_tokens=specials,
