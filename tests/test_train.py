@@ -183,3 +183,15 @@ def test_the_trainer_has_all_its_parts_once_it_is_made(text_file, tmp_path):
     trainer.evaluate_and_keep()
     trainer.finish()
     assert set(vars(trainer)) == parts
+
+
+def test_the_final_evaluation_spreads_a_capped_share_over_a_large_val_split(text_file, tmp_path):
+    logs = {}
+    for cap in (None, 64):  # 64 tokens are 4 windows of 16; the fixture's val split holds more
+        cfg = tiny_config(final_eval_tokens=cap)
+        run_dir = tmp_path / f"run-{cap}"
+        lines = []
+        train(cfg, run_dir, prepared(text_file, cfg, run_dir), log=lines.append)
+        logs[cap] = next(x for x in lines if x.startswith("final"))
+    assert "(whole val split)" in logs[None]
+    assert "(4 of the val split's" in logs[64] and "windows, spread)" in logs[64]

@@ -164,7 +164,11 @@ class TrainConfig:
     eval_interval: int = 250
     """Evaluate train and val loss every this many steps."""
     eval_iters: int = 20
-    """Batches per periodic evaluation (the final evaluation uses the whole val split)."""
+    """Batches per periodic evaluation (the final evaluation: see final_eval_tokens)."""
+    final_eval_tokens: int | None = 2_000_000
+    """The final evaluation scores the whole val split up to this many tokens, and beyond it windows spread
+    evenly through the split that hold about this many (on a corpus of gigabytes the whole split would take
+    hours); empty means the whole split however large."""
     checkpoint_interval: int = 500
     """Write the 'last' checkpoint every this many steps (and always at the end)."""
     patience: int = 0
@@ -482,6 +486,7 @@ def validate(cfg: Config) -> None:
     }
     optional_positive = {"model.vocab_size": m.vocab_size, "model.mlp_hidden": m.mlp_hidden,
                          "train.lr_decay_iters": t.lr_decay_iters, "train.epochs": t.epochs,
+                         "train.final_eval_tokens": t.final_eval_tokens,
                          "train.time_budget": t.time_budget}
     positive.update({k: v for k, v in optional_positive.items() if v is not None})
     for key, value in positive.items():

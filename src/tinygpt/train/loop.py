@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from tinygpt import checkpoint, rundir
 from tinygpt.config import Config
-from tinygpt.data.batches import EpochSampler, Split
+from tinygpt.data.batches import EpochSampler, Split, eval_starts
 from tinygpt.data.prepare import Dataset
 from tinygpt.device import autocast_dtype, peak_flops
 from tinygpt.errors import Interrupted, TinyGPTError, UsageError
@@ -270,20 +270,25 @@ class Trainer:
         return True
 
     def finish(self) -> dict[str, Any]:
-        """The final evaluation (the whole val split), recorded and logged; the best and last checkpoints
-        saved."""
+        """The final evaluation (the whole val split, or train.final_eval_tokens of it), recorded and logged;
+        the best and last checkpoints saved."""
         p, t = self.progress, self.cfg.train
         self.bar.close()
         p.elapsed_s = self.elapsed()
         tok_s = self.interval_tokens / max(1e-9, time.perf_counter() - self.interval_start)
         train_loss = self.loss(self.data.train, t.eval_iters * t.batch_size).loss
-        val = self.loss(self.data.val, None, count_bytes=True)  # the whole val split
+        block = self.cfg.model.block_size
+        every = len(eval_starts(len(self.data.val.tokens), block, None, self.data.packed))
+        cap = None if t.final_eval_tokens is None or t.final_eval_tokens // block >= every else \
+            max(1, t.final_eval_tokens // block)
+        val = self.loss(self.data.val, cap, count_bytes=True)
         val_loss = val.loss
+        share = "whole val split" if cap is None else f"{cap:,} of the val split's {every:,} windows, spread"
         final = dict(self.metrics(train_loss, val_loss, lr_at(p.step, t, p.total), tok_s),
                      val_bpb=loss_metrics(val)["bits_per_byte"], final=True,
                      stopped_early=self.stopped_early)
         self.record(final)
-        self.log(f"final (step {p.step}): train {train_loss:.4f}, val {val_loss:.4f} (whole val split), "
+        self.log(f"final (step {p.step}): train {train_loss:.4f}, val {val_loss:.4f} ({share}), "
                  f"{p.elapsed_s:.0f} s")
         if val_loss < p.best_val:
             p.best_val, p.bad_evals = val_loss, 0
