@@ -25,7 +25,8 @@ from tinygpt.rundir import CHECKPOINTS
 FLAGS = ["--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "32", "--model.block_size", "32",
          "--model.dropout", "0.1", "--train.batch_size", "8", "--train.eval_interval", "40",
          "--train.eval_iters", "2",
-         "--train.checkpoint_interval", "7", "--train.warmup_iters", "10"]
+         "--train.checkpoint_interval", "7", "--train.warmup_iters", "10",
+         "--train.final_eval_tokens", "20000"]
 
 
 def train_cmd(data: Path, out: Path, iters: int, *extra: str) -> list[str]:
@@ -104,12 +105,16 @@ def wait_for_write(out: Path, proc: subprocess.Popen, timeout_s: float = 600) ->
     return True
 
 
-def check(kills: int, iters: int, seed: int, workdir: Path, log=print) -> tuple[str, str]:
+def check(kills: int, iters: int, seed: int, workdir: Path, log=print,
+          data: Path | None = None) -> tuple[str, str]:
+    """Weight hashes of an uninterrupted run and of one killed `kills` times, on `data` (default: a small
+    generated corpus; a prepared dataset folder works too)."""
     env = {**os.environ, "TINYGPT_CACHE": str(workdir / "cache"), "PYTHONUNBUFFERED": "1"}
-    data = workdir / "corpus.txt"
-    words = random.Random(0).choices(["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"],
-                                     k=6000)
-    data.write_text(" ".join(words))
+    if data is None:
+        data = workdir / "corpus.txt"
+        words = random.Random(0).choices(["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"],
+                                         k=6000)
+        data.write_text(" ".join(words))
     start = time.perf_counter()
     subprocess.run(train_cmd(data, workdir / "straight", iters), env=env, check=True, capture_output=True)
     log(f"uninterrupted run: {time.perf_counter() - start:.1f} s")
@@ -123,9 +128,10 @@ def main() -> int:
     p.add_argument("--kills", type=int, default=10)
     p.add_argument("--iters", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", type=Path, help="train on this (e.g. a `tinygpt prepare` folder)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        straight, killed = check(args.kills, args.iters, args.seed, Path(tmp))
+        straight, killed = check(args.kills, args.iters, args.seed, Path(tmp), data=args.data)
     print(f"uninterrupted: {straight}\nkilled {args.kills}x:  {killed}")
     print("identical" if straight == killed else "DIFFERENT")
     return 0 if straight == killed else 1
