@@ -23,7 +23,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-from common import REPO, SHARED_DATA, machine_info, print_table, save_results
+from common import REPO, SHARED_DATA, machine_info, parser, print_table, save_results
 
 RANKS = SHARED_DATA / "gpt2.tiktoken"
 
@@ -126,37 +126,42 @@ def measure(name: str, corpus: Path, out: Path, workers: int) -> dict:
             "peak_rss_mb": int(own) / 1024, "largest_child_rss_mb": int(kids) / 1024}
 
 
-def main() -> None:
-    import argparse
+def main(argv: list[str] | None = None) -> dict:
     import os
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="40,200", help="corpus sizes in MB (default 40,200)")
+    p = parser(__doc__)
+    p.add_argument("--sizes", default="40,200", help="corpus sizes in MB (default 40,200; --quick: 40)")
     p.add_argument("--methods", default=",".join(METHODS), help="which of: " + ", ".join(METHODS))
     p.add_argument("--keep", type=Path, help="build and keep the corpora here (default: a temporary folder)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if not RANKS.exists():
-        raise SystemExit(f"needs GPT-2's ranks at {RANKS}")
+        print(f"skipped: needs GPT-2's ranks at {RANKS}")
+        return {"skipped": f"no {RANKS}"}
     workers = len(os.sched_getaffinity(0))
     root = args.keep or Path(tempfile.mkdtemp(prefix="tinygpt-bench-data-"))
-    results, rows = {"machine": machine_info(), "workers": workers}, []
-    for mb in (int(s) for s in args.sizes.split(",")):
+    results: dict = {"machine": machine_info(), "workers": workers, "runs": []}
+    headers = ["corpus", "method", "s", "MB/s", "peak RSS MB", "largest child MB"]
+    for mb in (int(x) for x in ("40" if args.quick else args.sizes).split(",")):
         corpus = build_corpus(root / f"corpus-{mb}mb", mb)
         for name in args.methods.split(","):
             out = root / f"out-{mb}-{name.split()[0]}"
-            r = measure(name, corpus, out, workers)
-            shutil.rmtree(out, ignore_errors=True)
-            for extra in root.glob(f"out-{mb}-{name.split()[0]}.*"):
+            r = dict(measure(name, corpus, out, workers), corpus_mb=mb, method=name)
+            for extra in root.glob(f"out-{mb}-{name.split()[0]}*"):
                 shutil.rmtree(extra, ignore_errors=True) if extra.is_dir() else extra.unlink()
-            results[f"{mb}MB {name}"] = r
-            rows.append([f"{mb} MB", name, *(f"{r[k]:,.1f}" if k in r else r.get("error", "-")
-                                              for k in ("seconds", "mb_per_s", "peak_rss_mb",
-                                                        "largest_child_rss_mb"))])
-            print_table(["corpus", "method", "s", "MB/s", "peak RSS MB", "largest child MB"], rows[-1:])
-    print_table(["corpus", "method", "s", "MB/s", "peak RSS MB", "largest child MB"], rows)
-    save_results("data", results)
+            results["runs"].append(r)
+            print_table(headers, [row(r)])
+    print_table(headers, [row(r) for r in results["runs"]])
+    if not args.no_save:
+        save_results("data", results)
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
+def row(r: dict) -> list:
+    return [f"{r['corpus_mb']} MB", r["method"], *(f"{r[k]:,.1f}" if k in r else r.get("error", "-")
+                                                  for k in ("seconds", "mb_per_s", "peak_rss_mb",
+                                                            "largest_child_rss_mb"))]
 
 
 if __name__ == "__main__":

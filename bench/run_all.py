@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import common
+import data
 import generate
 import int8_quality
 import memory
@@ -26,7 +27,7 @@ import train
 from tinygpt.device import cpu_has_native_bf16
 
 BENCHMARKS: dict[str, Callable[[list[str]], Any]] = {
-    "generate": generate.main, "int8-quality": int8_quality.main,
+    "generate": generate.main, "int8-quality": int8_quality.main, "data": data.main,
     "train": train.main, "memory": memory.main, "serve": serve.main, "quality": quality.main,
     # The same command keeping the preset's size (a time budget alone sizes the model: train/schedule.py's
     # choose_size).
@@ -104,6 +105,18 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str
         rows.append((f"serve {r['shape']}: mixed load errors", f"{mixed['errors']} of {mixed['requests']}",
                      "", "",
                      "0", "met" if mixed["errors"] == 0 else "missed"))
+    runs = [r for r in (res.get("data") or {}).get("runs", []) if "mb_per_s" in r]
+    if runs:  # preparing the largest corpus: the peer is one tiktoken thread, the per-core ceiling
+        size = max(r["corpus_mb"] for r in runs)
+        ours = find(runs, corpus_mb=size, method="tinygpt prepare")
+        one = find(runs, corpus_mb=size, method="tiktoken 1 thread")
+        if ours and one:
+            x = ours["mb_per_s"] / one["mb_per_s"]
+            rows.append((f"prepare {size} MB (GPT-2 BPE)", f"{ours['mb_per_s']:.1f} MB/s",
+                         f"{one['mb_per_s']:.1f} (1 thread)", f"{x:.2f}x", ">= 1.7x",
+                         "met" if x >= 1.7 else "no"))
+            rows.append((f"prepare {size} MB: peak RSS", f"{ours['peak_rss_mb']:,.0f} MB", "", "", "< 1 GB",
+                         "met" if ours["peak_rss_mb"] < 1024 else "no"))
     q8 = res.get("int8-quality")
     # int8's quality bound: the demo model's val perplexity, and a trained 124M's greedy tokens
     if q8 is not None:
