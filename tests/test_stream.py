@@ -251,3 +251,24 @@ def test_conversations_packed_by_two_workers_match_one(tmp_path, monkeypatch):
         assert ds.packed and ds.meta["val_conversations"] == 150
         out[n] = {f.name: f.read_bytes() for f in sorted((tmp_path / f"out{n}").glob("*.*"))}
     assert out[1] == out[2] and len(out[1]) == 9
+
+
+def test_eval_on_a_prepared_folder_scores_its_val_split_with_the_runs_tokenizer(tmp_path):
+    from tinygpt import run as tinygpt_run
+    from tinygpt.evaluate import evaluate_run
+
+    text = tmp_path / "text.txt"
+    text.write_text(SHAKESPEARE.read_text()[:30_000])
+    ds = prepared(text, tmp_path / "char", tokenizer="char")
+    cfg = config.resolve("cpu-tiny", flags={
+        "data.path": str(tmp_path / "char"), "model.n_layer": 1, "model.n_head": 2, "model.n_embd": 16,
+        "model.block_size": 32, "train.batch_size": 4, "train.max_iters": 2, "train.eval_interval": 2,
+        "train.eval_iters": 1})
+    run = tinygpt_run.create(cfg, tmp_path / "run", log=lambda m: None)
+    run.train(log=lambda m: None)
+    ckpt = tinygpt_run.load(run.dir)
+    scored = evaluate_run(ckpt, str(tmp_path / "char"), log=lambda m: None)
+    assert scored["target_tokens"] == (ds.meta["val_tokens"] - 1) // 32 * 32  # whole windows of the val split
+    prepared(text, tmp_path / "bpe", tokenizer="bpe", vocab_size=300)
+    with pytest.raises(TinyGPTError, match="prepared with another tokenizer"):
+        evaluate_run(ckpt, str(tmp_path / "bpe"), log=lambda m: None)

@@ -266,7 +266,8 @@ def cmd_eval(argv: list[str]) -> int:
                    "Report loss, perplexity and bits per byte on the run's val split (or --data); "
                    "for chat models also BLEU on held-out conversations and skill accuracy.", dtype="float32")
     p.add_argument("--data", default=None,
-                   help="evaluate on this file or folder instead of the run's val split")
+                   help="evaluate on all of this file or folder instead of the run's val split (on a "
+                   "`tinygpt prepare` folder: its val split)")
     p.add_argument("--limit", type=int, default=200,
                    help="conversations/prompts scored per chat metric (default: 200)")
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default: 16)")

@@ -7,6 +7,7 @@ import dataclasses
 import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from tinygpt import rundir
@@ -101,8 +102,8 @@ def chat_metrics(model: GPT, tokenizer: Tokenizer, template_name: str, train_con
 def evaluate_run(ckpt: Checkpoint, data_path: str | None = None, batch_size: int = 16, limit: int = 200,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """What `tinygpt eval` reports: loss, perplexity and bits per byte on the run's val split (or on all of
-    data_path, encoded with the run's tokenizer); for chat runs also BLEU and, on the built-in corpus,
-    skills."""
+    data_path, encoded with the run's tokenizer; a `tinygpt prepare` folder's val split); for chat runs also
+    BLEU and, on the built-in corpus, skills."""
     tok = ckpt.tokenizer
     device = next(ckpt.model.parameters()).device
     if data_path:
@@ -112,7 +113,10 @@ def evaluate_run(ckpt: Checkpoint, data_path: str | None = None, batch_size: int
         if ds.tokenizer.vocab_size > tok.vocab_size:
             raise TinyGPTError(f"{ckpt.home} was trained on plain text: its tokenizer lacks the chat markers "
                                f"that the conversations in {data_path} need; evaluate it on text")
-        splits, convs = [ds.train, ds.val], ds.conversations("train") + ds.conversations("val")
+        if (Path(data_path).expanduser() / "meta.json").is_file():  # a prepared dataset: its held-out split
+            splits, convs = [ds.val], ds.conversations("val")
+        else:
+            splits, convs = [ds.train, ds.val], ds.conversations("train") + ds.conversations("val")
     elif ckpt.run_dir is None:
         raise UsageError(f"{ckpt.path} is a checkpoint outside a run directory, so it has no val split: "
                          "pass --data FILE to evaluate it on")
