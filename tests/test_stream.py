@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import json
+import lzma
 import os
 import signal
 import subprocess
@@ -66,13 +67,17 @@ def test_the_built_in_corpus_gives_todays_token_files():
     assert got["train_mask.bin"] == "687c1906eb2065f9" and got["val_segments.bin"] == "f2f15c8674e5f299"
 
 
-def test_jsonl_parquet_gzip_and_a_dataset_folder_give_the_text_folders_token_stream(tmp_path):
+def test_jsonl_parquet_compressed_files_and_a_dataset_folder_give_the_text_folders_token_stream(tmp_path):
+    import zstandard
+
     texts = docs()
-    (tmp_path / "txt").mkdir()
-    (tmp_path / "gz").mkdir()
+    compress = {"gz": gzip.compress, "xz": lzma.compress, "zst": zstandard.ZstdCompressor().compress}
+    for folder in ("txt", *compress):
+        (tmp_path / folder).mkdir()
     for i, t in enumerate(texts):
         (tmp_path / "txt" / f"{i:02d}.txt").write_text(t)
-        (tmp_path / "gz" / f"{i:02d}.txt.gz").write_bytes(gzip.compress(t.encode()))
+        for kind, squeeze in compress.items():
+            (tmp_path / kind / f"{i:02d}.txt.{kind}").write_bytes(squeeze(t.encode()))
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     import datasets
     import pyarrow as pa
@@ -80,7 +85,7 @@ def test_jsonl_parquet_gzip_and_a_dataset_folder_give_the_text_folders_token_str
     pq.write_table(pa.table({"text": texts}), tmp_path / "docs.parquet")
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "hf"))
     reference = prepared(tmp_path / "txt", tokenizer="char")
-    for source in ("gz", "docs.jsonl", "docs.parquet", "hf"):
+    for source in ("gz", "xz", "zst", "docs.jsonl", "docs.parquet", "hf"):
         ds = prepared(tmp_path / source, tokenizer="char")
         assert np.array_equal(stream_of(ds), stream_of(reference)), source
         # whole documents go to val there: every document boundary keeps its end-of-text id
