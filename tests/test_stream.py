@@ -277,3 +277,25 @@ def test_eval_on_a_prepared_folder_scores_its_val_split_with_the_runs_tokenizer(
     prepared(text, tmp_path / "bpe", tokenizer="bpe", vocab_size=300)
     with pytest.raises(TinyGPTError, match="prepared with another tokenizer"):
         evaluate_run(ckpt, str(tmp_path / "bpe"), log=lambda m: None)
+
+
+def test_a_full_disk_stops_with_one_line_and_the_rerun_continues(tmp_path, monkeypatch):
+    import errno
+
+    corpus = big_corpus(tmp_path / "corpus", 3)
+    settings = dict(tokenizer="char", chunk_bytes=50_000, shard_tokens=200_000, workers=1)
+    prepared(corpus, tmp_path / "whole", **settings)
+    write, calls = shards.ShardWriter.write, []
+
+    def filling_up(self, ids):
+        calls.append(1)
+        if len(calls) > 30:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(self, ids)
+    monkeypatch.setattr(shards.ShardWriter, "write", filling_up)
+    with pytest.raises(TinyGPTError, match="the disk is full .*run the same command again to continue"):
+        prepared(corpus, tmp_path / "out", **settings)
+    assert (tmp_path / "out.partial" / "progress.json").exists() and not (tmp_path / "out").exists()
+    monkeypatch.setattr(shards.ShardWriter, "write", write)
+    prepared(corpus, tmp_path / "out", **settings)
+    assert digest(tmp_path / "out") == digest(tmp_path / "whole")
