@@ -143,10 +143,10 @@ def cmd_train(argv: list[str]) -> int:
 # ---------------------------------------------------------------- prepare
 
 PREPARE_EXAMPLES = """examples:
-  tinygpt prepare --data corpus/ --tokenizer gpt2 --out data/corpus   # then: tinygpt train --data data/corpus
-  tinygpt prepare --data code/ --data.suffixes .py,.c --tokenizer bpe --out data/code
-  tinygpt prepare --data docs.jsonl.gz --data.text_field body --tokenizer gpt2 --out data/docs
-  tinygpt prepare --data fineweb10B/ --tokenizer gpt2 --out data/fineweb   # llm.c shards, taken as they are
+  tinygpt prepare --data corpus/ --tokenizer gpt2 --out prepared/corpus  # then train --data prepared/corpus
+  tinygpt prepare --data code/ --data.suffixes .py,.c --tokenizer bpe --out prepared/code
+  tinygpt prepare --data docs.jsonl.gz --data.text_field body --tokenizer gpt2 --out prepared/docs
+  tinygpt prepare --data fineweb10B/ --tokenizer gpt2 --out prepared/fineweb  # llm.c shards, as they are
 """
 
 
