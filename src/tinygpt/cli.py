@@ -153,16 +153,16 @@ PREPARE_EXAMPLES = """examples:
 def cmd_prepare(argv: list[str]) -> int:
     p = ArgumentParser(prog="tinygpt prepare", formatter_class=argparse.RawDescriptionHelpFormatter,
                        allow_abbrev=False, epilog=PREPARE_EXAMPLES,
-                       description="Tokenize a corpus of any size into a prepared dataset folder (tokenizer, "
-                       "token shards, meta.json) in bounded memory, on every core. Text files and folders "
-                       "(also .gz/.xz/.zst), JSONL and Parquet with a text field, Hugging Face save_to_disk "
-                       "folders, conversations, nanoGPT train.bin/val.bin and llm.c shards. Run it again "
-                       "after a kill to continue from the last whole shard.")
+                       description="Tokenize a corpus of any size into a prepared dataset folder\n"
+                       "(tokenizer, token shards, meta.json) in bounded memory, on every core: text\n"
+                       "files and folders (also .gz/.xz/.zst), JSONL and Parquet with a text field,\n"
+                       "Hugging Face save_to_disk folders, conversations, nanoGPT train.bin/val.bin and\n"
+                       "llm.c shards. Run it again after a kill to continue from the last whole shard.")
     p.add_argument("--data", dest="data.path", required=True, metavar="PATH", help="the corpus")
     p.add_argument("--tokenizer", dest="data.tokenizer", default=argparse.SUPPRESS,
                    choices=["char", "gpt2", "bpe", "sentencepiece"], help="same as --data.tokenizer")
     p.add_argument("--out", type=Path, required=True, help="the prepared dataset folder to write")
-    p.add_argument("--workers", dest="data.workers", default=argparse.SUPPRESS, type=int,
+    p.add_argument("--workers", dest="data.workers", default=argparse.SUPPRESS, type=int, metavar="N",
                    help="tokenizing processes (default: one per CPU core)")
     p.add_argument("--preset", choices=list(presets.PRESETS),
                    help="take the data settings (tokenizer, vocabulary) of a preset (default: modern's)")
