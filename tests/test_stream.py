@@ -299,3 +299,23 @@ def test_a_full_disk_stops_with_one_line_and_the_rerun_continues(tmp_path, monke
     monkeypatch.setattr(shards.ShardWriter, "write", write)
     prepared(corpus, tmp_path / "out", **settings)
     assert digest(tmp_path / "out") == digest(tmp_path / "whole")
+
+
+def test_a_hub_dataset_is_streamed_with_every_nth_document_held_out(tmp_path, monkeypatch):
+    import datasets
+
+    texts = docs(20)
+    asked = []
+
+    def streamed(name, split=None, streaming=False, **kw):  # the Hub, offline: a local iterable dataset
+        asked.append((name, split, streaming))
+        return datasets.Dataset.from_dict({"text": texts}).to_iterable_dataset()
+    monkeypatch.setattr(datasets, "load_dataset", streamed)
+    ds = prepared("someone/texts", tmp_path / "out", tokenizer="char", format="hf")
+    assert asked[-1] == ("someone/texts", "train", True)
+    assert ds.meta["val_rule"] == "every 10th document" and ds.meta["val_documents"] == 2
+    eot = ds.tokenizer.eot_id
+    val = np.asarray(ds.val.tokens[np.arange(len(ds.val.tokens))])
+    assert ds.tokenizer.decode(val[val != eot].tolist()) == texts[9] + texts[19]
+    train = np.asarray(ds.train.tokens[np.arange(len(ds.train.tokens))])
+    assert ds.tokenizer.decode(train[train != eot].tolist()) == "".join(texts[:9] + texts[10:19])

@@ -26,7 +26,7 @@ from tinygpt.data.corpus import builtin_conversations
 from tinygpt.data.dialogs import Conversation, detect_format, iter_dialogs, read_dialogs
 from tinygpt.data.packing import write_conversations
 from tinygpt.data.shards import ShardWriter, shard_files, token_blocks, token_inputs
-from tinygpt.data.sources import is_dataset_folder
+from tinygpt.data.sources import is_dataset_folder, is_hub_text
 from tinygpt.errors import TinyGPTError, UsageError
 from tinygpt.rundir import atomic_folder
 from tinygpt.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
@@ -122,6 +122,8 @@ def prepare_text(cfg: DataConfig, path: Path, log=print, tokenizer: Tokenizer | 
 def is_text_records(path: Path, fmt: str, field: str) -> bool:
     """Whether JSONL or a dataset folder holds documents (a `field` string per record) rather than
     conversations (a "messages" list)."""
+    if fmt == "hf" and not path.exists():
+        return is_hub_text(str(path), field)
     if fmt == "hf" and path.is_dir() and is_dataset_folder(path):
         import datasets
 

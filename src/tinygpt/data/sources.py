@@ -239,3 +239,33 @@ def file_pieces(files: list[Path], d, problems: Problems) -> Iterator[Piece]:
         except BadInput as e:
             problems.report(str(e))
         base += f.stat().st_size
+
+
+def hub_rows(name: str) -> Iterator[dict]:
+    """The train split of a Hugging Face Hub dataset, streamed: nothing is downloaded beyond what is read."""
+    try:
+        import datasets
+    except ImportError:
+        raise TinyGPTError("streaming a Hugging Face dataset needs `pip install datasets` (or "
+                           "tinygpt[data])") from None
+    try:
+        return iter(datasets.load_dataset(name, split="train", streaming=True))
+    except Exception as e:  # offline, no such dataset, a script: the hub client fails in many ways
+        raise TinyGPTError(f"could not stream {name} from the Hugging Face Hub ({type(e).__name__}); "
+                           "offline, download it with datasets, save_to_disk, and prepare that folder") \
+            from None
+
+
+def is_hub_text(name: str, field: str) -> bool:
+    """Whether a Hub dataset holds documents (a `field` string per row) rather than conversations."""
+    first = next(hub_rows(name), {})
+    return isinstance(first.get(field), str) and "messages" not in first
+
+
+def hub_pieces(name: str, field: str) -> Iterator[Piece]:
+    """A Hub dataset's documents, row by row; their positions are row numbers (its size is unknown)."""
+    for i, row in enumerate(hub_rows(name)):
+        text = row.get(field)
+        if not isinstance(text, str):
+            raise BadInput(f"{name} row {i + 1} has no string field {field!r}; give --data.text_field")
+        yield Piece(text, True, i)

@@ -82,6 +82,18 @@ def train_tokenizer(d: DataConfig, pieces: Callable[[], Iterator[sources.Piece]]
 
 # ---------------------------------------------------------------- routing and tokenizing
 
+def every_nth(d: DataConfig) -> int:
+    return max(2, round(1 / d.val_fraction))
+
+
+def route_every(pieces: Iterator[sources.Piece], every: int) -> Iterator[Item]:
+    """For a stream of unknown length (a Hub dataset): every `every`-th document to val, the rest to train."""
+    doc = -1
+    for p in pieces:
+        doc += p.new_doc
+        yield "val" if doc % every == every - 1 else "train", p.new_doc, p.text
+
+
 def route(pieces: Iterator[sources.Piece], cut: int) -> Iterator[Item]:
     """Each piece to train or val: val is everything from position `cut` on; plain text is cut at that byte
     (moved forward to a character boundary)."""
@@ -127,7 +139,8 @@ class Writing:
     the task a continued prepare starts in left out (they are in its whole shards already), progress.json
     written after every whole shard."""
 
-    def __init__(self, folder: Path, d: DataConfig, tok: Tokenizer, settings: dict, resume: dict | None):
+    def __init__(self, folder: Path, d: DataConfig, tok: Tokenizer, settings: dict, resume: dict | None,
+                 interleaved: bool = False):
         self.folder, self.settings, self.tok, self.eot = folder, settings, tok, np.asarray([tok.eot_id])
         self.resume = resume or {"task": 0, "skip": 0, "started": {"train": False, "val": False},
                                  "splits": {"train": [0, 0], "val": [0, 0]}}
@@ -136,8 +149,13 @@ class Writing:
                                        on_shard=self._saved) for s in ("train", "val")}
         self.started = dict(self.resume["started"])
         self.task, self.offset, self.started_at_task = 0, 0, dict(self.started)
+        # With both splits open at once (a Hub stream), a whole shard of one leaves the other's open shard
+        # unsaved: such a prepare is not continued, it starts over.
+        self.interleaved = interleaved
 
     def _saved(self, consumed: int = 0) -> None:
+        if self.interleaved:
+            return
         state = {"settings": self.settings, "task": self.task, "skip": self.offset + consumed,
                  "started": self.started_at_task,
                  "splits": {s: [w.shards, w.tokens] for s, w in self.writers.items()}}
@@ -151,7 +169,8 @@ class Writing:
         for (split, new_doc, _), ids in zip(items, arrays):
             if not len(ids):
                 continue
-            if split == "val" and self.writers["train"].file is not None:  # the tail rule: train is done
+            tail_reached = split == "val" and not self.interleaved
+            if tail_reached and self.writers["train"].file is not None:  # the tail rule: train is done
                 self.writers["train"].close()
                 self._saved()
             parts = [self.eot, ids] if new_doc and self.started[split] else [ids]
@@ -188,8 +207,11 @@ def _continued(partial: Path, settings: dict, log) -> dict | None:
     return None
 
 
-def corpus(path: Path, d: DataConfig, problems: sources.Problems) -> tuple[int, Callable[[], Iterator]]:
-    """(size of the input on disk, a function that starts reading it as pieces)."""
+def corpus(path: Path, d: DataConfig,
+           problems: sources.Problems) -> tuple[int | None, Callable[[], Iterator]]:
+    """(size of the input on disk, None for a Hub stream; a function that starts reading it as pieces)."""
+    if not path.exists() and d.format == "hf":
+        return None, lambda: sources.hub_pieces(str(d.path), d.text_field)
     if path.is_dir() and sources.is_dataset_folder(path):
         return sources.dataset_size(path), lambda: sources.dataset_pieces(path, d.text_field)
     files = sources.corpus_files(path, sources.suffixes(d.suffixes))
@@ -200,6 +222,8 @@ def settings_of(d: DataConfig, path: Path, tokenizer: Tokenizer | None, specials
     """Everything the shards depend on: a continued prepare must have the same."""
     keys = ("tokenizer", "vocab_size", "sp_model_type", "val_fraction", "suffixes", "text_field",
             "tokenizer_sample", "on_error", "chunk_bytes", "shard_tokens")
+    if not path.exists() and d.format == "hf":  # a Hub name: the name is all there is to compare
+        return {"format": FORMAT, **{k: getattr(d, k) for k in keys}, "hub": str(d.path)}
     files = sorted(f for f in path.rglob("*") if f.is_file()) if sources.is_dataset_folder(path) \
         else sources.corpus_files(path, sources.suffixes(d.suffixes))
     return {"format": FORMAT, **{k: getattr(d, k) for k in keys}, "specials": list(specials),
@@ -223,7 +247,7 @@ def prepare_corpus(d: DataConfig, path: Path, dest: Path, log, tokenizer: Tokeni
             tokenizer or train_tokenizer(d, pieces, specials, log)
         if not resume:
             tok.save(partial / "tokenizer")
-        writing = Writing(partial, d, tok, settings, resume)
+        writing = Writing(partial, d, tok, settings, resume, interleaved=total is None)
         n_workers = workers.worker_count(d, total)
         documents = _tokenize(writing, pieces, total, d, n_workers)
     except TinyGPTError:  # bad input: mending it changes the settings, so nothing here could be continued
@@ -243,7 +267,8 @@ def prepare_corpus(d: DataConfig, path: Path, dest: Path, log, tokenizer: Tokeni
                            f"{d.val_fraction:.0%} of the input)")
     meta = dict(format=FORMAT, source=str(path), dtype=token_dtype(tok.vocab_size).name,
                 vocab_size=tok.vocab_size, tokenizer=tok.kind, **sizes, **documents, input_bytes=total,
-                skipped_documents=problems.skipped, val_rule="tail", workers=n_workers,
+                skipped_documents=problems.skipped, workers=n_workers,
+                val_rule="tail" if total is not None else f"every {every_nth(d)}th document",
                 seconds=round(time.monotonic() - began, 1))
     (partial / "progress.json").unlink(missing_ok=True)
     (partial / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -252,19 +277,22 @@ def prepare_corpus(d: DataConfig, path: Path, dest: Path, log, tokenizer: Tokeni
     return meta
 
 
-def _tokenize(writing: Writing, pieces: Callable[[], Iterator[sources.Piece]], total: int, d: DataConfig,
-              n_workers: int) -> dict[str, int]:
+def _tokenize(writing: Writing, pieces: Callable[[], Iterator[sources.Piece]], total: int | None,
+              d: DataConfig, n_workers: int) -> dict[str, int]:
     """Read, route, tokenize and write the whole corpus (tasks a continued prepare has written already are
     read and routed but not tokenized), with a progress bar on stderr; returns the document counts."""
     counts = {"train_documents": 0, "val_documents": 0}
-    with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=None, leave=False) as bar:
+    unit = "B" if total is not None else " documents"
+    with tqdm(total=total, unit=unit, unit_scale=True, desc="tokenizing", disable=None, leave=False) as bar:
         def watched() -> Iterator[sources.Piece]:
             for p in pieces():
                 bar.update(max(0, p.start - bar.n))
                 yield p
 
         def counted() -> Iterator[Item]:
-            for item in route(watched(), int(total * (1 - d.val_fraction))):
+            routed = route_every(watched(), every_nth(d)) if total is None else \
+                route(watched(), int(total * (1 - d.val_fraction)))
+            for item in routed:
                 counts[f"{item[0]}_documents"] += item[1]
                 yield item
 
@@ -281,9 +309,10 @@ def _tokenize(writing: Writing, pieces: Callable[[], Iterator[sources.Piece]], t
 def summary(meta: dict, problems: sources.Problems) -> str:
     tokens = meta["train_tokens"] + meta["val_tokens"]
     seconds, size = max(meta["seconds"], 1e-3), meta["input_bytes"]
-    line = (f"data: {meta['train_documents'] + meta['val_documents']:,} documents, {tokens:,} tokens "
-            f"({tokens / max(1, size):.3f} per byte) in {seconds:.1f} s ({size / 1e6 / seconds:.1f} MB/s, "
-            f"{meta['workers']} worker(s))")
+    rate = f"({tokens / max(1, size):.3f} per byte) " if size else ""
+    speed = f"{size / 1e6 / seconds:.1f} MB/s, " if size else f"{tokens / seconds:,.0f} tokens/s, "
+    line = (f"data: {meta['train_documents'] + meta['val_documents']:,} documents, {tokens:,} tokens {rate}"
+            f"in {seconds:.1f} s ({speed}{meta['workers']} worker(s))")
     if problems.skipped:
         line += f"; skipped {problems.skipped} bad document(s), the first: {problems.first}"
     return line

@@ -59,10 +59,10 @@ def in_order(jobs: Iterator[tuple[Any, Any, tuple]], fn: Callable, tok: Tokenize
             yield done, result.get()
 
 
-def worker_count(d: DataConfig, total: int) -> int:
+def worker_count(d: DataConfig, total: int | None) -> int:
     """d.workers, or one per usable core; one for a corpus of a piece or two, where starting a pool costs
-    more than it saves."""
-    if total <= 2 * d.chunk_bytes:
+    more than it saves (a stream of unknown size gets the pool)."""
+    if total is not None and total <= 2 * d.chunk_bytes:
         return 1
     if d.workers:
         return d.workers
