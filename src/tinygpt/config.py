@@ -133,9 +133,14 @@ class TrainConfig:
     """Seconds of training: throughput is measured in the first steps and the schedule is fitted so that it
     ends (decay included) when the budget does. Overrides max_iters and epochs."""
     batch_size: int = 16
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch, or auto: on a GPU (CUDA or MPS) the largest micro-batch that fits its
+    memory, up to the global batch (batch_size x grad_accum from the preset or config file), with grad_accum
+    raised to keep that global batch; on a CPU auto keeps the configured batch. Chosen once, when the run is
+    created, and saved in its config.yaml."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
+    auto_batch: bool = False
+    """Set by `--train.batch_size auto` (see batch_size); false again in the saved config once chosen."""
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr: float = 1e-4
@@ -173,10 +178,10 @@ class TrainConfig:
     """Write the 'last' checkpoint every this many steps (and always at the end)."""
     patience: int = 0
     """Stop after this many evaluations without a better val loss; 0 never stops early."""
-    compile: bool = False
-    """torch.compile the model: about 30 s of start-up, then faster steps (~1.35x measured on a small CPU
-    GPT);
-    falls back to eager mode, with a notice, where compiling fails."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile the model: some 30-60 s of start-up, then faster steps; falls back to eager mode, with a
+    notice, where compiling fails. auto: on for CUDA, where it pays most, off on CPU (~1.1x measured on 2
+    cores, not worth the wait for a short run) and on MPS (where it is least mature)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of storing them (less memory, more
     compute)."""
@@ -189,10 +194,13 @@ class TrainConfig:
     local Hugging Face GPT-2 folder. The architecture (every model.* setting but dropout) and the tokenizer
     come from it; conversations add their chat markers to the tokenizer as new rows."""
     device: str = "auto"
-    """'auto' (cuda if present, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Autocast compute type; auto is bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), float32
-    elsewhere."""
+    """'auto' (cuda if present, then Apple's mps, else cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Autocast compute type (weights and optimizer stay float32). auto: bfloat16 on CUDA GPUs that compute
+    it natively (compute capability 8.0+: A100, H100, RTX 30xx and later) and on CPUs with AVX512-BF16 or
+    AMX; float16 with dynamic loss scaling on older CUDA GPUs (T4, V100); float32 elsewhere, MPS included.
+    float16 forces loss scaling anywhere (CPU too); the steps it skips for overflowing gradients are counted
+    in the log and metrics."""
     parallel: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: ddp keeps a whole copy of the model on every process and averages gradients; fsdp
     (FSDP2) shards weights, gradients and optimizer state over the processes, for models that do not fit
@@ -279,7 +287,18 @@ def _choices(tp: Any) -> tuple[Any, ...] | None:
     return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
 
 
+def _word_or(tp: Any) -> tuple[tuple[Any, ...], Any] | None:
+    """For a type such as `bool | Literal["auto"]`: (the words, the other type); None for any other type."""
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return None
+    words = [a for a in typing.get_args(tp) if _choices(a)]
+    others = [a for a in typing.get_args(tp) if not _choices(a)]
+    return (_choices(words[0]), others[0]) if len(words) == 1 and len(others) == 1 else None
+
+
 def type_name(tp: Any) -> str:
+    if (either := _word_or(tp)) is not None:
+        return f"{type_name(either[1])}|{'|'.join(either[0])}"
     base, optional = _unwrap_optional(tp)
     choices = _choices(base)
     name = "|".join(map(str, choices)) if choices else base.__name__
@@ -293,6 +312,14 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if optional:
             return None
         raise UsageError(f"{key} cannot be empty: give a {type_name(tp)}")
+    if (either := _word_or(base)) is not None:
+        words, other = either
+        if isinstance(value, str) and value.lower() in words:
+            return value.lower()
+        try:
+            return coerce(value, other, key)
+        except UsageError:
+            raise UsageError(f"{key}={value!r} is not a valid {type_name(tp)}") from None
     choices = _choices(base)
     if choices:
         if value not in choices:
@@ -398,6 +425,10 @@ def apply_layer(cfg: Config, overrides: dict[str, Any], source: str) -> set[str]
     this, `--train.max_iters 20` on a preset that trains by epochs was silently ignored); within one layer
     time_budget wins over epochs, and epochs over max_iters."""
     flat = flatten(overrides, source)
+    if str(flat.get("train.batch_size")).lower() == "auto":
+        # the batch of the layers below stays, as the global batch that auto-sizing keeps
+        del flat["train.batch_size"]
+        flat["train.auto_batch"] = True
     apply_overrides(cfg, flat, source)
     if any(k in flat for k in LENGTH_KEYS):
         # max_iters always has a value; it counts when these are empty

@@ -26,6 +26,7 @@ from tinygpt.rundir import RunLock, describe, holder
 from tinygpt.tokenizer import GPT2Tokenizer
 from tinygpt.train import loggers
 from tinygpt.train.distributed import SINGLE, Dist, for_run, from_main, meet, start_group
+from tinygpt.train.fit import fit_batch
 from tinygpt.train.loop import train
 from tinygpt.train.schedule import choose_size
 
@@ -143,8 +144,13 @@ def create(cfg: Config, out: Path | None = None, overwrite: bool = False, log: L
                          f"{ds.tokenizer.vocab_size} ids; leave it empty to take it from the tokenizer")
     check_length(ds, cfg.model.block_size)
     device = resolve_device(cfg.train.device)
+    # the seconds spent sizing count against a time budget
     sizing_s = choose_size(cfg, ds, device, autocast_dtype(cfg.train, device),
                            log) if cfg.model.auto_size else 0.0
+    if cfg.train.auto_batch:
+        start = time.perf_counter()
+        fit_batch(cfg, device, autocast_dtype(cfg.train, device), log)
+        sizing_s += time.perf_counter() - start
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -212,6 +218,8 @@ def resumed_config(saved: Config, flags: dict[str, Any], preset: str | None = No
         config.apply_layer(wanted, flags, "command line")
         config.validate(wanted)
         after, derived = flat(wanted), set()
+    if after["train.auto_batch"]:  # chosen when the run was created: the run keeps its choice
+        derived |= {"train.batch_size", "train.grad_accum", "train.auto_batch"}
     changed = [k for k in before if before[k] != after[k] and k not in derived]
     refused = [k for k in changed if not may_change_on_resume(k)]
     if refused:

@@ -24,7 +24,15 @@ from tinygpt import checkpoint, rundir
 from tinygpt.config import Config
 from tinygpt.data.batches import EpochSampler, Split, eval_starts
 from tinygpt.data.prepare import Dataset
-from tinygpt.device import autocast_dtype, peak_flops
+from tinygpt.device import (
+    autocast_dtype,
+    compile_enabled,
+    free_memory,
+    is_out_of_memory,
+    peak_flops,
+    peak_memory_gib,
+    use_cpu_threads,
+)
 from tinygpt.errors import Interrupted, TinyGPTError, UsageError
 from tinygpt.model import GPT
 from tinygpt.split_loss import LossSum, loss_metrics, loss_over
@@ -81,12 +89,30 @@ def train(cfg: Config, run_dir: Path, data: Dataset, resume_from: Path | None = 
         trainer.close_logs("finished")
         return final
     except BaseException as e:
-        failure = peer_failure(e, dist) if isinstance(e, RuntimeError | torch.distributed.DistError) else None
+        # an out-of-memory error is a RuntimeError too, but this process's own, not a peer's
+        failure = out_of_memory(cfg, run_dir, trainer) if is_out_of_memory(e) else \
+            peer_failure(e, dist) if isinstance(e, RuntimeError | torch.distributed.DistError) else None
         if trainer is not None:
             trainer.close_logs(*ending(failure or e))
         if failure is None:
             raise
         raise failure from None
+
+
+def out_of_memory(cfg: Config, run_dir: Path, trainer: Trainer | None) -> TinyGPTError:
+    """A device out-of-memory error as one line: what ran out, the ways to need less, the checkpoint kept."""
+    t, m = cfg.train, cfg.model
+    where = f" at step {trainer.progress.step + 1}" if trainer is not None else ""
+    device = trainer.device if trainer is not None else t.device
+    if trainer is not None:
+        free_memory(trainer.device)
+    half = (f"--train.batch_size {t.batch_size // 2} --train.grad_accum {t.grad_accum * 2} (the same global "
+            "batch), " if t.batch_size > 1 else "")
+    kept = checkpoint.valid_checkpoints(run_dir, ("last", "best"))
+    return TinyGPTError(
+        f"out of memory on {device}{where} (micro-batch {t.batch_size} x context {m.block_size}): try "
+        f"{half}--train.activation_checkpointing true, or a shorter --model.block_size; --train.batch_size "
+        f"auto finds the largest micro-batch that fits. Last checkpoint kept: {kept[0] if kept else 'none'}")
 
 
 def ending(e: BaseException) -> tuple[str, str | None]:
@@ -112,7 +138,10 @@ class Trainer:
         self.loggers = list(loggers)
         self.started: list[Logger] = []  # the loggers whose start ran, and so need a close
         self.device = train_device(dist, t)
-        self.dtype = autocast_dtype(t, self.device)
+        self.threads = use_cpu_threads() if self.device.type == "cpu" else None
+        self.dtype = self.precision()
+        # float16: the loss is scaled up so that small gradients survive (Micikevicius et al. 2018)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         self.model = self.new_model(init_state if resume_from is None else None)
         self.peak = peak_flops(self.device)
         self.sampler = EpochSampler(len(data.train.tokens), cfg.model.block_size, t.batch_size, t.seed,
@@ -123,7 +152,8 @@ class Trainer:
         self.lr = 0.0  # the latest step's learning rate
         saved = self.restore_weights(resume_from) if resume_from is not None else None
         self.wrapped = wrap(self.model, dist)  # after the weights are in: FSDP shards them in place
-        self.step_model = MaybeCompiled(self.wrapped, t.compile, self.log)  # the model, or its compiled form
+        # the model, or its compiled form
+        self.step_model = MaybeCompiled(self.wrapped, compile_enabled(t, self.device), self.log)
         self.optimizer = make_optimizer(self.model, t, self.device)
         if saved is not None:
             self.restore_state(resume_from, *saved)
@@ -140,6 +170,18 @@ class Trainer:
                         disable=None if dist.main else True, unit="step")
         self.interval_tokens, self.interval_start = 0, time.perf_counter()
         self.session_start, self.elapsed_before, self.first_step = time.perf_counter(), p.elapsed_s, p.step
+
+    def precision(self) -> torch.dtype | None:
+        """The autocast type (autocast_dtype), but not float16 under FSDP, whose sharded gradients the loss
+        scaler does not handle here: auto falls back to float32 there, a forced float16 is refused."""
+        dtype = autocast_dtype(self.cfg.train, self.device)
+        if dtype == torch.float16 and self.dist.parallel == "fsdp":
+            if self.cfg.train.dtype == "float16":
+                raise UsageError("train.dtype float16 (loss scaling) does not work with train.parallel fsdp "
+                                 "here; use train.parallel ddp, or train.dtype float32")
+            self.log("note: float16 loss scaling does not work with fsdp here; training in float32")
+            return None
+        return dtype
 
     def new_model(self, init_state: dict[str, torch.Tensor] | None) -> GPT:
         """The same init on every process (init_state's weights where given), every generator seeded."""
@@ -167,8 +209,11 @@ class Trainer:
             forget_metrics_after(self.run_dir / rundir.METRICS, p.step)
         procs = (f", {dist.world} processes ({dist.parallel}), global batch {step_windows} windows"
                  if dist.active else "")
-        self.log(f"model: {self.model.num_params() / 1e6:.2f}M parameters, device {self.device}"
-                 f"{', bf16 autocast' if self.dtype else ''}{procs}; data: {len(self.data.train.tokens):,} "
+        precision = {torch.bfloat16: ", bf16 autocast", torch.float16: ", fp16 autocast with loss scaling",
+                     None: ""}[self.dtype]
+        threads = f", {self.threads}" if self.threads else ""
+        self.log(f"model: {self.model.num_params() / 1e6:.2f}M parameters, device {self.device}{threads}"
+                 f"{precision}{procs}; data: {len(self.data.train.tokens):,} "
                  f"train / {len(self.data.val.tokens):,} val tokens, {epoch:,} windows per epoch")
 
     def start(self) -> None:
@@ -176,7 +221,7 @@ class Trainer:
         p = self.progress
         facts = dict(step=p.step, total=p.total, params=self.model.num_params(non_embedding=False),
                      device=str(self.device),
-                     dtype="bfloat16" if self.dtype == torch.bfloat16 else "float32")
+                     dtype=str(self.dtype or torch.float32).removeprefix("torch."))
         for logger in self.loggers:
             logger.start(self.cfg, facts)
             self.started.append(logger)
@@ -191,6 +236,8 @@ class Trainer:
         dist = self.dist
         load_optimizer_state(self.model, self.optimizer, trainer["optimizer"], dist)
         self.progress = Progress(**state["progress"])
+        if self.scaler is not None and self.progress.scaler:
+            self.scaler.load_state_dict(self.progress.scaler)
         self.sampler.load_state_dict(self.progress.sampler)
         saved_ranks = trainer.get("rng_ranks") or [trainer["rng"]]
         if dist.rank < len(saved_ranks):
@@ -214,7 +261,9 @@ class Trainer:
                             micro_batches(self.data, self.sampler, self.cfg, self.device, self.dist),
                             t.grad_clip,
                             self.dtype, self.dist)
-        if not result.finite:
+        if result.overflow and self.scaler is not None and self.scaler.get_scale() >= 1:
+            p.overflow_skips += 1  # the scaler has lowered the scale; the next step tries again
+        elif not result.finite:
             self.nonfinite(result)
         p.step += 1
         p.tokens_seen += self.tokens_per_step
@@ -256,8 +305,9 @@ class Trainer:
                                 for split in (self.data.train, self.data.val))
         self.record(self.metrics(train_loss, val_loss, self.lr, tok_s))
         mfu = f", MFU {tok_s * self.model.flops_per_token() / self.peak:.1%}" if self.peak else ""
-        self.log(f"step {p.step}: train {train_loss:.4f}, val {val_loss:.4f}, {tok_s:,.0f} tok/s{mfu}, ETA "
-                 f"{self.eta()}")
+        skips = f", {p.overflow_skips} fp16 overflow skip(s)" if self.scaler is not None else ""
+        self.log(f"step {p.step}: train {train_loss:.4f}, val {val_loss:.4f}, {tok_s:,.0f} tok/s{mfu}, peak "
+                 f"memory {peak_memory_gib(self.device):.2f} GiB{skips}, ETA {self.eta()}")
         if val_loss < p.best_val:
             p.best_val, p.bad_evals = val_loss, 0
             self.save("best")
@@ -321,7 +371,8 @@ class Trainer:
     def metrics(self, train_loss: float, val_loss: float, lr: float, tok_s: float) -> dict[str, Any]:
         p = self.progress
         return dict(step=p.step, train_loss=train_loss, val_loss=val_loss, val_ppl=math.exp(val_loss), lr=lr,
-                    tokens_seen=p.tokens_seen, tokens_per_s=tok_s, elapsed_s=p.elapsed_s)
+                    tokens_seen=p.tokens_seen, tokens_per_s=tok_s, elapsed_s=p.elapsed_s,
+                    peak_memory_gib=peak_memory_gib(self.device), overflow_skips=p.overflow_skips)
 
     def record(self, entry: dict[str, Any]) -> None:
         for logger in self.loggers:  # rank 0's alone (the other processes have none)
@@ -341,6 +392,8 @@ class Trainer:
         """Every process takes part (its RNG state; FSDP gathers the shards); rank 0 writes the checkpoint."""
         dist = self.dist
         self.progress.sampler, self.progress.world = self.sampler.state_dict(), dist.world
+        if self.scaler is not None:
+            self.progress.scaler = self.scaler.state_dict()
         rng_tensors, rng_plain = rng_state()
         ranks_rng = dist.gather(rng_tensors)
         model, optimizer = whole_state(self.model, self.optimizer, dist)

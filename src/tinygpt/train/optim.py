@@ -120,3 +120,8 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
         muon=Muon([p for p in decay if id(p) in hidden], lr=cfg.lr, weight_decay=cfg.weight_decay),
         adamw=adamw([{"params": [p for p in decay if id(p) not in hidden], "weight_decay": cfg.weight_decay},
                      {"params": no_decay, "weight_decay": 0.0}], cfg, device))
+
+
+def members(optimizer: torch.optim.Optimizer | Optimizers) -> list[torch.optim.Optimizer]:
+    """The torch optimizers that make up `optimizer` (a GradScaler unscales and steps each on its own)."""
+    return list(optimizer.optimizers.values()) if isinstance(optimizer, Optimizers) else [optimizer]

@@ -95,3 +95,5 @@ class Progress:
     bad_evals: int = 0
     sampler: dict[str, int] = field(default_factory=dict)
     world: int = 1  # processes of the job that saved it (torchrun)
+    overflow_skips: int = 0  # float16 steps skipped because the gradients overflowed at the loss scale
+    scaler: dict[str, Any] = field(default_factory=dict)  # float16: the loss scaler's state, for exact resume
