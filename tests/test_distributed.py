@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import free_port, tiny_flags
-from tinygpt import config
+from tinygpt import config, device
 from tinygpt import run as tinygpt_run
 from tinygpt.cli import main
 from tinygpt.config import Config
@@ -120,9 +120,17 @@ def test_two_processes_train_the_weights_of_one_with_two_micro_batches(text_file
 
 
 def test_accumulating_on_two_processes_equals_four_micro_batches_on_one(text_file, tmp_path):
-    train(tmp_path / "one", text_file, "--train.grad_accum", "4", procs=1)
-    train(tmp_path / "two", text_file, "--train.grad_accum", "2")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    one = train(tmp_path / "one", text_file, "--train.grad_accum", "4", procs=1, env=env)
+    two = train(tmp_path / "two", text_file, "--train.grad_accum", "2", env=env)
     assert max_difference(tmp_path / "one", tmp_path / "two") <= 1e-6
+    # one process takes every core it may run on; torchrun would give each of two processes one thread,
+    # tinygpt gives each its half
+    cores = device.physical_cores(device.allowed_cpus())
+    assert f"{cores} CPU thread(s) ({cores} physical core(s))" in one.stderr
+    assert f"{max(1, cores // 2)} CPU thread(s) ({cores} physical core(s) / 2 processes)" in two.stderr
+    user = train(tmp_path / "user", text_file, "--train.max_iters", "1", env={**env, "OMP_NUM_THREADS": "1"})
+    assert "1 CPU thread(s) (OMP_NUM_THREADS)" in user.stderr  # the user's setting stands
 
 
 def test_gradients_are_exchanged_only_on_the_last_micro_batch():

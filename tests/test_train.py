@@ -195,3 +195,94 @@ def test_the_final_evaluation_spreads_a_capped_share_over_a_large_val_split(text
         logs[cap] = next(x for x in lines if x.startswith("final"))
     assert "(whole val split)" in logs[None]
     assert "(4 of the val split's" in logs[64] and "windows, spread)" in logs[64]
+
+
+@pytest.fixture
+def overflow_at_step_2(monkeypatch):
+    """Blow up the second training forward pass's loss (and every 8th after it) so that its float16
+    gradients overflow at any loss scale while the loss itself stays finite in float32."""
+    original = GPT.forward
+    calls = {"n": 0}
+
+    def huge(self, idx, targets=None, cache=None, segments=None):
+        logits, loss = original(self, idx, targets, cache, segments)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] % 8 == 2:
+                loss = loss * 1e30
+        return logits, loss
+    monkeypatch.setattr(GPT, "forward", huge)
+
+
+def state_of(run_dir):
+    return json.loads((run_dir / "checkpoints" / "last" / "state.json").read_text())["progress"]
+
+
+def test_float16_with_loss_scaling_trains_and_skips_an_overflowing_step(text_file, tmp_path,
+                                                                        overflow_at_step_2):
+    cfg = tiny_config(max_iters=24, eval_interval=12, lr=1e-2, dtype="float16")
+    lines = []
+    final = train(cfg, tmp_path, prepared(text_file, cfg, tmp_path), log=lines.append)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "fp16 autocast with loss scaling" in next(x for x in lines if x.startswith("model:"))
+    # steps 2, 10 and 18 overflow
+    assert final["step"] == 24 and final["overflow_skips"] == 3 and "2 fp16 overflow skip(s)" in lines[1]
+    assert final["val_loss"] < rows[0]["val_loss"] < torch.log(torch.tensor(float(cfg.model.vocab_size)))
+    progress = state_of(tmp_path)
+    assert progress["overflow_skips"] == 3
+    assert progress["scaler"]["scale"] == 2.0**13  # the scaler halved its first scale, 2**16, at each
+    assert all(torch.isfinite(t).all() for t in weights(tmp_path / "checkpoints" / "last").values())
+
+
+def test_a_nan_loss_still_stops_a_float16_run(text_file, tmp_path, nan_at_step_5):
+    """Loss scaling forgives overflowing gradients, not a loss that is already NaN."""
+    cfg = tiny_config(max_iters=8, checkpoint_interval=2, eval_interval=100, dtype="float16")
+    with pytest.raises(TinyGPTError, match=r"non-finite loss or gradient at step 5"):
+        train(cfg, tmp_path, prepared(text_file, cfg, tmp_path), log=lambda m: None)
+
+
+def test_float16_resume_is_bit_identical_with_the_scalers_state(text_file, tmp_path, overflow_at_step_2):
+    """The overflow at step 2 halves the loss scale; the resumed run goes on from that scale and from the
+    count of clean steps towards its next doubling."""
+    cfg = tiny_config(max_iters=8, dtype="float16")
+    cfg.model.dropout = 0.1
+    straight = tmp_path / "straight"
+    train(cfg, straight, prepared(text_file, cfg, straight), log=lambda m: None)
+
+    halves = tmp_path / "halves"
+    ds = prepared(text_file, cfg, halves)
+    first = config.from_dict(cfg.to_dict())
+    first.train.max_iters, first.train.lr_decay_iters = 4, 8
+    train(first, halves, ds, log=lambda m: None)
+    assert state_of(halves)["scaler"]["scale"] == 2.0**15
+    train(cfg, halves, ds, resume_from=checkpoint.newest(halves), log=lambda m: None)
+
+    a, b = weights(straight / "checkpoints" / "last"), weights(halves / "checkpoints" / "last")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert state_of(halves)["overflow_skips"] == state_of(straight)["overflow_skips"] == 1
+    # the scale (2**15), and the clean steps counted towards its next doubling, as if never stopped
+    assert state_of(halves)["scaler"] == state_of(straight)["scaler"]
+
+
+def test_out_of_memory_ends_in_one_line_and_keeps_the_checkpoint(text_file, tmp_path, monkeypatch, capsys):
+    from conftest import tiny_flags
+    from tinygpt.cli import main
+    from tinygpt.train import loop
+
+    original, calls = loop.train_step, {"n": 0}
+
+    def runs_out_at_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+        return original(*args, **kwargs)
+    monkeypatch.setattr(loop, "train_step", runs_out_at_step_5)
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(text_file), "--tokenizer", "char", "--out", str(out),
+                 *tiny_flags(**{"train.checkpoint_interval": 3})])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith("error: out of memory on cpu at step 5 (micro-batch 4 x context 16): try "
+                              "--train.batch_size 2 --train.grad_accum 2 (the same global batch)")
+    assert "Traceback" not in "\n".join(err) and "Last checkpoint kept:" in err[-1]
+    assert state_of(out)["step"] == 3

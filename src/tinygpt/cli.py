@@ -190,7 +190,8 @@ def run_parser(prog: str, description: str, dtype: str = "auto") -> ArgumentPars
     p.add_argument("--run", type=Path, required=True, help="run directory written by `tinygpt train`")
     p.add_argument("--checkpoint", default="last", choices=["best", "last"],
                    help="last: the end of training (default); best: the lowest val loss seen")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default=dtype, choices=["auto", *DTYPES],
                    help="weights for decoding: float32 (exact), bfloat16, or int8 (a quarter of the bytes; "
                    "faster on CPUs with native bf16); auto: int8 where a one-time probe finds it faster here "

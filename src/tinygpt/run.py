@@ -247,8 +247,11 @@ def load(path: str | Path, which: str = "last", device: str = "auto", warn: Log 
     weights in `dtype` for decoding (float32, bfloat16 or int8; auto: see auto_dtype)."""
     if dtype not in ("auto", *DTYPES):
         raise UsageError(f"dtype must be auto or one of {', '.join(DTYPES)}, not {dtype!r}")
-    ckpt = checkpoint.load(checkpoint.locate(Path(path), which, warn=warn), resolve_device(device),
-                           verified=True)
+    where = resolve_device(device)
+    if dtype == "int8" and where.type != "cpu":
+        raise UsageError(f"int8 decoding runs on the CPU (its kernels are CPU kernels), not {where}; use "
+                         "--device cpu, or --dtype float32 or bfloat16 here")
+    ckpt = checkpoint.load(checkpoint.locate(Path(path), which, warn=warn), where, verified=True)
     if dtype == "auto":
         auto_dtype(ckpt, warn or (lambda msg: None))
     else:

@@ -46,14 +46,20 @@ def fit_batch(cfg: Config, device: torch.device, dtype: torch.dtype | None,
 
 
 def largest_that_fits(global_batch: int, fits: Callable[[int], bool]) -> int | None:
-    """The largest divisor of global_batch that fits, trying global_batch first and then, after each failure,
-    the largest divisor at most half the last try (so the global batch is kept exactly); None if even 1
-    fails."""
-    batch = global_batch
+    """The largest divisor of global_batch that fits (so the global batch is kept exactly), None if even 1
+    fails. Halving first: global_batch, then after each failure the largest divisor at most half of it;
+    then upwards through the divisors between the one that fitted and the one that did not, until one fails
+    (memory only grows with the batch). 18 with room for 8: 18, 9, 3 (fit), 6 (fit), giving 6."""
+    divisors = [d for d in range(1, global_batch + 1) if global_batch % d == 0]
+    failed = batch = global_batch
     while not fits(batch):
         if batch == 1:
             return None
-        batch = max(d for d in range(1, batch // 2 + 1) if global_batch % d == 0)
+        failed, batch = batch, max(d for d in divisors if d <= batch // 2)
+    for larger in (d for d in divisors if batch < d < failed):
+        if not fits(larger):
+            break
+        batch = larger
     return batch
 
 

@@ -259,8 +259,7 @@ class Trainer:
             group["lr"] = self.lr
         result = train_step(self.step_model, self.model, self.optimizer,
                             micro_batches(self.data, self.sampler, self.cfg, self.device, self.dist),
-                            t.grad_clip,
-                            self.dtype, self.dist)
+                            t.grad_clip, self.dtype, self.dist, self.scaler)
         if result.overflow and self.scaler is not None and self.scaler.get_scale() >= 1:
             p.overflow_skips += 1  # the scaler has lowered the scale; the next step tries again
         elif not result.finite:
