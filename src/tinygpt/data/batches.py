@@ -49,7 +49,9 @@ def windows(split: Split, starts: np.ndarray,
     which the loss ignores."""
     index = starts[:, None] + np.arange(block_size + 1)
     t = torch.from_numpy(split.tokens[index].astype(np.int64))
-    x, y = t[:, :-1], t[:, 1:]
+    # y is a copy, not a view of t: callers mask targets in place (-1), which in a view would also write over
+    # the inputs (an embedding index of -1: a crash of a 2-process job's final evaluation found it)
+    x, y = t[:, :-1], t[:, 1:].clone()
     if split.mask is not None:
         y = y.masked_fill(torch.from_numpy(split.mask[index[:, 1:]] == 0), -1)
     segments = (None if split.segments is None
