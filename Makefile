@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-dev demo test test-slow llama-cpp bench lint clean
+.PHONY: setup setup-dev demo test test-slow llama-cpp bench bench-gpu lint clean
 
 setup: $(VENV)/.installed
 setup-dev: $(VENV)/.installed-dev
@@ -55,6 +55,11 @@ test-slow: llama-cpp
 # Side-by-side speed against Hugging Face transformers and llama.cpp; timings, so never part of `make test`.
 bench: llama-cpp
 	$(PY) bench/run_all.py $(BENCH_ARGS)
+
+# The GPU check (bench/gpu.py, docs/benchmarks.md): on one NVIDIA GPU, under 8 minutes; nanoGPT's row needs
+# its source in bench/.cache/nanoGPT. BENCH_ARGS=--quick for a first try, --smoke for the CPU dry run.
+bench-gpu: setup-dev
+	$(PY) bench/gpu.py $(BENCH_ARGS)
 
 lint: setup-dev
 	$(VENV)/bin/ruff check src tests bench docs

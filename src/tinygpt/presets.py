@@ -64,7 +64,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "shakespeare-gpu": Preset(
         "A GPU recipe: reproduces nanoGPT's train_shakespeare_char (config/train_shakespeare_char.py), "
-        "which its README reports at val loss 1.4697 in about 3 minutes on one A100. A 10.7M-parameter "
+        "which its README reports at val loss 1.4697 in about 3 minutes on one A100. A 10.65M-parameter "
         "GPT-2 without biases (nanoGPT's default), 6 layers, 6 heads, 384 wide, context 256, dropout 0.2, "
         "char-level with the last 10% held out, batch 64, 5000 steps, AdamW (betas 0.9/0.99, weight "
         "decay 0.1, clip 1.0), lr 1e-3 with 100 warm-up steps and cosine decay to 1e-4 at step 5000, "
