@@ -105,19 +105,24 @@ def test_early_stopping_with_patience(text_file, tmp_path):
     assert final["stopped_early"] and final["step"] == 4  # lr 0: the second evaluation cannot improve
 
 
-@pytest.fixture
-def nan_at_step_5(monkeypatch):
+def scale_loss(monkeypatch, factor: float, hit) -> None:
+    """Multiply the loss of the training forward passes whose number (from 1) `hit` accepts by factor."""
     original = GPT.forward
     calls = {"n": 0}
 
-    def poisoned(self, idx, targets=None, cache=None, segments=None):
+    def scaled(self, idx, targets=None, cache=None, segments=None):
         logits, loss = original(self, idx, targets, cache, segments)
         if self.training:
             calls["n"] += 1
-            if calls["n"] == 5:
-                loss = loss * float("nan")
+            if hit(calls["n"]):
+                loss = loss * factor
         return logits, loss
-    monkeypatch.setattr(GPT, "forward", poisoned)
+    monkeypatch.setattr(GPT, "forward", scaled)
+
+
+@pytest.fixture
+def nan_at_step_5(monkeypatch):
+    scale_loss(monkeypatch, float("nan"), lambda n: n == 5)
 
 
 def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(text_file, tmp_path, nan_at_step_5):
@@ -201,17 +206,7 @@ def test_the_final_evaluation_spreads_a_capped_share_over_a_large_val_split(text
 def overflow_at_step_2(monkeypatch):
     """Blow up the second training forward pass's loss (and every 8th after it) so that its float16
     gradients overflow at any loss scale while the loss itself stays finite in float32."""
-    original = GPT.forward
-    calls = {"n": 0}
-
-    def huge(self, idx, targets=None, cache=None, segments=None):
-        logits, loss = original(self, idx, targets, cache, segments)
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] % 8 == 2:
-                loss = loss * 1e30
-        return logits, loss
-    monkeypatch.setattr(GPT, "forward", huge)
+    scale_loss(monkeypatch, 1e30, lambda n: n % 8 == 2)
 
 
 def state_of(run_dir):
