@@ -40,7 +40,7 @@ def test_runs_lists_finished_interrupted_and_running_runs_and_refuses_a_second_t
                  "--preset", "cpu-tiny", *tiny_flags()]) == 0
     err = capsys.readouterr().err
     # the evaluation line's ETA
-    assert re.search(r"step 3: train [\d.]+, val [\d.]+, [\d,]+ tok/s, ETA \d+s", err)
+    assert re.search(r"step 3: train [\d.]+, val [\d.]+, [\d,]+ tok/s, peak memory [\d.]+ GiB, ETA \d+s", err)
     # what next
     assert f"tinygpt sample --run {root / 'done'}" in err and f"tinygpt report {root / 'done'}" in err
     stopped = start_training(root / "stopped", text_file)
