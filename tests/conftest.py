@@ -1,4 +1,5 @@
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -119,8 +120,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ServerURL(str):
+    """A served run's base URL, which can also read the server's log so far."""
+
+    log_path = ""
+
+    def log(self) -> str:
+        # a handle of its own: seeking the server's would move where the server writes
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+
 @contextlib.contextmanager
-def serve(run_dir: Path, *extra: str) -> Iterator[str]:
+def serve(run_dir: Path, *extra: str) -> Iterator[ServerURL]:
     """`tinygpt serve` on a free loopback port in a subprocess; yields its base URL, stops it afterwards."""
     import httpx
 
@@ -131,7 +143,8 @@ def serve(run_dir: Path, *extra: str) -> Iterator[str]:
                              str(port),
                              *exact, *extra],
                             stdout=log, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
+    base = ServerURL(f"http://127.0.0.1:{port}")
+    base.log_path = f"/proc/{os.getpid()}/fd/{log.fileno()}"
     try:
         deadline = time.monotonic() + 60
         while True:

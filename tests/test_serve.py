@@ -252,6 +252,8 @@ def test_api_key(text_run):
         with pytest.raises(openai.AuthenticationError):
             client(base, "wrong").models.list()
         assert client(base, "s3cret").models.list().data[0].id == "text"
+        # the scheme is case-insensitive (RFC 7235)
+        assert httpx.get(f"{base}/v1/models", headers={"Authorization": "bearer s3cret"}).status_code == 200
         assert httpx.get(f"{base}/health").status_code == 200  # health checks need no key
 
 
@@ -288,3 +290,49 @@ def test_requests_take_the_sampling_ranges_the_command_line_takes():
             with pytest.raises(ApiError) as e:
                 parse(json.dumps({**body, field: outside}).encode(), kind)
             assert (e.value.status, e.value.param) == (400, field)
+
+
+def send_half_a_body_and_leave(base: str) -> None:
+    """A POST whose body stops short of its Content-Length, then a closed connection."""
+    import socket
+
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n{\"model\": \"demo\", ")
+
+
+def test_careless_and_hostile_bodies_get_400s_naming_the_field_and_no_traceback(chat_run):
+    with serve(chat_run, "--model-name", "demo") as base:
+        send_half_a_body_and_leave(base)
+        url = f"{base}/v1/chat/completions"
+        ok = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+        def raw(body: bytes) -> httpx.Response:
+            return httpx.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=60)
+        assert error_of(raw(b"[" * 100_000 + b"]" * 100_000), 400)["code"] == "invalid_json"
+        surrogate = b'{"model": "demo", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+        assert error_of(raw(surrogate), 400)["param"] == "messages"
+        assert error_of(httpx.post(url, json={**ok, "seed": 2**70}), 400)["param"] == "seed"
+        assert error_of(httpx.post(url, json={**ok, "max_tokens": "5"}), 400)["param"] == "max_tokens"
+        assert error_of(httpx.post(url, json={**ok, "stream": "yes"}), 400)["param"] == "stream"
+        for field, value in [("functions", [{"name": "f", "parameters": {}}]), ("function_call", "auto"),
+                             ("tools", [{"type": "function", "function": {"name": "f"}}]),
+                             ("response_format", {"type": "json_object"})]:
+            error = error_of(httpx.post(url, json={**ok, field: value}), 400)
+            assert (error["param"], error["code"]) == (field, "unsupported_parameter")
+        for fine in ({"response_format": {"type": "text"}}, {"seed": 2**63}, {"tools": []}):
+            assert httpx.post(url, json={**ok, **fine}, timeout=60).status_code == 200, fine
+        assert httpx.get(f"{base}/health").status_code == 200
+        assert "Traceback" not in base.log() and "Exception" not in base.log()
+
+
+def test_a_list_of_prompts_gets_a_choice_each(text_server):
+    url = f"{text_server}/v1/completions"
+    greedy = {"model": "text", "max_tokens": 6, "temperature": 0}
+    alone = [httpx.post(url, json={**greedy, "prompt": p}, timeout=60).json()["choices"][0]["text"]
+             for p in ("The red", "The shy owl")]
+    both = httpx.post(url, json={**greedy, "prompt": ["The red", "The shy owl"]}, timeout=60).json()
+    assert [c["index"] for c in both["choices"]] == [0, 1]
+    assert [c["text"] for c in both["choices"]] == alone
+    assert error_of(httpx.post(url, json={**greedy, "prompt": {"a": 1}}), 400)["param"] == "prompt"

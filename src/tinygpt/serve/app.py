@@ -22,6 +22,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from tinygpt.checkpoint import Checkpoint
 from tinygpt.config import SampleConfig, sample_settings
@@ -74,28 +75,33 @@ class Server:
         sample_settings(sampling, settings, "the request")
         return sampling
 
-    def generations(self, req: Sampling, ids: list[int], sampling: SampleConfig,
+    def generations(self, req: Sampling, prompts: list[list[int]], sampling: SampleConfig,
                     stop_ids: set[int]) -> list[Generation]:
+        """req.n generations of each prompt, in OpenAI's order of choices (prompt by prompt)."""
+        if req.n * len(prompts) > self.cfg.max_batch:
+            raise ApiError(400, f"{len(prompts)} prompt(s) x n {req.n} is more than the {self.cfg.max_batch} "
+                           "this server decodes at once", "invalid_value", "prompt")
         generator = seeded_generator(self.ckpt.model, req.seed)
         group = object()
-        return [Generation(ids, sampling, frozenset(stop_ids), generator, group) for _ in range(req.n)]
+        return [Generation(ids, sampling, frozenset(stop_ids), generator, group)
+                for ids in prompts for _ in range(req.n)]
 
-    def completion_prompt(self, req: CompletionRequest) -> list[int]:
+    def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        """The prompt's ids: one prompt (text or token ids), or a list of text prompts, a choice each."""
         prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) > 1:
-                raise ApiError(400, "send one prompt per request", "invalid_value", "prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            ids = self.encode(lambda: prompt_ids(self.ckpt.tokenizer, prompt), "prompt")
-        else:
+        texts = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) else \
+            [prompt] if isinstance(prompt, str) else None
+        if texts is None:
             ids = list(prompt) or [self.ckpt.tokenizer.eot_id]
             vocab = self.ckpt.tokenizer.vocab_size
             if any(not 0 <= i < vocab for i in ids):
                 raise ApiError(400, f"prompt token ids must be in 0..{vocab - 1}", "invalid_value", "prompt")
-        return self.fits(ids, self.ckpt.config.model.block_size, "the prompt", "prompt")
+            all_ids = [ids]
+        else:
+            all_ids = [self.encode(lambda t=t: prompt_ids(self.ckpt.tokenizer, t), "prompt") for t in texts]
+        return [self.fits(ids, self.ckpt.config.model.block_size, "the prompt", "prompt") for ids in all_ids]
 
-    def chat_prompt(self, req: ChatRequest, sampling: SampleConfig) -> list[int]:
+    def chat_prompt(self, req: ChatRequest, sampling: SampleConfig) -> list[list[int]]:
         """The conversation rendered with the run's template and fitted to the context as `tinygpt chat` does:
         the oldest exchanges go first; a last user turn that alone does not fit is refused."""
         if self.template is None:
@@ -114,7 +120,7 @@ class Server:
         self.fits(self.encode(lambda: self.template.render(tok, last, open_reply=True)[0], "messages"),
                   budget,
                   "the last message (with the system message)", "messages")
-        return fit_history(tok, self.template, history, budget)
+        return [fit_history(tok, self.template, history, budget)]
 
     def encode(self, fn: Any, param: str) -> list[int]:
         try:
@@ -150,7 +156,7 @@ class Reply:
         self.ticket = Ticket(gens, lambda u: loop.call_soon_threadsafe(self.updates.put_nowait, u),
                              time.monotonic() + server.cfg.timeout)
         self.texts = [TextPieces(server.ckpt.tokenizer, stops, strip) for _ in gens]
-        self.prompt_tokens = len(gens[0].prompt)
+        self.prompt_tokens = sum(len(g.prompt) for g in gens)
         try:
             server.engine.submit(self.ticket)
         except QueueFull as e:
@@ -158,7 +164,7 @@ class Reply:
 
     def usage(self) -> dict[str, int]:
         completion = sum(len(t.ids) for t in self.texts)
-        prompt = self.prompt_tokens * len(self.texts)
+        prompt = self.prompt_tokens
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     async def pieces(self) -> AsyncIterator[tuple[int, str, str | None] | None]:
@@ -290,10 +296,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared and declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise too_large
+    try:
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:  # the client left mid-body: nobody reads the answer; a log line, no traceback
+        raise ApiError(400, "the client disconnected before sending the whole body", "client_disconnected") \
+            from None
     return bytes(body)
 
 
@@ -304,7 +314,10 @@ def authenticator(server: Server) -> Callable[[Request], None]:
     def authenticate(request: Request) -> None:
         key = server.cfg.api_key
         given = request.headers.get("authorization", "")
-        if key and not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        scheme, _, token = given.strip().partition(" ")
+        # the scheme is case-insensitive (RFC 7235): "bearer KEY" is as good as "Bearer KEY"
+        if key and not (scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(),
+                                                                             key.encode())):
             what = "no API key was given" if not given else "the API key is wrong"
             raise ApiError(401, f"{what}: send the header 'Authorization: Bearer KEY'", "invalid_api_key")
 
@@ -349,7 +362,7 @@ def build_app(server: Server) -> FastAPI:
         req = parse(await read_body(request, server.cfg.max_body), CompletionRequest)
         server.check(req)
         sampling = server.sampling_for(req, {}, req.max_tokens)
-        gens = server.generations(req, server.completion_prompt(req), sampling,
+        gens = server.generations(req, server.completion_prompts(req), sampling,
                                   server.stop_ids(req, chat=False))
         return await respond(Reply(server, request, gens, req.stop_strings(), strip=False), req, chat=False)
 

@@ -40,14 +40,21 @@ def sampling_field(setting: str) -> Any:
     return Field(None, **limits)
 
 
+# torch.Generator.manual_seed's range: a larger seed is a 400, not an OverflowError
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
 
 
 class Sampling(BaseModel):
-    """The fields both endpoints share. None means the run's own default (see app.sampling_for)."""
+    """The fields both endpoints share. None means the run's own default (see app.sampling_for).
 
-    model_config = ConfigDict(extra="ignore")
+    Strict types, as OpenAI's API has them: `"max_tokens": "5"` is a 400, not 5."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     max_tokens: int | None = sampling_field("max_new_tokens")
@@ -60,11 +67,15 @@ class Sampling(BaseModel):
     ignore_eos: bool = False
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: Any = None
     tools: Any = None
+    functions: Any = None  # the legacy form of tools
+    function_call: Any = None
+    tool_choice: Any = None
+    response_format: Any = None
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -73,9 +84,14 @@ class Sampling(BaseModel):
         return [s for s in stops if s]
 
     def refuse_unsupported(self) -> None:
-        for name in ("logprobs", "tools"):
-            if getattr(self, name):
+        for name in ("logprobs", "tools", "functions", "function_call", "tool_choice"):
+            if getattr(self, name) not in (None, False, [], "none"):
                 raise ApiError(400, f"{name} is not supported by this server", "unsupported_parameter", name)
+        kind = self.response_format.get("type") if isinstance(self.response_format, dict) else \
+            self.response_format
+        if kind not in (None, "text"):  # plain text is what every reply is; JSON modes cannot be honoured
+            raise ApiError(400, f"response_format {kind!r} is not supported by this server (only text)",
+                           "unsupported_parameter", "response_format")
 
 
 class CompletionRequest(Sampling):
@@ -92,13 +108,13 @@ class CompletionRequest(Sampling):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
 
@@ -117,16 +133,49 @@ class ChatRequest(Sampling):
 
 
 def parse(body: bytes, model: type[BaseModel]) -> Any:
-    """The request body as `model`, or a 400 that says what is wrong with it."""
+    """The request body as `model`, or a 400 that says what is wrong with it and names the field the client
+    sent (`prompt`, not pydantic's `prompt.str`)."""
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}", "invalid_json") from None
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise ApiError(400, "the request body is nested too deeply", "invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", "invalid_json")
+    if (where := lone_surrogate(data)) is not None:
+        raise ApiError(400, f"{where}: the text holds a lone UTF-16 surrogate (such as \\ud800), which is "
+                       "not a character", "invalid_value", where)
     try:
         return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise ApiError(400, f"{where}: {err['msg']}", "invalid_value", where or None) from None
+        field = str(err["loc"][0]) if err["loc"] else None
+        path = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or p in model_fields(model))
+        raise ApiError(400, f"{path or field}: {err['msg']}", "invalid_value", field) from None
+
+
+def model_fields(model: type[BaseModel]) -> set[str]:
+    """The field names of a request model and of the models inside it (to tell them from pydantic's names
+    for the branches of a union in an error's location)."""
+    return {"role", "content", "type", "text", "include_usage", *model.model_fields}
+
+
+def lone_surrogate(data: dict[str, Any]) -> str | None:
+    """The top-level field whose text holds a lone surrogate (JSON's \\ud800 escapes allow them; they cannot
+    be encoded or tokenized), or None. Walked without recursion: json.loads already bounds the depth."""
+    for field, value in data.items():
+        todo = [value]
+        while todo:
+            item = todo.pop()
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return str(field)
+            elif isinstance(item, dict):
+                todo.extend(item.values())
+                todo.extend(item.keys())
+            elif isinstance(item, list):
+                todo.extend(item)
+    return None
