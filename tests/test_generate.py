@@ -153,3 +153,12 @@ def test_text_pieces_strip_a_replys_outer_whitespace():
     text = generate.TextPieces(tok, strip=True)
     pieces = [text.push(tok.encode(c)) for c in "  hi there \n"] + [text.finish()]
     assert "".join(pieces) == "hi there" and pieces[:3] == ["", "", "h"]
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-38, 1e-30, 1e-6])
+def test_a_tiny_temperature_is_greedy_not_a_failure(temperature):
+    """Dividing logits by 1e-300 overflowed to inf and failed the softmax, and with it a server's whole
+    decode step; the rows are shifted to a maximum of 0 first, and a temperature float32 cannot hold is 0."""
+    logits = torch.randn(4, 60, generator=torch.Generator().manual_seed(0))
+    for top_k, top_p in ((None, None), (5, 0.5)):
+        assert torch.equal(sample_token(logits, temperature, top_k, top_p), logits.argmax(-1))

@@ -31,9 +31,12 @@ from tinygpt.tokenizer import Tokenizer
 def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick one token per row of logits (B, V). temperature 0 is greedy."""
-    if temperature == 0:
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that float32 makes it 0: greedy
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # shifted so that each row's largest logit is 0 before dividing: a tiny temperature (1e-300) then sends
+    # the others to -inf, which is greedy, instead of overflowing every logit to inf and failing the softmax
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
