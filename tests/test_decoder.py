@@ -1,12 +1,15 @@
 """Continuous batching (tinygpt.infer.decoder): generations that join, leave and share steps decode exactly
 as they would alone."""
 
+import pytest
 import torch
 
 from conftest import perturbed_gpt
 from tinygpt.config import SampleConfig
 from tinygpt.infer.decoder import BatchDecoder, Generation
 from tinygpt.infer.generate import seeded_generator, stream_tokens
+from tinygpt.infer.kernels import KERNELS, Int8Linear, int8_kernel_works
+from tinygpt.infer.quantize import quantize
 from tinygpt.model import GPT
 
 
@@ -97,3 +100,24 @@ def test_sample_texts_decodes_n_samples_in_batches_reproducibly():
     texts = [t for t in many if t]  # an untrained model may end a sample at once, with end-of-text
     assert len(texts) >= 4 and len(set(texts)) == len(texts) and [streamed.get(i, "")
                                                                   for i in range(7)] == many
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_with_int8_weights_a_generations_greedy_tokens_do_not_depend_on_its_batch(kernel, monkeypatch):
+    # Issue #25: a served request's greedy tokens must be the same alone and beside other clients', with each
+    # int8 kernel (fbgemm used to round the activations of a whole batch with one scale).
+    if not int8_kernel_works(kernel):
+        pytest.skip(f"the {kernel} kernel does not run here")
+    monkeypatch.setattr(Int8Linear, "kernel", kernel)
+    m = quantize(model(n_embd=64, block_size=64), "int8")
+    greedy = SampleConfig(max_new_tokens=40, temperature=0, top_k=None)
+    prompts = [[1, 2, 3], [40] * 9, [7, 30], [11, 12, 13, 14], [5], [9, 8, 7, 6, 5], [2, 2], [49]]
+    gens = [Generation(p, greedy) for p in prompts]
+    d = BatchDecoder(m, len(prompts))
+    d.add(gens)
+    drain(d)
+    for p, g in zip(prompts, gens):
+        one = Generation(p, greedy)
+        d.add([one])
+        drain(d)
+        assert one.tokens == g.tokens

@@ -163,14 +163,13 @@ def _single_row_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor
 # Three kernels compute such a layer, and each layer takes the fastest working one for its size:
 #
 # * fbgemm (PyTorch's quantized.linear_dynamic): the weights packed for VNNI int8 dot products, the
-#   activations quantized to 8 bits on the fly (one scale per call, so rows of a call share it); fast on
-#   large weights, but a call costs more to set up, so it can lose on small ones.
+#   activations quantized to 8 bits on the fly, each row with its own scale (fbgemm_rows); fast on large
+#   weights, but a call costs more to set up, so it can lose on small ones.
 # * int8pack (torch._weight_int8pack_mm, not public API): weight-only, bf16 activations; fast where bf16 is
 #   native.
 # * widen: the int8 weights widened for each call (correct everywhere, fast nowhere).
 
 KERNELS = ("fbgemm", "int8pack", "widen")
-FBGEMM_MAX_ROWS = 16  # the server's default batch; calls with more rows (prefill, evaluation) widen instead
 LARGE = 1 << 20  # weights of this many elements and more are "large": streaming outweighs a call's set-up
 
 
@@ -181,23 +180,44 @@ def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
-def fbgemm_pack(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject:
-    """The int8 rows as fbgemm's packed weight (per-channel scales, zero points 0), bias included."""
+def fbgemm_pack(q: torch.Tensor, scales: torch.Tensor) -> torch.ScriptObject:
+    """The int8 rows as fbgemm's packed weight (per-channel scales, zero points 0), without a bias."""
     with warnings.catch_warnings():  # quantized tensors are deprecated; the check notices the day they go
         warnings.simplefilter("ignore", UserWarning)
         zero_points = torch.zeros(q.size(0), dtype=torch.long)
         weight = torch._make_per_channel_quantized_tensor(q, scales.double(), zero_points, 0)
-        return torch.ops.quantized.linear_prepack(weight, bias)
+        return torch.ops.quantized.linear_prepack(weight, None)
+
+
+def fbgemm_rows(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> Callable:
+    """fbgemm's product, each row's activations quantized with a scale of their own.
+
+    linear_dynamic rounds all the rows of a call with one scale, from their joint minimum and maximum, so a
+    row's result depended on the rows beside it: a served request's greedy tokens changed with whoever shared
+    its batch (issue #25), and an evaluation's thousands of rows lost precision. Here each row is divided by
+    its largest magnitude, and two input columns of -1 and 1 (against zero weights) pin every call's range to
+    exactly [-1, 1]: the scale is then the same for every call, and each row's product is multiplied back by
+    its own magnitude. A row gives the same bits alone or in any batch."""
+    packed = fbgemm_pack(torch.cat([q, q.new_zeros(q.size(0), 2)], dim=1), scales)
+    # Without VNNI, fbgemm multiplies u8 x s8 pairs into saturating int16 sums; 7-bit activations keep them in
+    # range.
+    reduce_range = not cpu_has_vnni()
+    pins = torch.tensor([[-1.0, 1.0]])
+    tiny = torch.finfo(torch.float32).tiny
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        magnitude = x.abs().amax(dim=1, keepdim=True).clamp_(min=tiny)
+        pinned = torch.cat([x / magnitude, pins.expand(x.size(0), 2)], dim=1)
+        y = torch.ops.quantized.linear_dynamic(pinned, packed, reduce_range)
+        return y.mul_(magnitude) if bias is None else torch.addcmul(bias, y, magnitude)
+
+    return call
 
 
 def kernel_call(kernel: str, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> Callable:
     """A function computing x (N, in) float32 -> (N, out) float32 with `kernel` on these int8 rows."""
     if kernel == "fbgemm":
-        packed = fbgemm_pack(q, scales, bias)
-        # Without VNNI, fbgemm multiplies u8 x s8 pairs into saturating int16 sums; 7-bit activations keep
-        # them in range.
-        reduce_range = not cpu_has_vnni()
-        return lambda x: torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
+        return fbgemm_rows(q, scales, bias)
     if kernel == "int8pack":  # its fast path wants bf16 activations
         scales_bf16 = scales.to(torch.bfloat16)
         return lambda x: (torch._weight_int8pack_mm(x.to(torch.bfloat16), q, scales_bf16).float()
@@ -256,7 +276,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.in_features, self.out_features = weight.size(1), weight.size(0)
         self.calls: dict[str, Callable] = {}  # per kernel, made on first use (fbgemm packs its own copy)
-        self.chosen: dict[tuple, Callable] = {}  # (forced kernel, device type, many rows) -> its call
+        self.chosen: dict[tuple, Callable] = {}  # (forced kernel, device type) -> its call
 
     def choose(self, x: torch.Tensor) -> str:
         if x.device.type != "cpu":
@@ -264,15 +284,10 @@ class Int8Linear(nn.Module):
         kernel = self.kernel or fastest_kernel(self.weight.numel() >= LARGE)
         # _weight_int8pack_mm crashed the process (a segfault, PyTorch 2.13 on an AVX-512 Xeon) for inputs of
         # several rows whose width is not a multiple of 16 (24, 40, 65, 72, ...); such layers widen instead.
-        if kernel == "int8pack" and self.in_features % 32:
-            return "widen"
-        # fbgemm rounds all the rows of a call with one activation scale: fine for a decode step's few rows,
-        # but it moves an evaluation's perplexity over thousands. Many rows are compute-bound anyway, where
-        # widening once per call costs little.
-        return "widen" if kernel == "fbgemm" and x.numel() > FBGEMM_MAX_ROWS * x.size(-1) else kernel
+        return "widen" if kernel == "int8pack" and self.in_features % 32 else kernel
 
     def call(self, x: torch.Tensor) -> Callable:
-        key = (self.kernel, x.device.type, x.numel() > FBGEMM_MAX_ROWS * x.size(-1))
+        key = (self.kernel, x.device.type)
         if key not in self.chosen:
             kernel = self.choose(x)
             if kernel not in self.calls:
