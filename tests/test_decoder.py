@@ -121,3 +121,36 @@ def test_with_int8_weights_a_generations_greedy_tokens_do_not_depend_on_its_batc
         d.add([one])
         drain(d)
         assert one.tokens == g.tokens
+
+
+def test_a_generation_whose_scores_are_not_finite_ends_alone_with_an_error():
+    m = model()
+    greedy = SampleConfig(max_new_tokens=12, temperature=0, top_k=None)
+    hot = SampleConfig(max_new_tokens=12, temperature=0.8, top_k=None)
+    gens = [Generation([1, 2], greedy), Generation([3], hot, generator=seeded_generator(m, 1)),
+            Generation([4, 5], hot, generator=seeded_generator(m, 2))]
+    d = BatchDecoder(m, 3)
+    d.add(gens)
+    gens[1].logits = torch.full_like(gens[1].logits, float("nan"))  # as a broken row's would be
+    ended = d.step()
+    assert gens[1] in ended and gens[1].finish_reason == "error" and "not finite" in gens[1].error
+    drain(d)
+    assert gens[0].tokens == alone(m, [1, 2], greedy) and gens[2].tokens == alone(m, [4, 5], hot, 2)
+    assert gens[0].error is None and gens[2].error is None
+
+
+def test_a_failed_prefill_leaves_the_decoder_as_it_was():
+    m = model()
+    greedy = SampleConfig(max_new_tokens=6, temperature=0, top_k=None)
+    d = BatchDecoder(m, 3)
+    first = Generation([1, 2], greedy)
+    d.add([first])
+    handle = m.transformer.wte.register_forward_pre_hook(lambda mod, args: 1 / 0)
+    try:
+        with pytest.raises(ZeroDivisionError):
+            d.add([Generation([3], greedy), Generation([4], greedy)])
+    finally:
+        handle.remove()
+    assert d.active == [first] and d.free == 2
+    drain(d)
+    assert first.tokens == alone(m, [1, 2], greedy)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tinygpt.config import SampleConfig
+from tinygpt.errors import TinyGPTError
 from tinygpt.infer.cache import SlotCache
 from tinygpt.infer.generate import TextPieces, TokenHistory, decoding, sample_token
 from tinygpt.infer.kernels import OneDNNLinears
@@ -37,8 +38,9 @@ class Generation:
     generator: torch.Generator | None = None
     group: object | None = None
     tokens: list[int] = field(default_factory=list)  # without the stop id that ended it
-    # "stop": a stop id or a caller's stop; "length": sampling.max_new_tokens
+    # "stop": a stop id or a caller's stop; "length": sampling.max_new_tokens; "error": see `error`
     finish_reason: str | None = None
+    error: str | None = None  # why this generation alone failed (its scores were not finite, ...)
     cancelled: bool = False  # set from any thread; the decoder drops the generation before its next step
     row: int = -1  # the cache row while active
     logits: torch.Tensor | None = None  # (1, vocab) scores for the next token
@@ -63,19 +65,26 @@ class BatchDecoder:
 
     @decoding()
     def add(self, gens: list[Generation]) -> None:
-        """Prefill the prompts (at least one token each) into free rows, in one forward pass; their first
-        tokens
-        are sampled at the next step. Prompts of different lengths are padded at the end: a padded position
-        lies past its row's length, so it is never attended to and the row's next tokens overwrite it."""
+        """Prefill the prompts (at least one token each; after the tokens made so far, for a generation added
+        again) into free rows, in one forward pass; their next tokens are sampled at the next step. Prompts of
+        different lengths are padded at the end: a padded position lies past its row's length, so it is never
+        attended to and the row's next tokens overwrite it. If the pass fails, none of gens is active."""
         if len(gens) > self.free:
             raise RuntimeError(f"{len(gens)} generations for {self.free} free cache rows")  # callers check
-        block = self.model.config.block_size
-        device = self.cache.k.device
-        first = len(self.active)
+        block, device, first = self.model.config.block_size, self.cache.k.device, len(self.active)
         for row, g in enumerate(gens, start=first):
-            g.history = TokenHistory(torch.tensor([g.prompt], dtype=torch.long, device=device), block)
+            g.history = TokenHistory(torch.tensor([g.prompt + g.tokens], dtype=torch.long, device=device), block)
             g.row = row
-            self.active.append(g)
+        try:
+            self._prefill_rows(gens, first)
+        except Exception:
+            for g in gens:
+                g.row, g.history, g.logits = -1, None, None
+            raise
+        self.active.extend(gens)
+
+    def _prefill_rows(self, gens: list[Generation], first: int) -> None:
+        block, device = self.model.config.block_size, self.cache.k.device
         if len(gens) == 1:  # alone: exactly the single-sequence computation
             gens[0].logits = self._prefill(gens[0], gens[0].history.last(block))
             return
@@ -121,14 +130,23 @@ class BatchDecoder:
         return ended + finished
 
     def _sample(self) -> None:
+        """One token for each active generation, group by group. A group's own settings or scores can only
+        fail that group: its generations end with an error, and the others go on."""
         groups: dict[int, list[Generation]] = {}
         for g in self.active:
             groups.setdefault(id(g.group if g.group is not None else g), []).append(g)
         for gens in groups.values():
             s = gens[0].sampling
             logits = torch.cat([g.logits for g in gens]) if len(gens) > 1 else gens[0].logits
-            for g, tok in zip(gens, sample_token(logits, s.temperature, s.top_k, s.top_p,
-                                                 gens[0].generator).tolist()):
+            try:
+                if not bool(torch.isfinite(logits).all()):
+                    raise ValueError("the model's scores for the next token were not finite numbers")
+                tokens = sample_token(logits, s.temperature, s.top_k, s.top_p, gens[0].generator).tolist()
+            except (RuntimeError, ValueError) as e:
+                for g in gens:
+                    g.finish_reason, g.error = "error", f"sampling failed: {e}"
+                continue
+            for g, tok in zip(gens, tokens):
                 if tok in g.stop_ids:
                     g.finish_reason = "stop"
                     continue
@@ -177,6 +195,8 @@ def sample_texts(model: GPT, tokenizer: Tokenizer, prompt: list[int], sampling: 
         for i, g in enumerate(gens):
             if piece := texts[i].push(g.tokens[seen[i]:]):
                 on_piece(i, piece)
+            if g in ended and g.error:
+                raise TinyGPTError(f"sample {i + 1} of {n} failed: {g.error}")
             if g in ended and (piece := texts[i].finish()):
                 on_piece(i, piece)
     return [t.shown for t in texts]

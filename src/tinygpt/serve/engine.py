@@ -88,6 +88,7 @@ class Engine:
                 "max_batch": self.max_batch, "generated_tokens": self.generated}
 
     def _loop(self) -> None:
+        failed = False  # whether the last step failed: a second failure in a row ends every request
         while True:
             with self.wake:
                 while not self.stopping and not self.queue and not self.running:
@@ -96,14 +97,18 @@ class Engine:
                     return
                 admitted = self._take_admissible()
             try:
-                if admitted:  # every prompt that arrived meanwhile is prefilled in one forward pass
-                    self.decoder.add([g for ticket in admitted for g in ticket.generations])
-                    self.running.extend(admitted)
+                self.running.extend(admitted)
+                new = [g for ticket in admitted for g in ticket.generations]
+                if new:  # every prompt that arrived meanwhile is prefilled in one forward pass
+                    self.decoder.add(new)
                 self._expire()
                 self.decoder.step()
-            except Exception as e:  # a failed step fails the requests in flight, not the server
-                self._fail_all(f"decoding failed: {type(e).__name__}: {e}")
+            except Exception as e:  # a failed step fails the requests in flight at most, never the server
+                error = f"decoding failed: {type(e).__name__}: {e}"
+                self._fail_all(error) if failed else self._recover(error)
+                failed = True
                 continue
+            failed = False
             self._publish()
 
     def _take_admissible(self) -> list[Ticket]:
@@ -139,11 +144,11 @@ class Engine:
                 new = g.tokens[ticket.sent[i]:]
                 ticket.sent[i] = len(g.tokens)
                 self.generated += len(new)
-                # ended by a stop, a limit or a cancel
+                # ended by a stop, a limit, an error or a cancel
                 reason = g.finish_reason or ("stop" if g.row < 0 else None)
                 ticket.ended[i] = reason is not None
                 if new or reason:
-                    self._send(ticket, Update(i, new, reason))
+                    self._send(ticket, Update(i, new, reason, g.error))
             if all(ticket.ended):
                 self.running.remove(ticket)
 
@@ -155,9 +160,26 @@ class Engine:
                 ticket.ended[i] = True
                 self._send(ticket, Update(i, [], "stop", error))
 
+    def _recover(self, error: str) -> None:
+        """After a failed step the decoder's state is unknown. A request's own settings cannot fail a step
+        (the decoder samples group by group and ends only the group that fails), so what failed was the model
+        on some row's tokens, or the machine: each generation in flight is prefilled again on its own (from
+        its prompt and the tokens made so far) into a fresh decoder, and only those that fail alone end with
+        the error. If the next step fails too, _fail_all ends them all."""
+        self.decoder = BatchDecoder(self.decoder.model, self.max_batch)
+        for ticket in self.running:
+            for i, g in enumerate(ticket.generations):
+                g.row = -1
+                if ticket.ended[i] or g.cancelled or g.finish_reason is not None:
+                    continue
+                try:
+                    self.decoder.add([g])
+                except Exception as e:
+                    g.finish_reason, g.error = "error", f"{error}; alone: {type(e).__name__}: {e}"
+        self._publish()
+
     def _fail_all(self, error: str) -> None:
-        """After a failed step the decoder's state is unknown: every request in flight gets the error and
-        the decoder starts afresh."""
+        """Every request in flight gets the error, and the decoder starts afresh."""
         self.decoder = BatchDecoder(self.decoder.model, self.max_batch)
         for ticket in self.running:
             for g in ticket.generations:
