@@ -1,4 +1,4 @@
-"""The decode worker (tinygpt.serve.engine): a failed step ends the requests that caused it, not the others."""
+"""The decode worker (tinygpt.serve.engine): a failed step ends the requests that caused it, not others."""
 
 import threading
 

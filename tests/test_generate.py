@@ -162,3 +162,25 @@ def test_a_tiny_temperature_is_greedy_not_a_failure(temperature):
     logits = torch.randn(4, 60, generator=torch.Generator().manual_seed(0))
     for top_k, top_p in ((None, None), (5, 0.5)):
         assert torch.equal(sample_token(logits, temperature, top_k, top_p), logits.argmax(-1))
+
+
+def test_the_held_back_start_of_a_stop_string_is_the_longest_one():
+    import random
+
+    from tinygpt.infer.generate import starts_with_end
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        stop = "".join(rng.choice("ab") for _ in range(rng.randrange(1, 9)))
+        text = "".join(rng.choice("ab") for _ in range(rng.randrange(0, 9)))
+        assert starts_with_end(stop, text) == max((k for k in range(1, len(stop)) if text.endswith(stop[:k])),
+                                                  default=0)
+
+
+def test_special_tokens_are_left_out_of_a_text_that_skips_them():
+    tok = build_tokenizer("char", ["hello"])
+    pieces = generate.TextPieces(tok, skip_special=True)
+    text = pieces.push(tok.encode("he") + [tok.eot_id] + tok.encode("llo")) + pieces.finish()
+    assert text == "hello" and len(pieces.ids) == 6  # the special token still counts as a generated token
+    shown = generate.TextPieces(tok)
+    assert shown.push([tok.eot_id]) + shown.finish() == "<|endoftext|>"

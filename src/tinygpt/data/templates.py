@@ -40,25 +40,29 @@ class ChatTemplate:
         """Token ids and a 0/1 mask marking the tokens to learn: assistant content and the suffix that
         closes it (so the model learns to stop), or everything with loss_on='all'. open_reply appends
         an assistant prefix for the model to continue."""
+        everything = loss_on == "all"
+        ids = tok.encode(self.begin, allow_special=True)
+        mask = [int(everything)] * len(ids)
+        for m in conv:
+            more, learn = self.message_ids(tok, m, loss_on)
+            ids, mask = ids + more, mask + learn
+        tail = tok.encode(self.roles["assistant"][0] if open_reply else self.end, allow_special=True)
+        return ids + tail, mask + [int(everything and not open_reply)] * len(tail)
+
+    def message_ids(self, tok: Tokenizer, m: Message,
+                    loss_on: str = "assistant") -> tuple[list[int], list[int]]:
+        """One message's ids and mask as render() lays them out. A conversation's ids are the begin marker's,
+        then each message's, then the end's (or the open reply's prefix), so their lengths add up: chat fits a
+        long history to the context by encoding only the newest messages that fit."""
+        learn = loss_on == "all" or m.role == "assistant"
+        prefix, suffix = self.roles[m.role]
         ids: list[int] = []
         mask: list[int] = []
-
-        def add(text: str, learn: bool, markup: bool = True) -> None:
+        for text, learns, markup in ((prefix, loss_on == "all", True), (m.content, learn, False),
+                                     (suffix, learn, True)):
             new = tok.encode(text, allow_special=markup)
-            ids.extend(new)
-            mask.extend([int(learn)] * len(new))
-
-        add(self.begin, loss_on == "all")
-        for m in conv:
-            learn = loss_on == "all" or m.role == "assistant"
-            prefix, suffix = self.roles[m.role]
-            add(prefix, loss_on == "all")
-            add(m.content, learn, markup=False)
-            add(suffix, learn)
-        if open_reply:
-            add(self.roles["assistant"][0], False)
-        else:
-            add(self.end, loss_on == "all")
+            ids += new
+            mask += [int(learns)] * len(new)
         return ids, mask
 
     def jinja(self) -> str:

@@ -73,7 +73,8 @@ class BatchDecoder:
             raise RuntimeError(f"{len(gens)} generations for {self.free} free cache rows")  # callers check
         block, device, first = self.model.config.block_size, self.cache.k.device, len(self.active)
         for row, g in enumerate(gens, start=first):
-            g.history = TokenHistory(torch.tensor([g.prompt + g.tokens], dtype=torch.long, device=device), block)
+            so_far = torch.tensor([g.prompt + g.tokens], dtype=torch.long, device=device)
+            g.history = TokenHistory(so_far, block)
             g.row = row
         try:
             self._prefill_rows(gens, first)

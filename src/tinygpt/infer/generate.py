@@ -133,18 +133,22 @@ class TextPieces:
 
     Text is held back while it ends inside a UTF-8 character (a byte-level BPE token can end mid-character)
     or with what could be the start of a stop string; it ends where a stop string begins, which is then
-    never shown. With strip, leading and trailing whitespace is left out (a chat reply's).
+    never shown. With strip, leading and trailing whitespace is left out (a chat reply's); with skip_special,
+    special tokens (<|end|>, which a server's ignore_eos generates through) are not text.
 
     The work per token does not grow with the text: a push decodes the unread tokens after the ones read last
     (their context: sentencepiece drops a leading space without it) and looks for stop strings in the text not
     yet shown only, as one never begins in shown text (where one could begin, the text is held back)."""
 
-    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = (), strip: bool = False):
+    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = (), strip: bool = False,
+                 skip_special: bool = False):
         self.tokenizer, self.stops, self.strip = tokenizer, [s for s in stop_strings if s], strip
-        self.ids: list[int] = []
+        self.skipped = frozenset(tokenizer.special_tokens.values()) if skip_special else frozenset()
+        self.ids: list[int] = []  # every token pushed
         self.stopped = False  # a stop string was found: the text is complete
         self._pieces: list[str] = []  # the text released so far
-        self._context, self._read = 0, 0  # ids[:_read] are read; ids[_context:_read] were the last ones read
+        self._text_ids: list[int] = []  # the pushed tokens that are text
+        self._context, self._read = 0, 0  # of _text_ids: [:_read] are read, [_context:_read] were read last
         self._held = ""  # text read but not yet released
 
     @property
@@ -155,6 +159,7 @@ class TextPieces:
     def push(self, ids: Sequence[int]) -> str:
         """Add tokens; returns the newly final text (may be empty)."""
         self.ids.extend(ids)
+        self._text_ids.extend(i for i in ids if i not in self.skipped)
         return self._release(final=False)
 
     def finish(self) -> str:
@@ -164,8 +169,9 @@ class TextPieces:
     def _release(self, final: bool) -> str:
         if self.stopped:
             return ""
-        context = self.tokenizer.decode(self.ids[self._context:self._read])
-        new = self.tokenizer.decode(self.ids[self._context:])[len(context):]
+        ids = self._text_ids
+        context = self.tokenizer.decode(ids[self._context:self._read])
+        new = self.tokenizer.decode(ids[self._context:])[len(context):]
         text = self._held + new
         if self.strip and not self._pieces:
             text = text.lstrip()
@@ -174,7 +180,7 @@ class TextPieces:
             text, final, self.stopped = text[:cut], True, True
         elif new.endswith("\ufffd") and not final:
             return ""  # the newest token ends inside a character: read it again with the next one
-        self._context, self._read = self._read, len(self.ids)
+        self._context, self._read = self._read, len(ids)
         if final:
             piece, self._held = text.rstrip() if self.strip else text, ""
         else:
@@ -186,10 +192,23 @@ class TextPieces:
 
     def _unsettled(self, text: str) -> int:
         """How many trailing characters may still change: a stop string's start, or a reply's final spaces."""
-        held = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        held = max((starts_with_end(s, text) for s in self.stops), default=0)
         if self.strip:
             held = max(held, len(text) - len(text.rstrip()))
         return held
+
+
+def starts_with_end(stop: str, text: str) -> int:
+    """The length of the longest proper prefix of `stop` that `text` ends with (0 if none). Only prefixes that
+    end in text's last character are compared, so a long stop string costs a few comparisons, not one for
+    each of its prefixes at every token (which stalled a server for seconds, issue #25)."""
+    end = min(len(stop) - 1, len(text))
+    while text and end > 0:
+        end = stop.rfind(text[-1], 0, end) + 1
+        if end and text.endswith(stop[:end]):
+            return end
+        end -= 1
+    return 0
 
 
 def stream_text(model: GPT, tokenizer: Tokenizer, prompt_ids: list[int], sampling: SampleConfig,

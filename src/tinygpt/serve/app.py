@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -75,12 +76,24 @@ class Server:
         sample_settings(sampling, settings, "the request")
         return sampling
 
+    def prepare(self, body: bytes, chat: bool) -> tuple[Sampling, list[Generation], list[str]]:
+        """A request body as its generations and stop strings: parsing, checks, tokenizing, fitting. The CPU
+        work of a request: run in a worker thread, so that the event loop keeps answering the others (a large
+        history fitted inside the handler kept /health waiting 25 s, issue #25)."""
+        req = parse(body, ChatRequest if chat else CompletionRequest)
+        self.check(req)
+        stops = req.stop_strings()
+        if chat:
+            sampling = self.sampling_for(req, CHAT_SAMPLING, req.max_completion_tokens or req.max_tokens)
+            prompts = self.chat_prompt(req, sampling)
+        else:
+            sampling = self.sampling_for(req, {}, req.max_tokens)
+            prompts = self.completion_prompts(req)
+        return req, self.generations(req, prompts, sampling, self.stop_ids(req, chat)), stops
+
     def generations(self, req: Sampling, prompts: list[list[int]], sampling: SampleConfig,
                     stop_ids: set[int]) -> list[Generation]:
         """req.n generations of each prompt, in OpenAI's order of choices (prompt by prompt)."""
-        if req.n * len(prompts) > self.cfg.max_batch:
-            raise ApiError(400, f"{len(prompts)} prompt(s) x n {req.n} is more than the {self.cfg.max_batch} "
-                           "this server decodes at once", "invalid_value", "prompt")
         generator = seeded_generator(self.ckpt.model, req.seed)
         group = object()
         return [Generation(ids, sampling, frozenset(stop_ids), generator, group)
@@ -91,6 +104,9 @@ class Server:
         prompt = req.prompt
         texts = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) else \
             [prompt] if isinstance(prompt, str) else None
+        if len(texts or [prompt]) * req.n > self.cfg.max_batch:  # before encoding them all
+            raise ApiError(400, f"{len(texts or [prompt])} prompt(s) x n {req.n} is more than the "
+                           f"{self.cfg.max_batch} this server decodes at once", "invalid_value", "prompt")
         if texts is None:
             ids = list(prompt) or [self.ckpt.tokenizer.eot_id]
             vocab = self.ckpt.tokenizer.vocab_size
@@ -155,7 +171,8 @@ class Reply:
         self.request, self.server = request, server
         self.ticket = Ticket(gens, lambda u: loop.call_soon_threadsafe(self.updates.put_nowait, u),
                              time.monotonic() + server.cfg.timeout)
-        self.texts = [TextPieces(server.ckpt.tokenizer, stops, strip) for _ in gens]
+        # special tokens are not text: with ignore_eos a reply goes on through <|end|>, which is left out
+        self.texts = [TextPieces(server.ckpt.tokenizer, stops, strip, skip_special=True) for _ in gens]
         self.prompt_tokens = sum(len(g.prompt) for g in gens)
         try:
             server.engine.submit(self.ticket)
@@ -357,23 +374,18 @@ def build_app(server: Server) -> FastAPI:
                            "model_not_found")
         return model_card(server)
 
+    async def answer(request: Request, chat: bool) -> Any:
+        body = await read_body(request, server.cfg.max_body)
+        req, gens, stops = await run_in_threadpool(server.prepare, body, chat)
+        return await respond(Reply(server, request, gens, stops, strip=chat), req, chat)
+
     @v1.post("/completions")
     async def completions(request: Request) -> Any:
-        req = parse(await read_body(request, server.cfg.max_body), CompletionRequest)
-        server.check(req)
-        sampling = server.sampling_for(req, {}, req.max_tokens)
-        gens = server.generations(req, server.completion_prompts(req), sampling,
-                                  server.stop_ids(req, chat=False))
-        return await respond(Reply(server, request, gens, req.stop_strings(), strip=False), req, chat=False)
+        return await answer(request, chat=False)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        req = parse(await read_body(request, server.cfg.max_body), ChatRequest)
-        server.check(req)
-        sampling = server.sampling_for(req, CHAT_SAMPLING, req.max_completion_tokens or req.max_tokens)
-        gens = server.generations(req, server.chat_prompt(req, sampling), sampling,
-                                  server.stop_ids(req, chat=True))
-        return await respond(Reply(server, request, gens, req.stop_strings(), strip=True), req, chat=True)
+        return await answer(request, chat=True)
 
     app.include_router(v1)
     return app

@@ -42,6 +42,10 @@ def sampling_field(setting: str) -> Any:
 
 # torch.Generator.manual_seed's range: a larger seed is a 400, not an OverflowError
 SEED_RANGE = (-(2**63), 2**64 - 1)
+# Bounds on what costs the server CPU before a request reaches the decoder (issue #25): a chat's messages, and
+# the stop strings whose starts are held back at every token.
+MAX_MESSAGES = 2048
+MAX_STOPS, MAX_STOP_CHARS = 4, 1000
 
 
 class StreamOptions(BaseModel):
@@ -71,6 +75,10 @@ class Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: Any = None
+    top_logprobs: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
     tools: Any = None
     functions: Any = None  # the legacy form of tools
     function_call: Any = None
@@ -79,13 +87,16 @@ class Sampling(BaseModel):
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4:
-            raise ApiError(400, "stop takes at most 4 strings", "invalid_value", "stop")
+        if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ApiError(400, f"stop takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} "
+                           "characters each", "invalid_value", "stop")
         return [s for s in stops if s]
 
     def refuse_unsupported(self) -> None:
-        for name in ("logprobs", "tools", "functions", "function_call", "tool_choice"):
-            if getattr(self, name) not in (None, False, [], "none"):
+        """A field that would change the reply and that this server cannot honour is a 400, not ignored."""
+        for name in ("logprobs", "top_logprobs", "logit_bias", "presence_penalty", "frequency_penalty",
+                     "tools", "functions", "function_call", "tool_choice"):
+            if getattr(self, name) not in (None, False, 0, [], {}, "none"):
                 raise ApiError(400, f"{name} is not supported by this server", "unsupported_parameter", name)
         kind = self.response_format.get("type") if isinstance(self.response_format, dict) else \
             self.response_format
@@ -128,7 +139,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = sampling_field("max_new_tokens")
 
 
