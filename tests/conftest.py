@@ -131,6 +131,14 @@ class ServerURL(str):
             return f.read()
 
 
+def error_of(response, status: int) -> dict:
+    """The OpenAI error object of an httpx response that must have `status`."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
 @contextlib.contextmanager
 def serve(run_dir: Path, *extra: str) -> Iterator[ServerURL]:
     """`tinygpt serve` on a free loopback port in a subprocess; yields its base URL, stops it afterwards."""

@@ -11,7 +11,7 @@ import pytest
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from conftest import serve  # noqa: E402
+from conftest import error_of, serve  # noqa: E402
 from tinygpt.cli import main  # noqa: E402
 
 
@@ -171,13 +171,6 @@ def test_a_client_that_drops_mid_stream_does_not_stall_the_others(text_server):
         together = list(pool.map(run, range(3)))
     assert dropped.result() and together == alone
     assert c.completions.create(model="text", prompt="The", max_tokens=5, temperature=0).choices[0].text
-
-
-def error_of(response: httpx.Response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    return error
 
 
 def test_bad_requests_get_their_status_and_openai_errors(chat_server, text_server):

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -37,6 +38,7 @@ from tinygpt.serve.engine import Engine, QueueFull, Ticket, Update
 from tinygpt.serve.schema import ApiError, ChatRequest, CompletionRequest, Sampling, parse
 from tinygpt.serve.settings import ServeConfig
 
+LOG = logging.getLogger("uvicorn.error")  # uvicorn's own log, beside its access lines
 POLL_S = 0.25  # how often a waiting handler checks whether its client has gone
 
 
@@ -260,7 +262,8 @@ async def sse(reply: Reply, chat: bool, include_usage: bool) -> AsyncIterator[by
                 yield event(chunk(rid, server, [{"index": i, **content, "logprobs": None,
                                                  "finish_reason": reason}]))
                 last_write = time.monotonic()
-    except ApiError as e:
+    except ApiError as e:  # the access log said 200 when the stream began: this line says how it ended
+        log_failure(e)
         yield event(e.body())
         return
     if include_usage:
@@ -397,6 +400,11 @@ def model_card(server: Server) -> dict[str, Any]:
             "chat": server.template is not None, "context_length": server.ckpt.config.model.block_size}
 
 
+def log_failure(e: ApiError) -> None:
+    """One line for a request that failed on the server's side (a client's mistake has its access line)."""
+    LOG.warning("request failed: %s (%s)", e.message, e.code)
+
+
 def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
@@ -406,6 +414,8 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        if e.status >= 500:  # the server's failure, not the client's mistake: the access line needs a reason
+            log_failure(e)
         return error_response(e)
 
     @app.exception_handler(HTTPException)
