@@ -321,7 +321,9 @@ def test_careless_and_hostile_bodies_get_400s_naming_the_field_and_no_traceback(
         assert "Traceback" not in base.log() and "Exception" not in base.log()
 
 
-def test_a_list_of_prompts_gets_a_choice_each(text_server):
+def test_a_list_of_prompts_gets_a_choice_each(text_server, text_run):
+    from tinygpt import load
+
     url = f"{text_server}/v1/completions"
     greedy = {"model": "text", "max_tokens": 6, "temperature": 0}
     alone = [httpx.post(url, json={**greedy, "prompt": p}, timeout=60).json()["choices"][0]["text"]
@@ -329,4 +331,8 @@ def test_a_list_of_prompts_gets_a_choice_each(text_server):
     both = httpx.post(url, json={**greedy, "prompt": ["The red", "The shy owl"]}, timeout=60).json()
     assert [c["index"] for c in both["choices"]] == [0, 1]
     assert [c["text"] for c in both["choices"]] == alone
+    tok = load(text_run).tokenizer  # OpenAI's fourth form: a list of token-id lists
+    as_ids = [tok.encode("The red"), tok.encode("The shy owl")]
+    by_ids = httpx.post(url, json={**greedy, "prompt": as_ids}, timeout=60).json()
+    assert [c["text"] for c in by_ids["choices"]] == alone
     assert error_of(httpx.post(url, json={**greedy, "prompt": {"a": 1}}), 400)["param"] == "prompt"

@@ -13,7 +13,7 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
-from conftest import error_of, serve  # noqa: E402
+from conftest import error_of, serve, tiny_flags, train_run  # noqa: E402
 from tinygpt.serve.schema import MAX_MESSAGES, MAX_STOP_CHARS  # noqa: E402
 
 HEALTH_S = 1.0  # the issue's bound on /health while a pathological request is handled
@@ -123,6 +123,23 @@ def test_fields_that_would_change_the_reply_are_refused_by_name(server):
         assert chat(server, {**REFERENCE, "max_tokens": 2}, **harmless).status_code == 200, harmless
 
 
+@pytest.fixture(scope="module")
+def char_chat_run(tmp_path_factory):
+    """A chat run with a character-level tokenizer, which refuses characters it never saw (emoji)."""
+    return train_run(tmp_path_factory, tmp_path_factory.mktemp("char-chat") / "chat", "--tokenizer", "char",
+                     *tiny_flags(**{"model.block_size": 64}))
+
+
+def test_a_character_the_tokenizer_never_saw_is_a_400_in_any_message(char_chat_run):
+    # older messages are encoded while the history is fitted: their characters too are the client's mistake
+    with serve(char_chat_run, "--model-name", "demo") as base:
+        older = [{"role": "user", "content": "\U0001f600 old"}, {"role": "assistant", "content": "x"}]
+        last = [{"role": "user", "content": "hi"}]
+        for messages in ([{"role": "user", "content": "\U0001f600"}], older + last):
+            assert error_of(chat(base, {"messages": messages, "max_tokens": 2}), 400)["param"] == "messages"
+        assert "Traceback" not in base.log()
+
+
 # ---------------------------------------------------------------- fuzzing
 
 TEXTS = ["", "5", "hello", "\u0000", "<|end|>", "<|user|>hi", "\U0001f600" * 3, "a" * 3000]
@@ -165,14 +182,16 @@ def mutated(rng: random.Random) -> tuple[str, bytes]:
     return ("/v1/chat/completions" if chat_body else "/v1/completions"), raw
 
 
-def test_fuzzed_bodies_get_no_500_no_traceback_and_a_log_line_each(chat_run):
+@pytest.mark.parametrize("run", ["chat_run", "char_chat_run"])  # byte-level BPE, and characters
+def test_fuzzed_bodies_get_no_500_no_traceback_and_a_log_line_each(run, request):
     rng = random.Random(25)
-    with serve(chat_run, "--model-name", "demo", "--max-batch", "4", "--queue-size", "8") as base:
+    with serve(request.getfixturevalue(run), "--model-name", "demo", "--max-batch", "4", "--queue-size",
+               "8") as base:
         logged_before = len(base.log().splitlines())
         statuses = []
-        deadline = time.monotonic() + 90  # bounded in count and in time
+        deadline = time.monotonic() + 60  # bounded in count and in time
         with httpx.Client(timeout=120) as http:
-            for _ in range(300):
+            for _ in range(250):
                 if time.monotonic() > deadline:
                     break
                 path, raw = mutated(rng)

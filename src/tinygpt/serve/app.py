@@ -102,22 +102,25 @@ class Server:
                 for ids in prompts for _ in range(req.n)]
 
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
-        """The prompt's ids: one prompt (text or token ids), or a list of text prompts, a choice each."""
+        """The prompts' ids, n choices each, from OpenAI's four forms of prompt: a text, token ids, or a list
+        of either."""
         prompt = req.prompt
-        texts = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) else \
-            [prompt] if isinstance(prompt, str) else None
-        if len(texts or [prompt]) * req.n > self.cfg.max_batch:  # before encoding them all
-            raise ApiError(400, f"{len(texts or [prompt])} prompt(s) x n {req.n} is more than the "
-                           f"{self.cfg.max_batch} this server decodes at once", "invalid_value", "prompt")
-        if texts is None:
-            ids = list(prompt) or [self.ckpt.tokenizer.eot_id]
-            vocab = self.ckpt.tokenizer.vocab_size
-            if any(not 0 <= i < vocab for i in ids):
-                raise ApiError(400, f"prompt token ids must be in 0..{vocab - 1}", "invalid_value", "prompt")
-            all_ids = [ids]
-        else:
-            all_ids = [self.encode(lambda t=t: prompt_ids(self.ckpt.tokenizer, t), "prompt") for t in texts]
+        many = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
+        prompts: list = prompt if many else [prompt]
+        if len(prompts) * req.n > self.cfg.max_batch:  # before encoding them all
+            raise ApiError(400, f"{len(prompts)} prompt(s) x n {req.n} is more than the {self.cfg.max_batch} "
+                           "this server decodes at once", "invalid_value", "prompt")
+        tok = self.ckpt.tokenizer
+        all_ids = [self.encode(lambda p=p: prompt_ids(tok, p), "prompt") if isinstance(p, str)
+                   else self.token_ids(p) for p in prompts]
         return [self.fits(ids, self.ckpt.config.model.block_size, "the prompt", "prompt") for ids in all_ids]
+
+    def token_ids(self, ids: list[int]) -> list[int]:
+        """A prompt given as token ids, checked against the vocabulary; none starts from end-of-text."""
+        vocab = self.ckpt.tokenizer.vocab_size
+        if any(not 0 <= i < vocab for i in ids):
+            raise ApiError(400, f"prompt token ids must be in 0..{vocab - 1}", "invalid_value", "prompt")
+        return list(ids) or [self.ckpt.tokenizer.eot_id]
 
     def chat_prompt(self, req: ChatRequest, sampling: SampleConfig) -> list[list[int]]:
         """The conversation rendered with the run's template and fitted to the context as `tinygpt chat` does:
@@ -138,7 +141,8 @@ class Server:
         self.fits(self.encode(lambda: self.template.render(tok, last, open_reply=True)[0], "messages"),
                   budget,
                   "the last message (with the system message)", "messages")
-        return [fit_history(tok, self.template, history, budget)]
+        # older messages are encoded here (a character the tokenizer never saw is the client's mistake)
+        return [self.encode(lambda: fit_history(tok, self.template, history, budget), "messages")]
 
     def encode(self, fn: Any, param: str) -> list[int]:
         try:
