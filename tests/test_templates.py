@@ -3,7 +3,7 @@
 
 import pytest
 
-from conftest import TEXTS, A, U, tok_for
+from conftest import TEXTS, A, S, U, tok_for
 from tinygpt.data.templates import TEMPLATES
 from tinygpt.tokenizer import build_tokenizer
 
@@ -45,3 +45,14 @@ def test_a_reply_ends_at_a_stop_id(template):
         after = ids[len(prompt) + len(tok.encode("5")):]
         assert next(i for i in after if i in specials) in template.stop_ids(tok)
     assert template.stop_ids(tok)[-1] == tok.eot_id
+
+
+@pytest.mark.parametrize("open_reply", [False, True])
+def test_text_is_what_render_encodes(template, open_reply):
+    """The string form (for tools that take a prompt as text) encodes, markers read as specials, to render's
+    ids."""
+    tok = tok_for(template)
+    conv = [S("be brief"), U("hello there"), A("hi! how are you?"), U("what is 2 plus 3?")]
+    text = template.text([{"role": m.role, "content": m.content} for m in conv], open_reply=open_reply)
+    assert tok.encode(text, allow_special=True) == template.render(tok, conv, open_reply=open_reply)[0]
+    assert text.startswith(template.begin) and "hello there" in text

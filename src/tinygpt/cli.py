@@ -30,6 +30,7 @@ from tinygpt.infer.chat import CHAT_SAMPLING, ChatSession, console
 from tinygpt.infer.decoder import sample_texts
 from tinygpt.infer.generate import prompt_ids, seeded_generator
 from tinygpt.infer.quantize import DTYPES
+from tinygpt.report.records import benchmark_rows
 from tinygpt.serve.settings import ServeConfig
 from tinygpt.train import distributed
 
@@ -265,21 +266,62 @@ def cmd_chat(argv: list[str]) -> int:
 def cmd_eval(argv: list[str]) -> int:
     p = run_parser("tinygpt eval",
                    "Report loss, perplexity and bits per byte on the run's val split (or --data); "
-                   "for chat models also BLEU on held-out conversations and skill accuracy.", dtype="float32")
+                   "for chat models also BLEU on held-out conversations and skill accuracy. With --tasks, "
+                   "run lm-evaluation-harness benchmarks (HellaSwag, ARC, LAMBADA, ...) on the run's own "
+                   "model and tokenizer instead (pip install 'tinygpt[eval]').", dtype="float32")
     p.add_argument("--data", default=None,
                    help="evaluate on all of this file or folder instead of the run's val split (on a "
                    "`tinygpt prepare` folder: its val split)")
-    p.add_argument("--limit", type=int, default=200,
-                   help="conversations/prompts scored per chat metric (default: 200)")
-    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default: 16)")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated lm-evaluation-harness tasks, e.g. hellaswag,arc_easy,lambada_openai "
+                   "(`lm-eval ls tasks` lists them); results are saved in RUN/eval/")
+    p.add_argument("--include-path", default=None,
+                   help="a folder of your own task YAML files (with --tasks), e.g. for offline data")
+    p.add_argument("--num-fewshot", type=int, default=None,
+                   help="examples shown before each question (with --tasks; default: the task's own)")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap task prompts in the run's chat template (with --tasks; default: on for chat "
+                   "runs)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="items per task with --tasks (default: all), else conversations/prompts scored per "
+                   "chat metric (default: 200)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="sequences per forward pass (default: 16)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
-    result = evaluate_run(load_run(args), args.data, args.batch_size, args.limit, log=log)
+    if args.limit is not None and args.limit < 1 or args.batch_size < 1:
+        raise UsageError("--limit and --batch-size must be at least 1")
+    if args.tasks is None:
+        for flag in ("include_path", "num_fewshot", "chat_template"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag.replace('_', '-')} goes with --tasks")
+        result = evaluate_run(load_run(args), args.data, args.batch_size, args.limit or 200, log=log)
+        print(json.dumps(result) if args.json else "\n".join(
+            f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}" for k, v in result.items()))
+        return 0
+    return eval_tasks(args)
+
+
+def eval_tasks(args: argparse.Namespace) -> int:
+    from tinygpt import harness  # an extra, imported only when asked for
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks or args.data is not None:
+        raise UsageError("--tasks needs at least one task name, and takes its data from the tasks, not "
+                         "--data")
+    if not args.debug:
+        harness.quiet_logging()
+    harness.task_manager(tuple(tasks), args.include_path)  # unknown names are refused before a model loads
+    summary = harness.run_tasks(load_run(args), tasks, args.limit, args.num_fewshot, args.batch_size,
+                                args.include_path, args.chat_template, log=log)
     if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
+        print(json.dumps(summary))
+        return 0
+    print(f"{'task':24s} {'metric':16s} {'value':>8s} {'stderr':>8s}")
+    for row in benchmark_rows(summary):
+        err = row["stderr"]
+        print(f"{row['task']:24s} {row['metric']:16s} {row['value']:8.4f} "
+              + (f"{err:8.4f}" if isinstance(err, int | float) else ""))
     return 0
 
 

@@ -46,6 +46,7 @@ LATEST = "latest"  # in checkpoints/: a file naming the most recently completed 
 TENSORBOARD = "tensorboard"
 WANDB = "wandb"
 EXPORT = "export"
+EVAL = "eval"  # benchmark results, one JSON file per `tinygpt eval --tasks` (harness.run_tasks)
 REPORT = "report.png"
 
 

@@ -65,6 +65,12 @@ class ChatTemplate:
             mask += [int(learns)] * len(new)
         return ids, mask
 
+    def text(self, messages: Sequence[dict[str, str]], open_reply: bool = False) -> str:
+        """The conversation as text, markers written out: what jinja() renders and render() encodes, for tools
+        that take a prompt as a string (lm-evaluation-harness's chat tasks)."""
+        body = "".join(self.roles[m["role"]][0] + m["content"] + self.roles[m["role"]][1] for m in messages)
+        return self.begin + body + (self.roles["assistant"][0] if open_reply else self.end)
+
     def jinja(self) -> str:
         """This template in Jinja, for Hugging Face's `apply_chat_template` and GGUF's
         tokenizer.chat_template:

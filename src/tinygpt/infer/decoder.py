@@ -11,7 +11,7 @@ step (OneDNNLinears), so two threads decoding with the same model at once would 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -177,16 +177,23 @@ def sample_texts(model: GPT, tokenizer: Tokenizer, prompt: list[int], sampling: 
                  generator: torch.Generator | None = None, on_piece: Callable[[int, str], None] = lambda i,
                  s: None,
                  max_batch: int = 16) -> list[str]:
-    """n samples of the text after `prompt`, decoded together (at most max_batch at a time, the next one
-    joining
-    as one ends), each up to end-of-text or sampling.max_new_tokens. All share `generator`, so a seed gives
-    the
-    same n texts again. on_piece(i, text) sees sample i's text as it becomes final."""
-    decoder = BatchDecoder(model, min(n, max_batch))
+    """n samples of the text after `prompt`; see complete_texts. All share `generator`, so a seed gives the
+    same n texts again."""
+    return complete_texts(model, tokenizer, [prompt] * n, sampling, (), generator, on_piece, max_batch)
+
+
+def complete_texts(model: GPT, tokenizer: Tokenizer, prompts: list[list[int]], sampling: SampleConfig,
+                   stop_strings: Sequence[str] = (), generator: torch.Generator | None = None,
+                   on_piece: Callable[[int, str], None] = lambda i, s: None,
+                   max_batch: int = 16) -> list[str]:
+    """The text after each prompt, decoded together (at most max_batch at a time, the next one joining as one
+    ends), each up to end-of-text, a stop string (left out) or sampling.max_new_tokens. All are sampled as one
+    group from `generator`. on_piece(i, text) sees text i as it becomes final."""
+    decoder = BatchDecoder(model, min(len(prompts), max_batch))
     group = object()
-    gens = [Generation(prompt, sampling, frozenset({tokenizer.eot_id}), generator, group) for _ in range(n)]
-    texts = [TextPieces(tokenizer) for _ in gens]
-    waiting = list(range(n))
+    gens = [Generation(p, sampling, frozenset({tokenizer.eot_id}), generator, group) for p in prompts]
+    texts = [TextPieces(tokenizer, stop_strings) for _ in gens]
+    waiting = list(range(len(prompts)))
     while waiting or decoder.active:
         joining, waiting = waiting[:decoder.free], waiting[decoder.free:]
         if joining:
@@ -194,10 +201,12 @@ def sample_texts(model: GPT, tokenizer: Tokenizer, prompt: list[int], sampling: 
         seen = [len(g.tokens) for g in gens]
         ended = decoder.step()
         for i, g in enumerate(gens):
+            if g in ended and g.error:
+                raise TinyGPTError(f"text {i + 1} of {len(gens)} failed: {g.error}")
             if piece := texts[i].push(g.tokens[seen[i]:]):
                 on_piece(i, piece)
-            if g in ended and g.error:
-                raise TinyGPTError(f"sample {i + 1} of {n} failed: {g.error}")
-            if g in ended and (piece := texts[i].finish()):
+            if texts[i].stopped:  # a stop string: this text is complete, its row can go
+                g.cancelled = True
+            if (g in ended or texts[i].stopped) and (piece := texts[i].finish()):
                 on_piece(i, piece)
     return [t.shown for t in texts]

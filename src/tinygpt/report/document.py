@@ -109,6 +109,15 @@ def final_table(report: Report) -> tuple[list[str], list[list[str]]]:
     return ["run", *cells[0]], [[label, *row.values()] for label, row in zip(report.labels, cells)]
 
 
+def benchmark_table(report: Report) -> tuple[list[str], list[list[str]]] | None:
+    """Each run's newest `tinygpt eval --tasks` result per task and metric; None when no run has one."""
+    rows = [[label, b["task"], b["metric"], _number(b["value"], 4) + (
+             f" ± {b['stderr']:.4f}" if isinstance(b["stderr"], float | int) else ""),
+             _text(b["samples"]), _text(b["fewshot"]), _text(b["step"])]
+            for label, r in zip(report.labels, report.records) for b in r.benchmarks]
+    return (["run", "task", "metric", "value", "items", "few-shot", "step"], rows) if rows else None
+
+
 def config_table(report: Report) -> tuple[list[str], list[list[str]]]:
     differ = differing_keys(report.records)
     return ["key", *report.labels], [[key, *(_text(v) for v in values)] for key, values in differ.items()]
@@ -165,7 +174,10 @@ def html_page(report: Report) -> str:
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>tinygpt report</title>',
              f"<style>\n{PAGE_STYLE}\n</style></head><body>", "<h1>tinygpt report</h1>",
              f'<img alt="training curves" src="{_data_uri(report.png)}">',
-             "<h2>Final figures</h2>", _html_table(*final_table(report)), "<h2>Config differences</h2>"]
+             "<h2>Final figures</h2>", _html_table(*final_table(report))]
+    if benchmarks := benchmark_table(report):
+        parts += ["<h2>Benchmarks</h2>", _html_table(*benchmarks)]
+    parts.append("<h2>Config differences</h2>")
     note = config_note(report)
     parts.append(f"<p>{note}</p>" if note else _html_table(*config_table(report)))
     if report.sampled:
@@ -188,8 +200,10 @@ def _html_table(headers: list[str], rows: list[list[str]]) -> str:
 def markdown(report: Report) -> str:
     """The report as Markdown: the figure as a data-URI image, Markdown tables, samples in fenced blocks."""
     parts = ["# tinygpt report", f"![training curves]({_data_uri(report.png)})", "## Final figures",
-             _md_table(*final_table(report)), "## Config differences", config_note(report)
-             or _md_table(*config_table(report))]
+             _md_table(*final_table(report))]
+    if benchmarks := benchmark_table(report):
+        parts += ["## Benchmarks", _md_table(*benchmarks)]
+    parts += ["## Config differences", config_note(report) or _md_table(*config_table(report))]
     if report.sampled:
         parts.append("## Samples")
         for label in report.labels:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ class RunRecord:
     config: dict[str, Any]  # flat dotted keys ("model.n_layer") -> values; {} without config.yaml
     metrics: list[dict[str, Any]]  # metrics.jsonl's entries in order
     status: dict[str, Any]  # status.json; {} when absent or unreadable
+    # `tinygpt eval --tasks` results: a row per task and metric, each task's newest (read_benchmarks)
+    benchmarks: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def last(self) -> dict[str, Any] | None:
@@ -49,7 +51,8 @@ def read_run(path: Path) -> RunRecord:
         raise UsageError(f"{path} is not a run directory (it has no {rundir.CONFIG} or {rundir.METRICS})")
     cfg, metrics = path / rundir.CONFIG, path / rundir.METRICS
     return RunRecord(path, path.resolve().name, flatten(config.load_yaml(cfg)) if cfg.is_file() else {},
-                     read_metrics(metrics) if metrics.is_file() else [], rundir.read_status(path))
+                     read_metrics(metrics) if metrics.is_file() else [], rundir.read_status(path),
+                     read_benchmarks(path / rundir.EVAL))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -67,6 +70,31 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         elif number < len(lines):
             raise TinyGPTError(f"{path} line {number} is not a JSON object; the file is damaged")
     return entries
+
+
+def read_benchmarks(folder: Path) -> list[dict[str, Any]]:
+    """The `tinygpt eval --tasks` results saved in `folder`: for each task, the metrics of its newest file
+    (names sort by time), as rows {task, metric, value, stderr, samples, fewshot, step}. An unreadable file
+    is passed over: a report shows what it can."""
+    newest: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    for path in sorted(folder.glob("tasks-*.json")) if folder.is_dir() else []:
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            newest.update({task: (metrics, saved) for task, metrics in saved["results"].items()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return [row for task, (metrics, saved) in newest.items()
+            for row in benchmark_rows({**saved, "results": {task: metrics}})]
+
+
+def benchmark_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """harness.run_tasks's summary as rows {task, metric, value, stderr, samples, fewshot, step}."""
+    settings = summary.get("settings") or {}
+    return [{"task": task, "metric": name, "value": value, "stderr": metrics.get(f"{name}_stderr"),
+             "samples": (summary.get("samples") or {}).get(task), "step": summary.get("step"),
+             "fewshot": settings.get("num_fewshot")}
+            for task, metrics in summary["results"].items() for name, value in metrics.items()
+            if not name.endswith("_stderr") and isinstance(value, int | float)]
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
