@@ -117,12 +117,17 @@ class TinyGPTLM(LM):
             ids = torch.zeros(len(rows), max(len(s) for s in seqs) - 1, dtype=torch.long, device=self.device)
             for r, s in enumerate(seqs):
                 ids[r, :len(s) - 1] = torch.tensor(s[:-1])
-            logprobs = F.log_softmax(self.model.logits(self.model.hidden(ids)).double(), dim=-1)
-            for r, (i, s) in enumerate(zip(rows, seqs)):
-                n = min(len(pairs[i][1]), len(s) - 1)
-                got = logprobs[r, len(s) - 1 - n:len(s) - 1]
-                want = torch.tensor(s[-n:], device=self.device)
+            # Only the continuation's positions go through the head: with GPT-2's 50,257 rows the head is most
+            # of a small model's work, and the context's scores are never read.
+            spans = [(len(s) - 1 - min(len(pairs[i][1]), len(s) - 1), len(s) - 1) for i, s in zip(rows, seqs)]
+            hidden = self.model.hidden(ids)
+            picked = torch.cat([hidden[r, a:b] for r, (a, b) in enumerate(spans)])
+            logprobs = F.log_softmax(self.model.logits(picked).double(), dim=-1)
+            at = 0
+            for i, s, (a, b) in zip(rows, seqs, spans):
+                got, want = logprobs[at:at + b - a], torch.tensor(s[a + 1:b + 1], device=self.device)
                 out[i] = (got.gather(1, want[:, None]).sum().item(), bool((got.argmax(1) == want).all()))
+                at += b - a
         return out
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
