@@ -1,6 +1,6 @@
 """Run every benchmark, print a summary against the goals, and write bench/results.json.
 
-    python bench/run_all.py              # everything (about 25 minutes on 2 CPU cores)
+    python bench/run_all.py              # everything (about 30 minutes on 2 CPU cores)
     python bench/run_all.py --quick      # one timed repetition each (the quality runs still take 120 s each)
     python bench/run_all.py --skip quality quality-preset-size memory
 """
@@ -22,13 +22,15 @@ import int8_quality
 import memory
 import quality
 import serve
+import tasks
 import train
 
 from tinygpt.device import cpu_has_native_bf16
 
 BENCHMARKS: dict[str, Callable[[list[str]], Any]] = {
     "generate": generate.main, "int8-quality": int8_quality.main, "data": data.main,
-    "train": train.main, "memory": memory.main, "serve": serve.main, "quality": quality.main,
+    "train": train.main, "memory": memory.main, "serve": serve.main, "tasks": tasks.main,
+    "quality": quality.main,
     # The same command keeping the preset's size (a time budget alone sizes the model: train/schedule.py's
     # choose_size).
     "quality-preset-size": lambda args: quality.main([*args, "--model.auto_size", "false"]),
@@ -106,6 +108,11 @@ def summary_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str
                      "", "",
                      "0", "met" if mixed["errors"] == 0 else "missed"))
     rows += data_rows(res.get("data") or {})
+    for r in res.get("tasks") or []:  # the peer is lm-evaluation-harness's own transformers model
+        rows.append((f"eval --tasks {r['shape']}: HellaSwag-shaped items",
+                     f"{r['tinygpt_items_s']:.1f} items/s",
+                     f"{r['hf_items_s']:.1f} items/s", f"{r['ratio']:.2f}x", "same picks",
+                     "met" if r["same_picks"] else "missed"))
     q8 = res.get("int8-quality")
     # int8's quality bound: the demo model's val perplexity, and a trained 124M's greedy tokens
     if q8 is not None:

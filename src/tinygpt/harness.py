@@ -39,8 +39,9 @@ from tinygpt import rundir
 from tinygpt.checkpoint import Checkpoint
 from tinygpt.config import SampleConfig
 from tinygpt.errors import TinyGPTError, UsageError
+from tinygpt.infer.cache import SlotCache
 from tinygpt.infer.decoder import complete_texts
-from tinygpt.infer.generate import seeded_generator
+from tinygpt.infer.generate import decoding, seeded_generator
 from tinygpt.run import trained_template
 
 try:
@@ -65,6 +66,7 @@ class TinyGPTLM(LM):
         self.batch_size, self.progress = batch_size, progress
         self.chat = False  # prompts come in the chat template: a reply then also ends at its markers
         self._known: dict[str, bool] = {}
+        self._cache: SlotCache | None = None  # batch_size rows, made at the first shared context
 
     # ---------------------------------------------------------------- text to tokens
 
@@ -103,31 +105,100 @@ class TinyGPTLM(LM):
 
     # ---------------------------------------------------------------- scores
 
-    @torch.no_grad()
+    @decoding()
     def score(self, pairs: Sequence[Pair], what: str = "scoring") -> list[tuple[float, bool]]:
         """(sum of the continuation's log-probabilities, whether each of its tokens was the most likely) for
-        each pair; batch_size sequences per forward pass, longest first (padding at the end, which no earlier
-        position attends to)."""
-        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+        each pair. Continuations of one context (a question's choices) share one pass over it, through the
+        KV cache; the rest go batch_size at a time (see _score_whole)."""
         out: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
-        batches = range(0, len(order), self.batch_size)
-        for start in tqdm(batches, desc=what, unit="batch", disable=not self.progress or not batches):
-            rows = order[start:start + self.batch_size]
-            seqs = [(pairs[i][0] + pairs[i][1])[-(self.block + 1):] for i in rows]
-            ids = torch.zeros(len(rows), max(len(s) for s in seqs) - 1, dtype=torch.long, device=self.device)
-            for r, s in enumerate(seqs):
-                ids[r, :len(s) - 1] = torch.tensor(s[:-1])
-            # Only the continuation's positions go through the head: with GPT-2's 50,257 rows the head is most
-            # of a small model's work, and the context's scores are never read.
-            spans = [(len(s) - 1 - min(len(pairs[i][1]), len(s) - 1), len(s) - 1) for i, s in zip(rows, seqs)]
-            hidden = self.model.hidden(ids)
-            picked = torch.cat([hidden[r, a:b] for r, (a, b) in enumerate(spans)])
-            logprobs = F.log_softmax(self.model.logits(picked).double(), dim=-1)
-            at = 0
-            for i, s, (a, b) in zip(rows, seqs, spans):
-                got, want = logprobs[at:at + b - a], torch.tensor(s[a + 1:b + 1], device=self.device)
-                out[i] = (got.gather(1, want[:, None]).sum().item(), bool((got.argmax(1) == want).all()))
-                at += b - a
+        shared, alone = self._share(pairs)
+        bar = tqdm(total=len(pairs), desc=what, unit="seq", disable=not self.progress or not pairs)
+        batch: list[list[int]] = []
+        for group in [*shared, []]:  # the empty group scores the last batch
+            if batch and (not group or sum(map(len, batch)) + len(group) > self.batch_size):
+                for i, scored in zip((i for g in batch for i in g), self._score_shared(pairs, batch)):
+                    out[i] = scored
+                bar.update(sum(map(len, batch)))
+                batch = []
+            batch.append(group)
+        alone.sort(key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))  # like lengths share a batch
+        for start in range(0, len(alone), self.batch_size):
+            rows = alone[start:start + self.batch_size]
+            for i, scored in zip(rows, self._score_whole([pairs[i] for i in rows])):
+                out[i] = scored
+            bar.update(len(rows))
+        bar.close()
+        return out
+
+    def _share(self, pairs: Sequence[Pair]) -> tuple[list[list[int]], list[int]]:
+        """Pairs grouped by context where two or more continuations share one (in groups of at most
+        batch_size) and all fit the context window behind it; the other pairs' indices."""
+        by_context: dict[tuple[int, ...], list[int]] = {}
+        for i, (ctx, _) in enumerate(pairs):
+            by_context.setdefault(tuple(ctx), []).append(i)
+        shared, alone = [], []
+        for ctx, members in by_context.items():
+            fits = len(ctx) + max(len(pairs[i][1]) for i in members) - 1 <= self.block
+            if len(members) < 2 or not fits or self.batch_size < 2:
+                alone += members
+                continue
+            shared += [members[a:a + self.batch_size] for a in range(0, len(members), self.batch_size)]
+        return shared, alone
+
+    def _score_shared(self, pairs: Sequence[Pair], groups: list[list[int]]) -> list[tuple[float, bool]]:
+        """Each group's context once (padded into rows 0..G-1 of the cache), copied into a row per
+        continuation, then all continuations in one pass. Results in the order of the groups' members."""
+        if self._cache is None:
+            self._cache = SlotCache.for_model(self.model, self.batch_size)
+        cache, device = self._cache, self.device
+        contexts = [torch.tensor(pairs[g[0]][0], device=device) for g in groups]
+        cache.rows = slice(0, len(groups))
+        cache.lengths[:len(groups)] = [0] * len(groups)
+        hidden = self.model.hidden(torch.nn.utils.rnn.pad_sequence(contexts, batch_first=True), cache)
+        last = hidden[torch.arange(len(groups)), torch.tensor([len(c) - 1 for c in contexts])]  # (G, C)
+        firsts = [sum(map(len, groups[:g])) for g in range(len(groups))]
+        for g in reversed(range(len(groups))):  # backwards: a context is copied before its row is overwritten
+            rows, n = slice(firsts[g], firsts[g] + len(groups[g])), len(contexts[g])
+            cache.k[:, rows, :, :n] = cache.k[:, g:g + 1, :, :n]
+            cache.v[:, rows, :, :n] = cache.v[:, g:g + 1, :, :n]
+            cache.lengths[rows] = [n] * len(groups[g])
+        conts = [pairs[i][1] for g in groups for i in g]
+        cache.rows = slice(0, len(conts))
+        rest = max(map(len, conts)) - 1
+        if rest:
+            ids = torch.zeros(len(conts), rest, dtype=torch.long, device=device)
+            for r, c in enumerate(conts):
+                ids[r, :len(c) - 1] = torch.tensor(c[:-1])
+            more = self.model.hidden(ids, cache)  # the rest of each continuation
+        group_of = [g for g, members in enumerate(groups) for _ in members]
+        states = [last[group_of[r]][None] for r in range(len(conts))]  # each predicts its first token
+        if rest:
+            states = [torch.cat([state, more[r, :len(c) - 1]])
+                      for r, (state, c) in enumerate(zip(states, conts))]
+        return self._continuation_scores(states, conts)
+
+    def _score_whole(self, pairs: Sequence[Pair]) -> list[tuple[float, bool]]:
+        """Each pair as one padded row (padding at the end, which no earlier position attends to); an input
+        longer than the context window keeps its newest block_size + 1 tokens."""
+        seqs = [(ctx + cont)[-(self.block + 1):] for ctx, cont in pairs]
+        ids = torch.zeros(len(seqs), max(map(len, seqs)) - 1, dtype=torch.long, device=self.device)
+        for r, s in enumerate(seqs):
+            ids[r, :len(s) - 1] = torch.tensor(s[:-1])
+        hidden = self.model.hidden(ids)
+        conts = [s[-min(len(cont), len(s) - 1):] for (_, cont), s in zip(pairs, seqs)]
+        return self._continuation_scores([hidden[r, len(s) - 1 - len(c):len(s) - 1]
+                                          for r, (s, c) in enumerate(zip(seqs, conts))], conts)
+
+    def _continuation_scores(self, states: list[torch.Tensor],
+                             conts: list[list[int]]) -> list[tuple[float, bool]]:
+        """Scores from the hidden states that predict each continuation's tokens. Only these go through the
+        head: with GPT-2's 50,257 rows the head is most of a small model's work."""
+        logprobs = F.log_softmax(self.model.logits(torch.cat(states)).double(), dim=-1)
+        out, at = [], 0
+        for c in conts:
+            got, want = logprobs[at:at + len(c)], torch.tensor(c, device=self.device)
+            out.append((got.gather(1, want[:, None]).sum().item(), bool((got.argmax(1) == want).all())))
+            at += len(c)
         return out
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
