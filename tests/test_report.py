@@ -141,3 +141,31 @@ def test_parameter_count_falls_back_to_the_checkpoint_header(runs):
     model = tinygpt_run.load(runs[1], "last", device="cpu").model
     assert parameter_count(record) == sum(p.numel() for p in model.parameters())
     assert parameter_count(dataclasses.replace(record, status={"params": 7})) == 7
+
+
+def test_benchmarks_are_each_tasks_newest_result(runs, tmp_path):
+    """RUN/eval/tasks-*.json (written by `tinygpt eval --tasks`): per task the newest file's metrics, as a
+    Benchmarks table in .md and .html; an unreadable file is passed over."""
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    (run / "eval").mkdir()
+
+    def saved(name: str, results: dict, step: int) -> None:
+        (run / "eval" / f"tasks-{name}.json").write_text(json.dumps(
+            {"step": step, "settings": {"num_fewshot": 0}, "results": results,
+             "samples": {task: 40 for task in results}}))
+
+    saved("20261201-100000-000000", {"hellaswag": {"acc": 0.25, "acc_stderr": 0.01, "acc_norm": 0.26},
+                                     "arc_easy": {"acc": 0.30, "acc_stderr": "N/A"}}, 10)
+    saved("20261202-100000-000000", {"hellaswag": {"acc": 0.27, "acc_stderr": 0.02}}, 20)
+    (run / "eval" / "tasks-20261203-100000-000000.json").write_text("{not json")
+    rows = {(b["task"], b["metric"]): b for b in read_run(run).benchmarks}
+    assert set(rows) == {("hellaswag", "acc"), ("arc_easy", "acc")}  # newest: no acc_norm
+    assert rows[("hellaswag", "acc")]["value"] == 0.27 and rows[("hellaswag", "acc")]["step"] == 20
+    assert rows[("arc_easy", "acc")]["stderr"] == "N/A" and rows[("arc_easy", "acc")]["samples"] == 40
+    md = write_report([run], tmp_path / "r.md", samples=0, log=lambda m: None).read_text()
+    assert "## Benchmarks" in md and "| hellaswag | acc | 0.2700 ± 0.0200 | 40 | 0 | 20 |" in md
+    page = write_report([run], tmp_path / "r.html", samples=0, log=lambda m: None).read_text()
+    assert "<h2>Benchmarks</h2>" in page and "0.3000" in page
+    plain = write_report([runs[0]], tmp_path / "p.md", samples=0, log=lambda m: None).read_text()
+    assert "Benchmarks" not in plain

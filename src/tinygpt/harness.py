@@ -155,7 +155,8 @@ class TinyGPTLM(LM):
         cache.rows = slice(0, len(groups))
         cache.lengths[:len(groups)] = [0] * len(groups)
         hidden = self.model.hidden(torch.nn.utils.rnn.pad_sequence(contexts, batch_first=True), cache)
-        last = hidden[torch.arange(len(groups)), torch.tensor([len(c) - 1 for c in contexts])]  # (G, C)
+        ends = torch.tensor([len(c) - 1 for c in contexts], device=device)
+        last = hidden[torch.arange(len(groups), device=device), ends]  # (G, C): predicts each first token
         firsts = [sum(map(len, groups[:g])) for g in range(len(groups))]
         for g in reversed(range(len(groups))):  # backwards: a context is copied before its row is overwritten
             rows, n = slice(firsts[g], firsts[g] + len(groups[g])), len(contexts[g])
