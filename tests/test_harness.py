@@ -49,6 +49,17 @@ def bpe_run(tmp_path_factory) -> Path:
         "train.batch_size": 8, "train.eval_interval": 150, "train.checkpoint_interval": 150}))
 
 
+@pytest.fixture(scope="session")
+def sp_run(tmp_path_factory) -> Path:
+    """A SentencePiece run, trained for a moment: the boundary tests need its tokenizer, not its skill."""
+    root = tmp_path_factory.mktemp("harness-sp")
+    text = root / "text.txt"
+    text.write_text("".join(f"The {a} {b} sat on mat number {i}.\n" for i, (a, b) in
+                            enumerate(zip(ADJ * 60, NOUN * 60))))
+    return train_run(tmp_path_factory, root / "sp", "--data", str(text), "--tokenizer", "sentencepiece",
+                     "--data.vocab_size", "400", *tiny_flags(**{"model.block_size": 32}))
+
+
 def items(n: int = 32) -> list[dict]:
     """Four-way questions in HellaSwag's shape: a context, four endings of different lengths, a gold one."""
     rng = random.Random(0)
@@ -122,18 +133,20 @@ def request_fixture(request):
     return request.getfixturevalue
 
 
-@pytest.mark.parametrize("run", ["text_run", "bpe_run"])
+@pytest.mark.parametrize("run", ["text_run", "bpe_run", "sp_run"])
 def test_log_likelihoods_are_the_same_batched_and_one_at_a_time(run, request_fixture):
     path = request_fixture(run)
     reqs = [request("loglikelihood", it["ctx"], " " + e) for it in items(8) for e in it["endings"]]
-    reqs += [request("loglikelihood", "", "The red cat"), request("loglikelihood", "The old ", "dog sat")]
+    reqs += [request("loglikelihood", "", "The red cat"), request("loglikelihood", "The old ", "dog sat"),
+             request("loglikelihood", "The old", "")]
     batched, alone = lm_of(path, 16).loglikelihood(reqs), lm_of(path, 1).loglikelihood(reqs)
+    assert batched[-1] == alone[-1] == (0.0, True)  # an empty continuation: nothing to be unlikely
     for (a, greedy_a), (b, greedy_b) in zip(batched, alone):
         assert a == pytest.approx(b, abs=1e-5) and greedy_a == greedy_b
     assert len({round(s, 3) for s, _ in batched}) > len(reqs) // 2  # the scores are not all alike
 
 
-@pytest.mark.parametrize("run", ["text_run", "bpe_run"])
+@pytest.mark.parametrize("run", ["text_run", "bpe_run", "sp_run"])
 def test_log_likelihood_is_a_full_forward_pass_over_the_text(run, request_fixture):
     """loglikelihood(ctx, cont) and loglikelihood_rolling(text) against the log-probabilities of one plain
     forward pass over end-of-text + the text's tokens."""

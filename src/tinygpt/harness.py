@@ -109,7 +109,7 @@ class TinyGPTLM(LM):
     def score(self, pairs: Sequence[Pair], what: str = "scoring") -> list[tuple[float, bool]]:
         """(sum of the continuation's log-probabilities, whether each of its tokens was the most likely) for
         each pair. Continuations of one context (a question's choices) share one pass over it, through the
-        KV cache; the rest go batch_size at a time (see _score_whole)."""
+        KV cache; the rest go batch_size at a time (see _score_whole). An empty continuation scores 0."""
         out: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
         shared, alone = self._share(pairs)
         bar = tqdm(total=len(pairs), desc=what, unit="seq", disable=not self.progress or not pairs)
@@ -132,10 +132,12 @@ class TinyGPTLM(LM):
 
     def _share(self, pairs: Sequence[Pair]) -> tuple[list[list[int]], list[int]]:
         """Pairs grouped by context where two or more continuations share one (in groups of at most
-        batch_size) and all fit the context window behind it; the other pairs' indices."""
+        batch_size) and all fit the context window behind it; the other pairs' indices (empty continuations
+        in neither)."""
         by_context: dict[tuple[int, ...], list[int]] = {}
-        for i, (ctx, _) in enumerate(pairs):
-            by_context.setdefault(tuple(ctx), []).append(i)
+        for i, (ctx, cont) in enumerate(pairs):
+            if cont:  # nothing to score otherwise
+                by_context.setdefault(tuple(ctx), []).append(i)
         shared, alone = [], []
         for ctx, members in by_context.items():
             fits = len(ctx) + max(len(pairs[i][1]) for i in members) - 1 <= self.block
