@@ -100,15 +100,22 @@ def chat_run(tmp_path_factory) -> Path:
         "train.batch_size": 8, "train.eval_interval": 150, "train.checkpoint_interval": 150}))
 
 
+MAT_WORDS = (["red", "old", "big", "shy"], ["cat", "dog", "owl", "fox"])
+
+
+def mat_text(root: Path) -> Path:
+    """240 lines "The red cat sat on mat number 0." ...: text a small model learns in seconds."""
+    text = root / "text.txt"
+    text.write_text("".join(f"The {a} {b} sat on mat number {i}.\n" for i, (a, b) in
+                            enumerate(zip(MAT_WORDS[0] * 60, MAT_WORDS[1] * 60))))
+    return text
+
+
 @pytest.fixture(scope="session")
 def text_run(tmp_path_factory) -> Path:
     """A small character-level model trained on plain text."""
     root = tmp_path_factory.mktemp("serve-text")
-    text = root / "text.txt"
-    text.write_text("".join(f"The {a} {b} sat on mat number {i}.\n" for i, (a, b) in
-                            enumerate(zip(["red", "old", "big", "shy"] * 60,
-                                          ["cat", "dog", "owl", "fox"] * 60))))
-    return train_run(tmp_path_factory, root / "text", "--data", str(text), "--tokenizer", "char",
+    return train_run(tmp_path_factory, root / "text", "--data", str(mat_text(root)), "--tokenizer", "char",
                      *tiny_flags(**{
         "model.n_layer": 2, "model.n_embd": 64, "model.block_size": 64, "train.max_iters": 150,
         "train.batch_size": 8, "train.eval_interval": 150, "train.checkpoint_interval": 150}))

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_flags, train_run
+from conftest import MAT_WORDS, mat_text, tiny_flags, train_run
 from tinygpt import run as tinygpt_run
 from tinygpt.cli import main
 from tinygpt.errors import TinyGPTError
@@ -26,7 +26,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from tinygpt import harness  # noqa: E402
 
-ADJ, NOUN = ["red", "old", "big", "shy"], ["cat", "dog", "owl", "fox"]
+ADJ, NOUN = MAT_WORDS
 
 
 @pytest.fixture(autouse=True)
@@ -36,15 +36,15 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+def mat_run(tmp_path_factory, name: str, *flags: str) -> Path:
+    root = tmp_path_factory.mktemp(f"harness-{name}")
+    return train_run(tmp_path_factory, root / name, "--data", str(mat_text(root)), *flags)
+
+
 @pytest.fixture(scope="session")
 def bpe_run(tmp_path_factory) -> Path:
     """A small model with a trained byte-level BPE tokenizer, on the same text as text_run."""
-    root = tmp_path_factory.mktemp("harness-bpe")
-    text = root / "text.txt"
-    text.write_text("".join(f"The {a} {b} sat on mat number {i}.\n" for i, (a, b) in
-                            enumerate(zip(ADJ * 60, NOUN * 60))))
-    return train_run(tmp_path_factory, root / "bpe", "--data", str(text), "--tokenizer", "bpe",
-                     "--data.vocab_size", "300", *tiny_flags(**{
+    return mat_run(tmp_path_factory, "bpe", "--tokenizer", "bpe", "--data.vocab_size", "300", *tiny_flags(**{
         "model.n_layer": 2, "model.n_embd": 64, "model.block_size": 64, "train.max_iters": 150,
         "train.batch_size": 8, "train.eval_interval": 150, "train.checkpoint_interval": 150}))
 
@@ -52,12 +52,8 @@ def bpe_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sp_run(tmp_path_factory) -> Path:
     """A SentencePiece run, trained for a moment: the boundary tests need its tokenizer, not its skill."""
-    root = tmp_path_factory.mktemp("harness-sp")
-    text = root / "text.txt"
-    text.write_text("".join(f"The {a} {b} sat on mat number {i}.\n" for i, (a, b) in
-                            enumerate(zip(ADJ * 60, NOUN * 60))))
-    return train_run(tmp_path_factory, root / "sp", "--data", str(text), "--tokenizer", "sentencepiece",
-                     "--data.vocab_size", "400", *tiny_flags(**{"model.block_size": 32}))
+    return mat_run(tmp_path_factory, "sp", "--tokenizer", "sentencepiece", "--data.vocab_size", "400",
+                   *tiny_flags(**{"model.block_size": 32}))
 
 
 def items(n: int = 32) -> list[dict]:
