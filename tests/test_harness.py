@@ -91,6 +91,9 @@ def tasks(tmp_path_factory) -> Path:
         "doc_to_target: ' mat '\ngeneration_kwargs:\n  until: ['.', 'number']\n  max_gen_toks: 24\n"
         "  do_sample: false\nmetric_list:\n"
         "  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+    (root / "hub.yaml").write_text(  # data on the Hub, which these tests never reach
+        "task: local_hub\ndataset_path: no-such-org/no-such-dataset\ntest_split: test\n"
+        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n")
     return root
 
 
@@ -310,6 +313,12 @@ def test_an_unknown_task_is_one_line_naming_how_to_list_them(text_run, tasks, ca
                  "--include-path", str(tasks)]) == 2
     err = capsys.readouterr().err.strip()
     assert "'hellaswagg'" in err and "lm-eval ls tasks" in err and len(err.splitlines()) == 1
+
+
+def test_data_out_of_reach_is_one_line_naming_the_offline_way(text_run, tasks, capsys):
+    assert main(["eval", "--run", str(text_run), "--tasks", "local_hub", "--include-path", str(tasks)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: the tasks' data could not be loaded") and "--include-path" in err
 
 
 def test_flags_that_go_with_tasks(text_run, capsys):

@@ -300,8 +300,14 @@ def run_tasks(ckpt: Checkpoint, tasks: Sequence[str], limit: int | None = None,
     how = "with" if chat else "without"
     log(f"evaluating {ckpt.home.name} on {', '.join(tasks)} ({how} its chat template)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                      num_fewshot=num_fewshot, apply_chat_template=chat, log_samples=False)
+    try:
+        results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                          num_fewshot=num_fewshot, apply_chat_template=chat,
+                                          log_samples=False)
+    except OSError as e:  # the Hub out of reach, most often (ConnectionError is an OSError)
+        raise TinyGPTError(f"the tasks' data could not be loaded: {str(e).splitlines()[0]}; offline, "
+                           "write the task with a local data file and pass --include-path "
+                           "(docs/evaluation.md)") from None
     summary = {"run": str(ckpt.home), "checkpoint": str(ckpt.path), "step": ckpt.step,
                "settings": {"limit": limit, "num_fewshot": num_fewshot, "chat_template": chat},
                "results": {task: {k.replace(",none", ""): v for k, v in metrics.items() if "," in k}
