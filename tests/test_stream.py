@@ -67,6 +67,29 @@ def test_the_built_in_corpus_gives_todays_token_files():
     assert got["train_mask.bin"] == "687c1906eb2065f9" and got["val_segments.bin"] == "f2f15c8674e5f299"
 
 
+@needs_ranks
+def test_cutting_a_large_file_into_pieces_changes_no_token(tmp_path):
+    """Pieces of 2 KB of a text whose lines end in spaces, tabs and blank lines (a cut after such a newline
+    would merge it with the spaces before it): the same tokens as tiktoken on the whole text."""
+    import tiktoken  # noqa: F401  (the tokenizer's own engine)
+
+    from tinygpt.tokenizer import GPT2Tokenizer
+
+    rng = np.random.default_rng(1)
+    ends = ["", " ", "  ", "\t", " \n", "\n\n", "   \n  "]
+    text = "".join(" ".join(rng.choice(WORDS, rng.integers(1, 9))) + rng.choice(ends) + "\n"
+                   for _ in range(3000))
+    (tmp_path / "big.txt").write_text(text)
+    ds = prepared(tmp_path / "big.txt", tokenizer="gpt2", gpt2_ranks=str(RANKS), chunk_bytes=2048, workers=1)
+    enc = GPT2Tokenizer.build(str(RANKS), [])._enc
+    # The val split starts at an exact byte (the rule that keeps published figures valid), so each split is
+    # compared with tiktoken on its own text.
+    splits = [np.asarray(split.tokens[np.arange(len(split.tokens))]).tolist() for split in (ds.train, ds.val)]
+    texts = [enc.decode(ids) for ids in splits]
+    assert len(text) > 20 * 2048 and "".join(texts) == text
+    assert [enc.encode_ordinary(t) for t in texts] == splits
+
+
 def test_jsonl_parquet_compressed_files_and_a_dataset_folder_give_the_text_folders_token_stream(tmp_path):
     import zstandard
 

@@ -49,9 +49,16 @@ def detect_format(path: str | Path) -> str:
         if any((p / m).is_file() for m in HF_MARKERS):
             return "hf"
         return "dialogs-folder" if next(_dialog_files(p), None) else "text"
+    if p.suffix.lower() == ".txt" and not p.is_file():
+        return "text"
+    return _file_format(p)
+
+
+def _file_format(p: Path) -> str:
+    """detect_format for a path known to be a file."""
     if p.suffix.lower() in SUFFIX_FORMATS:
         return SUFFIX_FORMATS[p.suffix.lower()]
-    if p.suffix.lower() == ".txt" and p.is_file():
+    if p.suffix.lower() == ".txt":
         with p.open("rb") as f:  # the marker is on every DailyDialog line, so the head of the file decides
             if EOU.encode() in f.read(SNIFF_BYTES):
                 return "dailydialog"
@@ -62,7 +69,7 @@ def _dialog_files(root: Path) -> Iterator[tuple[Path, str]]:
     """(file, format) for the dialog files below root, sorted by path, hidden ones skipped.
     Lazy, so that detection can stop at the first one without sniffing every .txt file."""
     for f in visible_files(root):
-        fmt = detect_format(f)
+        fmt = _file_format(f)
         if fmt != "text":
             yield f, fmt
 

@@ -5,6 +5,7 @@ Both the corpus reader (sources) and the dialog readers (dialogs) start here, so
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,9 +15,24 @@ TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
 
 
 def visible_files(root: Path) -> Iterator[Path]:
-    """The files below root, sorted by path, skipping hidden files and anything inside hidden folders."""
-    return iter(sorted(f for f in root.rglob("*") if f.is_file()
-                       and not any(part.startswith(".") for part in f.relative_to(root).parts)))
+    """The files below root, sorted by path (as pathlib sorts them: part by part), skipping hidden files and
+    anything inside hidden folders; links to files count, links to folders are not followed (as rglob).
+    Walked with scandir, whose entries know their type: rglob plus is_file cost a stat per file, which on a
+    corpus of 13,000 files was a tenth of the main process's time in `tinygpt prepare`."""
+    found: list[tuple[tuple[str, ...], Path]] = []
+
+    def walk(folder: Path, parts: tuple[str, ...]) -> None:
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    walk(folder / e.name, (*parts, e.name))
+                elif e.is_file():
+                    found.append(((*parts, e.name), folder / e.name))
+
+    walk(root, ())
+    return iter([path for _, path in sorted(found, key=lambda pair: pair[0])])
 
 
 def read_text_file(path: Path) -> str:

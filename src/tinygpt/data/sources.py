@@ -2,8 +2,8 @@
 
 A source is a text file or a folder of them (also gzip/xz/zstd-compressed), JSONL with a text field,
 Parquet, or a Hugging Face `save_to_disk` folder. Each yields `Piece`s of at most about `chunk_bytes` of text
-in reading order; a large file is cut into pieces at a line start (a newline followed by a non-space
-character, where GPT-2-style pre-tokenizers always split, so the cut changes no BPE token). Every piece
+in reading order; a large file is cut into pieces after a newline between two non-space characters, where
+GPT-2-style pre-tokenizers always split, so the cut changes no BPE token (see _line_cut). Every piece
 carries its position in the input, counted in bytes of the files on disk, which the validation split uses
 without a second pass (see stream.py).
 """
@@ -60,10 +60,13 @@ def _open_bytes(path: Path) -> tuple[IO[bytes], IO[bytes]]:
 
 
 def _line_cut(block: bytes) -> int:
-    """Where to end a piece within block: after the last newline that a non-space character follows."""
+    """Where to end a piece within block: after the last newline with a non-space character on each side.
+    GPT-2's pre-tokenizer makes such a newline a piece of its own, so cutting there changes no token; a
+    newline after spaces is not one (the spaces and the newline of "a  \nb" are two pieces, "a  \n" at the
+    end of a text ends in one)."""
     end = len(block)
     while (i := block.rfind(b"\n", 0, end - 1)) >= 0:
-        if block[i + 1] not in SPACE:
+        if i > 0 and block[i + 1] not in SPACE and block[i - 1] not in SPACE:
             return i + 1
         end = i + 1
     while end > 1 and block[end - 1] & 0xC0 == 0x80:  # no good line: at least do not cut a character
@@ -89,23 +92,29 @@ def text_pieces(path: Path, base: int, chunk_bytes: int) -> Iterator[Piece]:
     plain = stream is raw
     with raw, stream:
         carry, offset, first = b"", 0, True
+        # One read ahead: the block before the end is the file's last and is not cut, so a file shorter than
+        # a piece is one piece (cutting it at its last line start cost a tenth of a prepare's main process).
+        ahead = stream.read(chunk_bytes)  # b"" only at the end (some readers return less before it)
+        ahead_read = raw.tell()  # compressed: where a piece starts is told by the bytes read up to its end
         while True:
-            data = stream.read(chunk_bytes)  # b"" only at the end (some readers return less before it)
+            data, read = ahead, ahead_read
+            ahead = stream.read(chunk_bytes) if data else b""
+            ahead_read = raw.tell()
             block = carry + data
             if first and offset == 0 and block.startswith(b"\xef\xbb\xbf"):  # a byte-order mark is not text
                 block, offset = block[3:], 3
-            cut = _line_cut(block) if data else len(block)
+            cut = _line_cut(block) if ahead else len(block)
             piece, carry = block[:cut], block[cut:]
             text = _decode(piece, str(path), offset)
             if first and not text.strip():  # blank so far: no document yet
-                if not data:
+                if not ahead:
                     return  # an empty or blank file is no document
                 carry = block
                 continue
             if piece:
-                yield Piece(text, first, base + (offset if plain else raw.tell()), piece if plain else None)
+                yield Piece(text, first, base + (offset if plain else read), piece if plain else None)
                 first, offset = False, offset + len(piece)
-            if not data:
+            if not ahead:
                 return
 
 

