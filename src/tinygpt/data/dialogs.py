@@ -36,7 +36,7 @@ DIALOG_FORMATS = ("jsonl", "chatterbot", "dailydialog", "hf")
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".yml": "chatterbot", ".yaml": "chatterbot"}
 HF_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")  # what save_to_disk writes
 EOU = "__eou__"  # DailyDialog's end-of-utterance marker
-SNIFF_BYTES = 64 * 1024
+SNIFF_BYTES = 4096  # DailyDialog's marker is on every line, the first one too
 
 
 # ---------------------------------------------------------------- detection

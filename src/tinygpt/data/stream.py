@@ -208,25 +208,37 @@ def _continued(partial: Path, settings: dict, log) -> dict | None:
     return None
 
 
-def corpus(path: Path, d: DataConfig,
-           problems: sources.Problems) -> tuple[int | None, Callable[[], Iterator]]:
-    """(size of the input on disk, None for a Hub stream; a function that starts reading it as pieces)."""
+def corpus(path: Path, d: DataConfig, problems: sources.Problems,
+           files: list[Path] | None = None) -> tuple[int | None, Callable[[], Iterator]]:
+    """(size of the input on disk, None for a Hub stream; a function that starts reading it as pieces).
+    `files`: the corpus's files when the caller has listed them already (input_files)."""
     if not path.exists() and d.format == "hf":
         return None, lambda: sources.hub_pieces(str(d.path), d.text_field)
     if path.is_dir() and sources.is_dataset_folder(path):
         return sources.dataset_size(path), lambda: sources.dataset_pieces(path, d.text_field)
-    files = sources.corpus_files(path, sources.suffixes(d.suffixes))
+    files = files or sources.corpus_files(path, sources.suffixes(d.suffixes))
     return sum(f.stat().st_size for f in files), lambda: sources.file_pieces(files, d, problems)
 
 
-def settings_of(d: DataConfig, path: Path, tokenizer: Tokenizer | None, specials: Sequence[str]) -> dict:
-    """Everything the shards depend on: a continued prepare must have the same."""
+def input_files(path: Path, d: DataConfig) -> list[Path]:
+    """The files the shards are made from (a dataset folder's too), which settings_of records; [] for a
+    Hub stream."""
+    if not path.exists() and d.format == "hf":
+        return []
+    if sources.is_dataset_folder(path):
+        return sorted(f for f in path.rglob("*") if f.is_file())
+    return sources.corpus_files(path, sources.suffixes(d.suffixes))
+
+
+def settings_of(d: DataConfig, path: Path, tokenizer: Tokenizer | None, specials: Sequence[str],
+                files: list[Path] | None = None) -> dict:
+    """Everything the shards depend on: a continued prepare must have the same (`files`: input_files, when
+    the caller has them)."""
     keys = ("tokenizer", "vocab_size", "sp_model_type", "val_fraction", "suffixes", "text_field",
             "tokenizer_sample", "on_error", "chunk_bytes", "shard_tokens")
     if not path.exists() and d.format == "hf":  # a Hub name: the name is all there is to compare
         return {"format": FORMAT, **{k: getattr(d, k) for k in keys}, "hub": str(d.path)}
-    files = sorted(f for f in path.rglob("*") if f.is_file()) if sources.is_dataset_folder(path) \
-        else sources.corpus_files(path, sources.suffixes(d.suffixes))
+    files = input_files(path, d) if files is None else files
     return {"format": FORMAT, **{k: getattr(d, k) for k in keys}, "specials": list(specials),
             "given_tokenizer": tokenizer.fingerprint() if tokenizer else None,
             "files": [[str(f), st.st_size, st.st_mtime_ns] for f in files for st in [f.stat()]]}
@@ -238,8 +250,9 @@ def prepare_corpus(d: DataConfig, path: Path, dest: Path, log, tokenizer: Tokeni
     return its meta. With `tokenizer`, encode with it instead of training one."""
     began = time.monotonic()
     problems = sources.Problems(d.on_error)
-    total, pieces = corpus(path, d, problems)
-    settings = settings_of(d, path, tokenizer, specials)
+    files = input_files(path, d)  # listed once: corpus() and settings_of() both need them
+    total, pieces = corpus(path, d, problems, None if sources.is_dataset_folder(path) else files)
+    settings = settings_of(d, path, tokenizer, specials, files)
     partial = dest.with_name(dest.name + ".partial")
     resume = _continued(partial, settings, log)
     partial.mkdir(parents=True, exist_ok=True)
