@@ -9,7 +9,9 @@ tokenizes the same folder with GPT-2's BPE (tiktoken), in its own process, measu
 - today's path before #23, reconstructed: every file read into one list of strings, one list of ids;
 - nanoGPT's OpenWebText method: Hugging Face `datasets` `map(num_proc=N)` with tiktoken, then the ids
   written into one memmap in batches;
-- one thread of tiktoken over the same text, read file by file (the per-core ceiling), no writing.
+- one thread of tiktoken over the same text, read file by file (the per-core ceiling), no writing;
+- tiktoken in one forked process per core, each over its share of the files: the machine's ceiling for any
+  pool, since cores that share a VM may not each run at one core's speed.
 
 Imports are not timed (torch's alone takes seconds); peak RSS includes them.
 """
@@ -97,6 +99,28 @@ METHODS = {
     """, """
         enc = GPT2Tokenizer.build(RANKS, [])._enc
         n = sum(len(enc.encode_ordinary(f.read_text())) for f in sorted(Path(CORPUS).glob("*.txt")))
+    """),
+    # The machine's ceiling for any pool: tiktoken alone in WORKERS forked processes, each over its share of
+    # the files (balanced by bytes), nothing read for another process and nothing written.
+    "tiktoken per process": ("""
+        import os
+        from pathlib import Path
+        from tinygpt.tokenizer import GPT2Tokenizer
+    """, """
+        enc = GPT2Tokenizer.build(RANKS, [])._enc
+        files = sorted(Path(CORPUS).glob("*.txt"))
+        total, shares, at = sum(f.stat().st_size for f in files), [[] for _ in range(WORKERS)], 0
+        for f in files:
+            shares[min(WORKERS - 1, at * WORKERS // total)].append(f)
+            at += f.stat().st_size
+        kids = []
+        for share in shares:
+            if (pid := os.fork()) == 0:
+                sum(len(enc.encode_ordinary(f.read_text())) for f in share)
+                os._exit(0)
+            kids.append(pid)
+        for pid in kids:
+            os.waitpid(pid, 0)
     """),
 }
 
