@@ -256,8 +256,8 @@ def test_llm_c_hellaswag_scoring_agrees(bpe_run):
     """llm.c's HellaSwag scoring, written out here as it does it (each ending's tokens after the context's,
     cross-entropy of the ending's tokens from one forward pass per row): its summed loss picks what the
     harness's acc picks, its mean loss per token what choice_scores' per_token picks. The harness's acc_norm
-    divides by characters instead, which picks the same ending on most items, not all (docs/evaluation.md says how
-    they relate)."""
+    divides by characters instead, which picks the same ending on most items, not all (docs/evaluation.md
+    says how they relate)."""
     lm = lm_of(bpe_run)
     agree_sum = agree_tok = agree_norm = 0
     for it in items():
