@@ -204,10 +204,13 @@ class TinyGPTLM(LM):
             at += len(c)
         return out
 
-    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        pairs = [self.pair(*r.args) for r in requests]
-        scored = iter(self.score([p for p in pairs if p is not None], "loglikelihood"))
+    def score_pairs(self, pairs: Sequence[Pair | None], what: str = "scoring") -> list[tuple[float, bool]]:
+        """score, where a pair that is None (a continuation the tokenizer cannot write) gets -inf."""
+        scored = iter(self.score([p for p in pairs if p is not None], what))
         return [next(scored) if p is not None else (float("-inf"), False) for p in pairs]
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return self.score_pairs([self.pair(*r.args) for r in requests], "loglikelihood")
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         windows = [[make_disjoint_window(w) for w in get_rolling_token_windows(
@@ -260,8 +263,7 @@ def choice_scores(lm: TinyGPTLM, context: str, choices: Sequence[str],
     harness's acc takes its argmax), divided by the choice's characters (its acc_norm) and by the choice's
     tokens (llm.c's and nanoGPT's HellaSwag score, whose argmax they call acc_norm)."""
     pairs = [lm.pair(context, delimiter + c) for c in choices]
-    scored = iter(lm.score([p for p in pairs if p is not None]))
-    sums = [next(scored)[0] if p is not None else float("-inf") for p in pairs]
+    sums = [total for total, _ in lm.score_pairs(pairs)]
     return {"sum": sums, "per_char": [s / len(c) for s, c in zip(sums, choices)],
             "per_token": [s / len(p[1]) if p is not None else s for s, p in zip(sums, pairs)]}
 

@@ -209,14 +209,13 @@ def _continued(partial: Path, settings: dict, log) -> dict | None:
 
 
 def corpus(path: Path, d: DataConfig, problems: sources.Problems,
-           files: list[Path] | None = None) -> tuple[int | None, Callable[[], Iterator]]:
+           files: list[Path]) -> tuple[int | None, Callable[[], Iterator]]:
     """(size of the input on disk, None for a Hub stream; a function that starts reading it as pieces).
-    `files`: the corpus's files when the caller has listed them already (input_files)."""
+    `files`: input_files(path, d)."""
     if not path.exists() and d.format == "hf":
         return None, lambda: sources.hub_pieces(str(d.path), d.text_field)
     if path.is_dir() and sources.is_dataset_folder(path):
         return sources.dataset_size(path), lambda: sources.dataset_pieces(path, d.text_field)
-    files = files or sources.corpus_files(path, sources.suffixes(d.suffixes))
     return sum(f.stat().st_size for f in files), lambda: sources.file_pieces(files, d, problems)
 
 
@@ -251,7 +250,7 @@ def prepare_corpus(d: DataConfig, path: Path, dest: Path, log, tokenizer: Tokeni
     began = time.monotonic()
     problems = sources.Problems(d.on_error)
     files = input_files(path, d)  # listed once: corpus() and settings_of() both need them
-    total, pieces = corpus(path, d, problems, None if sources.is_dataset_folder(path) else files)
+    total, pieces = corpus(path, d, problems, files)
     settings = settings_of(d, path, tokenizer, specials, files)
     partial = dest.with_name(dest.name + ".partial")
     resume = _continued(partial, settings, log)
