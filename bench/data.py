@@ -9,9 +9,11 @@ tokenizes the same folder with GPT-2's BPE (tiktoken), in its own process, measu
 - today's path before #23, reconstructed: every file read into one list of strings, one list of ids;
 - nanoGPT's OpenWebText method: Hugging Face `datasets` `map(num_proc=N)` with tiktoken, then the ids
   written into one memmap in batches;
-- one thread of tiktoken over the same text, read file by file (the per-core ceiling), no writing;
-- tiktoken in one forked process per core, each over its share of the files: the machine's ceiling for any
-  pool, since cores that share a VM may not each run at one core's speed.
+- one thread of tiktoken over the same text, read file by file (the per-core ceiling), no writing: with
+  `encode_ordinary`, the call nanoGPT and most scripts make, and with `encode_to_numpy`, tiktoken's fastest
+  (no Python list of ids), which prepare's workers call;
+- tiktoken's `encode_to_numpy` in one forked process per core, each over its share of the files: the
+  machine's ceiling for any pool, since cores that share a VM may not each run at one core's speed.
 
 Imports are not timed (torch's alone takes seconds); peak RSS includes them.
 """
@@ -100,6 +102,14 @@ METHODS = {
         enc = GPT2Tokenizer.build(RANKS, [])._enc
         n = sum(len(enc.encode_ordinary(f.read_text())) for f in sorted(Path(CORPUS).glob("*.txt")))
     """),
+    "tiktoken to_numpy 1 thread": ("""
+        from pathlib import Path
+        from tinygpt.tokenizer import GPT2Tokenizer
+    """, """
+        enc = GPT2Tokenizer.build(RANKS, [])._enc
+        n = sum(len(enc.encode_to_numpy(f.read_text(), disallowed_special=()))
+                for f in sorted(Path(CORPUS).glob("*.txt")))
+    """),
     # The machine's ceiling for any pool: tiktoken alone in WORKERS forked processes, each over its share of
     # the files (balanced by bytes), nothing read for another process and nothing written.
     "tiktoken per process": ("""
@@ -116,7 +126,7 @@ METHODS = {
         kids = []
         for share in shares:
             if (pid := os.fork()) == 0:
-                sum(len(enc.encode_ordinary(f.read_text())) for f in share)
+                sum(len(enc.encode_to_numpy(f.read_text(), disallowed_special=())) for f in share)
                 os._exit(0)
             kids.append(pid)
         for pid in kids:

@@ -149,6 +149,11 @@ def data_rows(data: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]
                          "met" if x >= 1.7 else "no"))
             rows.append((f"prepare {size} MB: peak RSS", f"{ours['peak_rss_mb']:,.0f} MB", "", "", "< 1 GB",
                          "met" if ours["peak_rss_mb"] < 1024 else "no"))
+        fastest = find(runs, corpus_mb=size, method="tiktoken to_numpy 1 thread")
+        if ours and fastest:  # against tiktoken's fastest call on one core, the one prepare's workers make
+            x = ours["mb_per_s"] / fastest["mb_per_s"]
+            rows.append((f"prepare {size} MB: vs encode_to_numpy", f"{ours['mb_per_s']:.1f} MB/s",
+                         f"{fastest['mb_per_s']:.1f} (1 thread)", f"{x:.2f}x", "report", ""))
         ceiling = find(runs, corpus_mb=size, method="tiktoken per process")
         if ours and one and ceiling:  # what any pool could reach on this machine, for the row above
             rows.append((f"prepare {size} MB: machine's ceiling", f"{ceiling['mb_per_s']:.1f} MB/s",

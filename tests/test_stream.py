@@ -90,6 +90,22 @@ def test_cutting_a_large_file_into_pieces_changes_no_token(tmp_path):
     assert [enc.encode_ordinary(t) for t in texts] == splits
 
 
+@pytest.mark.parametrize("tokenizer", ["char", pytest.param("gpt2", marks=needs_ranks)])
+def test_two_workers_write_the_shards_one_writes(tmp_path, monkeypatch, tokenizer):
+    """Worker processes write the bytes one process writes (gpt2 through tiktoken's array path, char through
+    the generic one), with pieces of 2 KB so that many are in flight."""
+    for i, t in enumerate(docs(n=40, lines=60)):
+        (tmp_path / "corpus").mkdir(exist_ok=True)
+        (tmp_path / "corpus" / f"{i:02d}.txt").write_text(t)
+    out = {}
+    for n in (1, 2):
+        ds = prepared(tmp_path / "corpus", tmp_path / f"out{n}", tokenizer=tokenizer, gpt2_ranks=str(RANKS),
+                      workers=n, chunk_bytes=2048, shard_tokens=5000)
+        assert ds.meta["workers"] == n
+        out[n] = digest(tmp_path / f"out{n}")
+    assert out[1] == out[2] and len(out[1]) > 4
+
+
 def test_jsonl_parquet_compressed_files_and_a_dataset_folder_give_the_text_folders_token_stream(tmp_path):
     import zstandard
 

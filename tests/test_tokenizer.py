@@ -4,6 +4,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tinygpt import tokenizer as tok_mod
@@ -93,6 +94,15 @@ def test_special_tokens(trained: dict[str, Tokenizer], key: str) -> None:
     allowed = tok.encode(text, allow_special=True)
     assert allowed == [*tok.encode("hi"), tok.eot_id, *tok.encode("there"), specials["<|user|>"]]
     assert tok.decode(allowed) == text
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_encode_array_is_encode_as_an_array(trained: dict[str, Tokenizer], key: str) -> None:
+    """The array path (tiktoken's own for gpt2) gives encode's ids: specials in the text stay ordinary."""
+    tok = trained[key]
+    for text in (TRICKY, "hi<|endoftext|>there<|user|>", "", CORPUS[0]):
+        ids = tok.encode_array(text, "uint16")
+        assert ids.dtype == np.uint16 and ids.tolist() == tok.encode(text)
 
 
 def test_longest_special_wins_and_eot_is_first() -> None:
