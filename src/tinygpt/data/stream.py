@@ -244,9 +244,9 @@ def settings_of(d: DataConfig, path: Path, tokenizer: Tokenizer | None, specials
 
 
 def prepare_corpus(d: DataConfig, path: Path, dest: Path, log, tokenizer: Tokenizer | None = None,
-                   specials: Sequence[str] = ()) -> dict:
+                   specials: Sequence[str] = ()) -> Tokenizer:
     """Tokenize the text corpus at `path` into the prepared folder `dest` (which must not exist yet) and
-    return its meta. With `tokenizer`, encode with it instead of training one."""
+    return the tokenizer it saved there. With `tokenizer`, encode with it instead of training one."""
     began = time.monotonic()
     problems = sources.Problems(d.on_error)
     files = input_files(path, d)  # listed once: corpus() and settings_of() both need them
@@ -287,7 +287,7 @@ def prepare_corpus(d: DataConfig, path: Path, dest: Path, log, tokenizer: Tokeni
     (partial / "meta.json").write_text(json.dumps(meta, indent=2))
     partial.rename(dest)
     log(summary(meta, problems))
-    return meta
+    return tok
 
 
 def _tokenize(writing: Writing, pieces: Callable[[], Iterator[sources.Piece]], total: int | None,
