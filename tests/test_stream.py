@@ -91,11 +91,11 @@ def test_cutting_a_large_file_into_pieces_changes_no_token(tmp_path):
 
 
 @pytest.mark.parametrize("tokenizer", ["char", pytest.param("gpt2", marks=needs_ranks)])
-def test_two_workers_write_the_shards_one_writes(tmp_path, monkeypatch, tokenizer):
+def test_two_workers_write_the_shards_one_writes(tmp_path, tokenizer):
     """Worker processes write the bytes one process writes (gpt2 through tiktoken's array path, char through
     the generic one), with pieces of 2 KB so that many are in flight."""
+    (tmp_path / "corpus").mkdir()
     for i, t in enumerate(docs(n=40, lines=60)):
-        (tmp_path / "corpus").mkdir(exist_ok=True)
         (tmp_path / "corpus" / f"{i:02d}.txt").write_text(t)
     out = {}
     for n in (1, 2):
