@@ -3,9 +3,9 @@
 Processes, not threads: on 2 cores tiktoken in two processes ran 1.65x one thread (each half 21% slower side
 by side than alone), in two threads 1.45x (building the Python list of ids holds the GIL). Its
 encode_to_numpy makes no list and ran 1.9x in two threads alone, yet a prepare of 200 MB in two threads took
-13.2 s against 9.6 s in two processes (the main process's Python work holds the GIL that every finished piece
-needs back). At most two jobs per worker are in flight, so however long the input, memory holds a handful of
-jobs.
+13.2 s against 9.6 s in two processes (likely because the main process's Python work holds the GIL that
+every finished piece needs back). At most two jobs per worker are in flight, so however long the input,
+memory holds a handful of jobs.
 """
 
 from __future__ import annotations
